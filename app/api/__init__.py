@@ -1,0 +1,1 @@
+"""HTTP routers and schemas. The only package that knows HTTP."""

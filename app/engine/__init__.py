@@ -1,0 +1,1 @@
+"""The request engine: one model thread, a queue, dynamic batching across adapters."""

@@ -1,0 +1,1 @@
+"""Generator backends (encoder-decoder, decoder-only) and RAG decoding."""

@@ -1,0 +1,1 @@
+"""Adapter registry: validate, load, replace and unload PEFT LoRA adapters at runtime."""

@@ -1,0 +1,1 @@
+"""Question/passage encoders, chunking, the FAISS passage index and its docstore."""

@@ -1,0 +1,58 @@
+"""The one settings object. Every field reads from the environment as LORAG_<FIELD>."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT = "default"  # the packaged offline model for that role
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAG_", env_file=".env", extra="ignore")
+
+    # data roots: the service reads them, the CLI writes them
+    index_dir: Path = Field(Path("index"), description="Root of built indexes.")
+    index_name: str = Field("demo", description="Index under index_dir that /ask reads.")
+    adapters_dir: Path = Field(Path("adapters"), description="Root that adapter paths resolve under.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "lorag",
+        description="Converted model weights (the default generator's safetensors folder).",
+    )
+
+    # models
+    encoder: str = Field(DEFAULT, description="Question/passage encoder: hub id, path or 'default'.")
+    encoder_kind: Literal["sentence-transformers", "dpr"] = "sentence-transformers"
+    dpr_context_encoder: str | None = Field(
+        None, description="DPR passage encoder (hub id or path) when encoder_kind=dpr."
+    )
+    generator: str = Field(DEFAULT, description="Generator: hub id, path or 'default'.")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    # request defaults and limits
+    top_k: int = Field(5, ge=1, le=50)
+    max_new_tokens: int = Field(64, ge=1, le=512)
+    max_question_chars: int = Field(2000, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+
+    # engine
+    max_batch_size: int = Field(8, ge=1, description="Most requests decoded together.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill.")
+
+    # security
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for mutating routes; unset means open."
+    )
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    @property
+    def index_path(self) -> Path:
+        return self.index_dir / self.index_name
