@@ -1,0 +1,228 @@
+"""The request engine: an async queue in front of one model thread.
+
+Every touch of the generator's weights runs on a single thread: batched generation and
+adapter installs/unloads alike. That is a deliberate trade: PEFT's per-row
+`adapter_names` works by registering forward hooks for the duration of one call, and
+installing or deleting an adapter rewrites the module tree, so two threads in the model
+at once would see each other's state. One thread also matches the hardware: a CPU (or
+one GPU stream) runs one batch at a time anyway, so concurrency comes from batching
+requests together, not from threads.
+
+Requests wait at most `batch_wait_ms` for company, up to `max_batch_size` rows; a batch
+may mix adapters and the base, since the backend gives each row its own adapter.
+Adapter operations queue in the same order as requests, so a request admitted before a
+swap runs before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from app.errors import GenerationTimeout, LoragError, NotReadyError
+from app.generation.types import GenRow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class BatchGenerator(Protocol):
+    def generate(self, rows: Sequence[GenRow]) -> list[str]: ...
+
+
+class AdapterResolver(Protocol):
+    def peft_name(self, name: str) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One row to generate; `adapter` is the public adapter name, resolved on the model thread."""
+
+    question: str
+    passages: Sequence[Any]
+    adapter: str | None
+    max_new_tokens: int
+
+
+@dataclass
+class _GenItem:
+    request: EngineRequest
+    future: asyncio.Future[str]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _OpItem:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class EngineStats:
+    """Counters the metrics layer reads; written on the event loop only."""
+
+    batches: int = 0
+    rows: int = 0
+    last_batch_size: int = 0
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+class Engine:
+    def __init__(
+        self,
+        generator: BatchGenerator,
+        adapters: AdapterResolver,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._generator = generator
+        self._adapters = adapters
+        self._max_batch = max_batch_size
+        self._wait_s = batch_wait_ms / 1000.0
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_GenItem | _OpItem | None] = asyncio.Queue()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="lorag-model"
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self.stats = EngineStats()
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting = True
+        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="lorag-engine")
+
+    async def stop(self) -> None:
+        """Stop admitting, finish what was admitted, then stop the model thread."""
+        self._accepting = False
+        if self._task is not None:
+            await self._queue.put(None)
+            await self._task
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # public calls --------------------------------------------------------------------------
+
+    async def generate(self, request: EngineRequest, *, timeout_s: float | None = None) -> str:
+        """Queue one row and wait for its text. Cancelling the caller drops the row."""
+        if not self._accepting:
+            raise NotReadyError("the engine is not accepting requests (starting or stopping)")
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_GenItem(request, future))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            future.cancel()  # a queued row is skipped; a running one finishes unobserved
+            raise GenerationTimeout(f"generation took longer than {timeout_s} s") from None
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
+    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the model thread, between batches, in queue order."""
+        if not self._accepting:
+            raise NotReadyError("the engine is not accepting requests (starting or stopping)")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_OpItem(fn, future))
+        return await future
+
+    # the dispatcher ---------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending: _GenItem | _OpItem | None = None
+        while True:
+            item = pending if pending is not None else await self._queue.get()
+            pending = None
+            if item is None:
+                return
+            if isinstance(item, _OpItem):
+                await self._run_op(loop, item)
+                continue
+            batch = [item]
+            deadline = loop.time() + self._wait_s
+            while len(batch) < self._max_batch:
+                remaining = deadline - loop.time()
+                try:
+                    nxt = (
+                        self._queue.get_nowait()
+                        if remaining <= 0
+                        else await asyncio.wait_for(self._queue.get(), remaining)
+                    )
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+                if not isinstance(nxt, _GenItem):
+                    pending = nxt  # an adapter op or the stop marker waits for this batch
+                    break
+                batch.append(nxt)
+            await self._run_batch(loop, batch)
+
+    async def _run_op(self, loop: asyncio.AbstractEventLoop, item: _OpItem) -> None:
+        try:
+            result = await loop.run_in_executor(self._executor, item.fn)
+        except Exception as exc:  # handed to the caller, who maps it
+            if not item.future.done():
+                item.future.set_exception(exc)
+        else:
+            if not item.future.done():
+                item.future.set_result(result)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_GenItem]) -> None:
+        live = [it for it in batch if not it.future.done()]  # cancelled or timed out: skip
+        if not live:
+            return
+        started = time.perf_counter()
+        outcome = await loop.run_in_executor(self._executor, self._generate_on_model_thread, live)
+        for it, result in zip(live, outcome, strict=True):
+            if it.future.done():
+                continue
+            if isinstance(result, BaseException):
+                it.future.set_exception(result)
+            else:
+                it.future.set_result(result)
+        self.stats.batches += 1
+        self.stats.rows += len(live)
+        self.stats.last_batch_size = len(live)
+        self.stats.batch_sizes.append(len(live))
+        if self._on_batch is not None:
+            self._on_batch(len(live), time.perf_counter() - started)
+
+    def _generate_on_model_thread(self, items: list[_GenItem]) -> list[str | BaseException]:
+        """Resolve adapters now (the registry may have changed while rows waited), then generate."""
+        results: list[str | BaseException] = [RuntimeError("not run")] * len(items)
+        rows: list[GenRow] = []
+        index: list[int] = []
+        for i, it in enumerate(items):
+            req = it.request
+            try:
+                peft = None if req.adapter is None else self._adapters.peft_name(req.adapter)
+            except LoragError as exc:
+                results[i] = exc
+                continue
+            rows.append(GenRow(req.question, req.passages, peft, req.max_new_tokens))
+            index.append(i)
+        if rows:
+            try:
+                texts = self._generator.generate(rows)
+            except Exception as exc:
+                log.exception("generation failed for a batch of %d rows", len(rows))
+                for i in index:
+                    results[i] = exc
+            else:
+                for i, text in zip(index, texts, strict=True):
+                    results[i] = text
+        return results
