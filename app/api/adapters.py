@@ -1,0 +1,77 @@
+"""/adapters: list, load or replace, unload, at runtime."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, Response, status
+
+from app.api.deps import AdminDep, ServiceDep, StateDep
+from app.api.schemas import ADAPTER_NAME, AdapterList, AdapterLoad, AdapterOut
+from app.lora.registry import AdapterInfo
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+NamePath = Path(..., pattern=ADAPTER_NAME, description="Adapter name.")
+
+
+def _out(info: AdapterInfo) -> AdapterOut:
+    return AdapterOut(
+        name=info.name,
+        path=info.path,
+        version=info.version,
+        rank=info.rank,
+        alpha=info.alpha,
+        target_modules=list(info.target_modules),
+        base_model=info.base_model,
+        bytes=info.bytes,
+        loaded_at=info.loaded_at,
+    )
+
+
+def _record_resident(state: StateDep, service: ServiceDep) -> None:
+    infos = service.registry.list()
+    state.metrics.adapters_resident.set(len(infos))
+    state.metrics.adapter_bytes.set(sum(i.bytes for i in infos))
+
+
+@router.get("", response_model=AdapterList)
+async def list_adapters(service: ServiceDep) -> AdapterList:
+    return AdapterList(adapters=[_out(i) for i in service.registry.list()])
+
+
+@router.get("/{name}", response_model=AdapterOut)
+async def get_adapter(service: ServiceDep, name: str = NamePath) -> AdapterOut:
+    return _out(service.registry.get(name))
+
+
+@router.put(
+    "/{name}",
+    response_model=AdapterOut,
+    dependencies=[AdminDep],
+    responses={201: {"model": AdapterOut, "description": "Loaded under a new name"}},
+)
+async def put_adapter(
+    body: AdapterLoad,
+    response: Response,
+    service: ServiceDep,
+    state: StateDep,
+    name: str = NamePath,
+) -> AdapterOut:
+    """Load an adapter folder (relative to the adapters root) under `name`; replace it if loaded."""
+    try:
+        info, replaced = await service.load_adapter(name, body.path)
+    except Exception:
+        state.metrics.adapter_ops.labels("load", "error").inc()
+        raise
+    state.metrics.adapter_ops.labels("replace" if replaced else "load", "ok").inc()
+    _record_resident(state, service)
+    response.status_code = status.HTTP_200_OK if replaced else status.HTTP_201_CREATED
+    return _out(info)
+
+
+@router.delete(
+    "/{name}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminDep], response_class=Response
+)
+async def delete_adapter(service: ServiceDep, state: StateDep, name: str = NamePath) -> Response:
+    await service.unload_adapter(name)
+    state.metrics.adapter_ops.labels("unload", "ok").inc()
+    _record_resident(state, service)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

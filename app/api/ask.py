@@ -1,0 +1,47 @@
+"""POST /ask: retrieve, generate, cite."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.api.deps import ServiceDep, StateDep
+from app.api.schemas import AskRequest, AskResponse, PassageOut, Timings
+from app.service import AskParams
+
+router = APIRouter(tags=["ask"])
+
+
+@router.post("/ask", response_model=AskResponse)
+async def ask(body: AskRequest, request: Request, service: ServiceDep, state: StateDep) -> AskResponse:
+    settings = state.settings
+    result = await service.ask(
+        AskParams(
+            question=body.question,
+            adapter=body.adapter,
+            top_k=body.top_k or settings.top_k,
+            max_new_tokens=body.max_new_tokens or settings.max_new_tokens,
+            mode=body.mode,
+        )
+    )
+    state.metrics.ask_latency.labels(body.adapter or "__base__", body.mode).observe(
+        result.timings_ms["total"] / 1000
+    )
+    return AskResponse(
+        answer=result.answer,
+        adapter=result.adapter,
+        adapter_version=result.adapter_version,
+        mode=result.mode,
+        passages=[
+            PassageOut(
+                id=h.passage.id,
+                doc_id=h.passage.doc_id,
+                title=h.passage.title,
+                text=h.passage.text,
+                score=h.score,
+                weight=w,
+            )
+            for h, w in zip(result.hits, result.weights, strict=True)
+        ],
+        timings_ms=Timings(**result.timings_ms),
+        request_id=request.state.request_id,
+    )

@@ -1,0 +1,87 @@
+"""Build the heavy components from settings. Shared by the server lifespan and the CLI."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.errors import IndexNotFound
+from app.generation.backends import Generator
+from app.generation.loading import load_generator, prepare_default_generator
+from app.lora.registry import AdapterRegistry
+from app.retrieval.builder import build_index
+from app.retrieval.encoders import TextEncoder, load_encoder
+from app.retrieval.retriever import Retriever
+from app.retrieval.store import PassageIndex
+from app.settings import DEFAULT, Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_INDEX = "demo"
+DEMO_SOURCE = Path("index") / "sources" / "demo.jsonl"
+
+
+@dataclass
+class Components:
+    encoder: TextEncoder
+    index: PassageIndex
+    retriever: Retriever
+    generator: Generator
+    registry: AdapterRegistry
+    load_seconds: dict[str, float]
+
+
+def load_components(settings: Settings) -> Components:
+    """Load encoder, index and generator; refuse an index built with another encoder."""
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    encoder = load_encoder(
+        settings.encoder,
+        settings.encoder_kind,
+        device=settings.device,
+        context_spec=settings.dpr_context_encoder,
+    )
+    times["encoder"] = time.perf_counter() - t
+    t = time.perf_counter()
+    index = PassageIndex.load(settings.index_path, expect_fingerprint=encoder.fingerprint)
+    times["index"] = time.perf_counter() - t
+    t = time.perf_counter()
+    generator = load_generator(
+        settings.generator,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.cache_dir,
+    )
+    times["generator"] = time.perf_counter() - t
+    registry = AdapterRegistry(generator, settings.adapters_dir)
+    log.info(
+        "loaded encoder %s, index %s (%d passages), generator %s in %s",
+        encoder.fingerprint,
+        settings.index_path,
+        len(index),
+        generator.model_id,
+        {k: round(v, 2) for k, v in times.items()},
+    )
+    return Components(encoder, index, Retriever(encoder, index), generator, registry, times)
+
+
+def prepare(settings: Settings, *, demo_source: Path = DEMO_SOURCE) -> None:
+    """First-run setup for the embedded default: convert the generator, build the demo index."""
+    if settings.generator == DEFAULT:
+        prepare_default_generator(settings.cache_dir)
+    try:
+        PassageIndex.load(settings.index_path)
+        return
+    except IndexNotFound:
+        if settings.index_name != DEMO_INDEX:
+            raise
+    log.info("building the demo index from %s into %s", demo_source, settings.index_path)
+    encoder = load_encoder(
+        settings.encoder,
+        settings.encoder_kind,
+        device=settings.device,
+        context_spec=settings.dpr_context_encoder,
+    )
+    build_index([demo_source], encoder, settings.index_path)

@@ -1,0 +1,199 @@
+"""`lorag serve | prepare | index build | adapter list/load/unload | ask`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from app.settings import Settings
+
+log = logging.getLogger("lorag")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for key in ("host", "port", "index_name"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings(args)
+    failure: list[str] = []
+
+    def on_failure(reason: str) -> None:
+        # refuse to keep serving a service that can never become ready
+        failure.append(reason)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    app = create_app(settings, on_load_failure=on_failure)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    if failure:
+        print(f"lorag: refusing to serve: {failure[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from app.bootstrap import prepare
+
+    prepare(_settings(args))
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from app.retrieval.builder import build_index
+    from app.retrieval.encoders import load_encoder
+
+    settings = _settings(args)
+    encoder = load_encoder(
+        settings.encoder,
+        settings.encoder_kind,
+        device=settings.device,
+        context_spec=settings.dpr_context_encoder,
+    )
+    out = settings.index_dir / args.name
+    manifest = build_index([Path(s) for s in args.sources], encoder, out, words=args.words)
+    print(f"built {out}: {manifest.passage_count} passages, encoder {manifest.encoder}")
+    return 0
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None, token: str | None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("content-type", "application/json")
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        raise SystemExit(f"lorag: {method} {url} -> {err.code}: {detail}") from None
+    return json.loads(raw) if raw else None
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    settings = Settings()
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    base = args.url.rstrip("/")
+    if args.action == "list":
+        result = _http("GET", f"{base}/adapters", None, None)
+    elif args.action == "load":
+        result = _http("PUT", f"{base}/adapters/{args.name}", {"path": args.path}, token)
+    else:
+        result = _http("DELETE", f"{base}/adapters/{args.name}", None, token)
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"question": args.question}
+    if args.adapter:
+        body["adapter"] = args.adapter
+    if args.top_k:
+        body["top_k"] = args.top_k
+    if args.max_new_tokens:
+        body["max_new_tokens"] = args.max_new_tokens
+    if args.url:
+        result = _http("POST", f"{args.url.rstrip('/')}/ask", body, None)
+    else:
+        result = asyncio.run(_ask_in_process(_settings(args), body))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+async def _ask_in_process(settings: Settings, body: dict[str, Any]) -> Any:
+    """Answer without a server: the same app, driven in process."""
+    import httpx
+
+    from app.main import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        state = app.state.lorag
+        await state.loaded.wait()
+        if state.error:
+            raise SystemExit(f"lorag: {state.error}")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lorag") as client:
+            resp = await client.post("/ask", json=body, timeout=600)
+        if resp.status_code != 200:
+            raise SystemExit(f"lorag: /ask -> {resp.status_code}: {resp.text}")
+        return resp.json()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorag", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the HTTP API (settings from LORAG_* env vars)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--index-name", dest="index_name")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("prepare", help="convert the default generator, build the demo index")
+    s.set_defaults(func=cmd_prepare)
+
+    idx = sub.add_parser("index", help="build indexes").add_subparsers(dest="action", required=True)
+    s = idx.add_parser("build", help="build an index from .jsonl/.txt/.md files or folders")
+    s.add_argument("sources", nargs="+")
+    s.add_argument("--name", dest="index_name", default="demo", help="index folder name")
+    s.add_argument("--words", type=int, default=100, help="words per passage")
+    s.set_defaults(func=cmd_index_build, name=None)
+
+    ad = sub.add_parser("adapter", help="manage adapters on a running server")
+    ad.add_argument("--url", default="http://127.0.0.1:8000")
+    acts = ad.add_subparsers(dest="action", required=True)
+    acts.add_parser("list").set_defaults(func=cmd_adapter)
+    s = acts.add_parser("load", help="load or replace NAME from PATH under the adapters root")
+    s.add_argument("name")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_adapter)
+    s = acts.add_parser("unload")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_adapter)
+
+    s = sub.add_parser("ask", help="ask a question (in process, or --url a server)")
+    s.add_argument("question")
+    s.add_argument("--adapter")
+    s.add_argument("--top-k", dest="top_k", type=int)
+    s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    s.add_argument("--url")
+    s.add_argument("--index-name", dest="index_name")
+    s.set_defaults(func=cmd_ask)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "command", None) == "index":
+        args.name = args.index_name
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""create_app(settings) and the lifespan that builds everything.
+
+Models load in a worker thread after the server starts listening, so `/health` answers
+at once and `/ready` says 503 (with the stage) until the encoder, index and generator are
+in memory. A load that fails (say, an index built with another encoder) leaves the app
+not ready with the reason in `/ready`; `lorag serve` then exits non-zero with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import adapters, ask, health
+from app.api.errors import install_error_handlers
+from app.api.middleware import RequestContextMiddleware
+from app.bootstrap import load_components
+from app.engine.engine import Engine
+from app.metrics import Metrics
+from app.service import RagService
+from app.settings import Settings
+from app.state import AppState
+
+log = logging.getLogger(__name__)
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    state = AppState(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load(state, on_load_failure))
+        try:
+            yield
+        finally:
+            state.status = "stopping"
+            if not loader.done():
+                await asyncio.wait([loader])
+            if state.service is not None:
+                await state.service.engine.stop()
+
+    app = FastAPI(
+        title="lorag",
+        version=__version__,
+        summary="Retrieval-augmented generation with hot-swappable per-task LoRA adapters.",
+        lifespan=lifespan,
+    )
+    app.state.lorag = state
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+    install_error_handlers(app)
+    app.include_router(ask.router)
+    app.include_router(adapters.router)
+    app.include_router(health.router)
+    return app
+
+
+async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> None:
+    settings = state.settings
+    try:
+        components = await asyncio.to_thread(load_components, settings)
+    except Exception as exc:
+        state.status = "failed"
+        state.error = f"{type(exc).__name__}: {exc}"
+        log.error("startup failed: %s", state.error)
+        state.loaded.set()
+        if on_failure is not None:
+            on_failure(state.error)
+        return
+    engine = Engine(
+        components.generator,
+        components.registry,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+        on_batch=state.metrics.observe_batch,
+    )
+    engine.start()
+    state.components = components
+    state.service = RagService(
+        components.retriever,
+        engine,
+        components.registry,
+        request_timeout_s=settings.request_timeout_s,
+    )
+    state.metrics.index_passages.set(len(components.index))
+    if state.status == "loading":
+        state.status = "ready"
+        log.info("ready")
+    state.loaded.set()

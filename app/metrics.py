@@ -1,0 +1,55 @@
+"""Prometheus metrics, one registry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lorag_http_requests", "HTTP requests", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "lorag_http_request_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ask_latency = Histogram(
+            "lorag_ask_seconds",
+            "/ask latency by adapter and mode",
+            ["adapter", "mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "lorag_batch_rows",
+            "Rows per generation batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "lorag_batch_seconds", "Generation time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("lorag_queue_depth", "Items waiting for the model", registry=r)
+        self.adapter_ops = Counter(
+            "lorag_adapter_operations", "Adapter loads and unloads", ["op", "outcome"], registry=r
+        )
+        self.adapters_resident = Gauge("lorag_adapters_resident", "Loaded adapters", registry=r)
+        self.adapter_bytes = Gauge(
+            "lorag_adapter_bytes_resident", "Bytes of loaded adapter weights", registry=r
+        )
+        self.index_passages = Gauge("lorag_index_passages", "Passages in the index", registry=r)
+
+    def observe_batch(self, rows: int, seconds: float) -> None:
+        self.batch_size.observe(rows)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,108 @@
+"""The RAG service: retrieve, then generate on the engine. No HTTP here; the API and CLI share it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from app.engine.engine import Engine, EngineRequest
+from app.errors import InvalidInputError
+from app.lora.registry import AdapterInfo, AdapterRegistry
+from app.retrieval.types import Hit
+
+Mode = Literal["concat"]
+
+
+class Retrieves(Protocol):
+    def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AskParams:
+    question: str
+    adapter: str | None
+    top_k: int
+    max_new_tokens: int
+    mode: Mode = "concat"
+
+
+@dataclass(frozen=True, slots=True)
+class AskResult:
+    answer: str
+    adapter: str | None
+    adapter_version: str | None
+    mode: Mode
+    hits: list[Hit]
+    weights: list[float]  # how much each passage counted; sums to 1
+    timings_ms: dict[str, float]
+
+
+def prior_weights(scores: Sequence[float]) -> list[float]:
+    """p(z|x): softmax over the retrieval scores (inner products), as in the RAG paper."""
+    if not scores:
+        return []
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+class RagService:
+    def __init__(
+        self,
+        retriever: Retrieves,
+        engine: Engine,
+        registry: AdapterRegistry,
+        *,
+        request_timeout_s: float,
+    ) -> None:
+        self.retriever = retriever
+        self.engine = engine
+        self.registry = registry
+        self._timeout_s = request_timeout_s
+
+    async def ask(self, params: AskParams) -> AskResult:
+        t0 = time.perf_counter()
+        info = None if params.adapter is None else self.registry.get(params.adapter)  # 404 early
+        if not params.question.strip():
+            raise InvalidInputError("question is empty")
+        # the encoder is not the generator: it runs in the thread pool, beside the model thread
+        hits = (await asyncio.to_thread(self.retriever.retrieve, [params.question], params.top_k))[0]
+        t1 = time.perf_counter()
+        answer = await self.engine.generate(
+            EngineRequest(
+                question=params.question,
+                passages=[h.passage for h in hits],
+                adapter=params.adapter,
+                max_new_tokens=params.max_new_tokens,
+            ),
+            timeout_s=self._timeout_s,
+        )
+        t2 = time.perf_counter()
+        return AskResult(
+            answer=answer.strip(),
+            adapter=params.adapter,
+            adapter_version=None if info is None else info.version,
+            mode=params.mode,
+            hits=hits,
+            weights=prior_weights([h.score for h in hits]),
+            timings_ms={
+                "retrieve": (t1 - t0) * 1000,
+                "generate": (t2 - t1) * 1000,
+                "total": (t2 - t0) * 1000,
+            },
+        )
+
+    # adapters: validation off the model thread, the swap on it, in queue order ----------------
+
+    async def load_adapter(self, name: str, rel_path: str) -> tuple[AdapterInfo, bool]:
+        prepared = await asyncio.to_thread(self.registry.prepare, rel_path)
+        return await self.engine.run_exclusive(lambda: self.registry.install(name, prepared))
+
+    async def unload_adapter(self, name: str) -> None:
+        self.registry.get(name)  # 404 before queueing
+        await self.engine.run_exclusive(lambda: self.registry.unload(name))

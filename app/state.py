@@ -1,0 +1,25 @@
+"""The typed lifespan state that routes reach through app.state.lorag (see api/deps.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Literal
+
+from app.bootstrap import Components
+from app.metrics import Metrics
+from app.service import RagService
+from app.settings import Settings
+
+Status = Literal["loading", "ready", "failed", "stopping"]
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    status: Status = "loading"
+    error: str | None = None
+    components: Components | None = None
+    service: RagService | None = None
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
