@@ -1,0 +1,239 @@
+"""Generator backends: an encoder-decoder (T5, FLAN-T5, BART) and a decoder-only model.
+
+One abstract base holds what both share (the batched greedy call, per-row adapters, per-row
+length limits, decoding); the two subclasses differ only in how prompts are tokenized and padded
+and where the answer starts in the output. An ABC rather than a Protocol: the shared code is
+most of the class, and a Protocol would make each backend repeat it.
+
+Adapters are chosen per row with PEFT's `adapter_names` (never `set_adapter`, which is global
+state shared by every request in the batch): each LoRA layer splits the batch by adapter name.
+`model` is the plain transformers model until the adapter registry wraps it into a PeftModel.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from peft import PeftModel
+from transformers import BatchEncoding, GenerationConfig, PreTrainedTokenizerBase
+
+from app.errors import AdapterNotFound
+from app.generation.prompts import PromptBuilder
+from app.generation.types import GenRow
+from app.retrieval.types import Passage
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+_HUGE = 1_000_000  # tokenizers say model_max_length=1e30 when they do not know
+
+
+class Generator(ABC):
+    kind: ClassVar[Literal["seq2seq", "causal"]]
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        model_id: str,
+        device: torch.device,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.device = device
+        if tokenizer.pad_token is None:
+            # decoder-only checkpoints often ship without one; padding is masked anyway
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = self.padding_side
+        self.prompts = PromptBuilder(tokenizer, self.kind)
+        self.eos_ids = self._eos_ids()
+
+    padding_side: ClassVar[Literal["left", "right"]]
+
+    # ---- what subclasses define -------------------------------------------------------
+
+    @abstractmethod
+    def max_input_tokens(self, max_new_tokens: int) -> int:
+        """Longest prompt, in tokens, that leaves room for max_new_tokens of answer."""
+
+    @abstractmethod
+    def _encode(self, prompts: Sequence[str], max_length: int) -> BatchEncoding:
+        """Tokenize and pad prompts into [B, L] input_ids and attention_mask on self.device."""
+
+    @abstractmethod
+    def _answer_tokens(self, output: torch.Tensor, enc: BatchEncoding) -> torch.Tensor:
+        """The generated tokens of generate()'s output: [B, T_new]."""
+
+    # ---- public API ---------------------------------------------------------------------
+
+    def prompt(self, question: str, passages: Sequence[Passage], max_new_tokens: int) -> str:
+        return self.prompts.build(question, passages, self.max_input_tokens(max_new_tokens))
+
+    def encode_pairs(
+        self, question: str, passages: Sequence[Passage], *, reserve: int = 0
+    ) -> BatchEncoding:
+        """One prompt per (question, passage) pair, tokenized and padded for the model.
+
+        Returns input_ids and attention_mask of shape [n_passages, L] on self.device (right
+        padding for seq2seq, left for causal). `reserve` leaves that many tokens of the
+        context window free (for the answer tokens a causal model scores after the prompt).
+        """
+        limit = self.max_input_tokens(reserve)
+        prompts = [self.prompts.build(question, [p], limit) for p in passages]
+        return self._encode(prompts, limit)
+
+    def adapter_kwargs(self, adapters: Sequence[str | None]) -> dict[str, Any]:
+        """Extra model kwargs that give row i the adapter adapters[i] (None = the base).
+
+        Empty while no adapter is installed. Once the model is a PeftModel every call passes
+        adapter_names, even all-base, because the PeftModel's active adapter would otherwise
+        apply to every row. Raises AdapterNotFound for a name the model does not hold.
+        """
+        if not isinstance(self.model, PeftModel):
+            for name in adapters:
+                if name is not None:
+                    raise AdapterNotFound(name)
+            return {}
+        installed = self.model.peft_config
+        for name in adapters:
+            if name is not None and name not in installed:
+                raise AdapterNotFound(name)
+        return {"adapter_names": [BASE if a is None else a for a in adapters]}
+
+    def forward(self, adapters: Sequence[str | None], **inputs: Any) -> Any:
+        """model(**inputs) with row i under adapters[i] (None = the base), no autograd.
+
+        For scoring (RAG marginalization): pass input_ids/attention_mask (and decoder_input_ids
+        for seq2seq); returns the model output with .logits.
+        """
+        with torch.inference_mode():
+            return self.model(**inputs, **self.adapter_kwargs(adapters))
+
+    def generate(self, rows: Sequence[GenRow]) -> list[str]:
+        """Greedy answers for all rows in one batched model.generate call."""
+        if not rows:
+            return []
+        longest = max(r.max_new_tokens for r in rows)
+        prompts = [self.prompt(r.question, r.passages, longest) for r in rows]
+        enc = self._encode(prompts, self.max_input_tokens(longest))
+        extra = self.adapter_kwargs([r.adapter for r in rows])
+        with torch.inference_mode():
+            output = self._hf.generate(
+                **enc, generation_config=self._greedy(longest), **extra
+            )  # [B, *]
+        new = self._answer_tokens(output, enc)  # [B, T <= longest]
+        # Each row is cut at its own limit. Greedy decoding is prefix-consistent: step t of a
+        # row depends only on that row's prompt and its tokens before t, so the first n tokens
+        # of a longer run are exactly what a run with max_new_tokens=n would produce.
+        return [self._decode(new[i, : r.max_new_tokens]) for i, r in enumerate(rows)]
+
+    # ---- shared helpers -------------------------------------------------------------------
+
+    @property
+    def _hf(self) -> Any:
+        """The model as the duck-typed transformers/PEFT object it is (generate, config)."""
+        return self.model
+
+    def _greedy(self, max_new_tokens: int) -> GenerationConfig:
+        cfg: GenerationConfig = copy.deepcopy(self._hf.generation_config)
+        cfg.do_sample = False
+        cfg.num_beams = 1
+        cfg.temperature = None
+        cfg.top_p = None
+        cfg.top_k = None
+        cfg.max_new_tokens = max_new_tokens
+        cfg.max_length = None
+        cfg.pad_token_id = self.tokenizer.pad_token_id
+        return cfg
+
+    def _decode(self, tokens: torch.Tensor) -> str:
+        ids: list[int] = tokens.tolist()
+        for i, t in enumerate(ids):
+            if t in self.eos_ids:
+                ids = ids[:i]
+                break
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self._hf.generation_config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _context_window(self) -> int | None:
+        """Tokens the model can attend to, from the tokenizer or the config; None = unknown."""
+        limits = [
+            n
+            for n in (
+                getattr(self.tokenizer, "model_max_length", None),
+                getattr(self.model.config, "max_position_embeddings", None),
+                getattr(self.model.config, "n_positions", None),
+            )
+            if isinstance(n, int) and 0 < n < _HUGE
+        ]
+        return min(limits) if limits else None
+
+
+class Seq2SeqGenerator(Generator):
+    """AutoModelForSeq2SeqLM: the prompt goes to the encoder, the answer comes from the decoder."""
+
+    kind = "seq2seq"
+    padding_side = "right"
+    DEFAULT_MAX_INPUT = 512  # T5's training length; relative positions leave no config limit
+
+    def max_input_tokens(self, max_new_tokens: int) -> int:
+        # the answer lives in the decoder, so it takes no room from the encoder input
+        return self._context_window() or self.DEFAULT_MAX_INPUT
+
+    def _encode(self, prompts: Sequence[str], max_length: int) -> BatchEncoding:
+        enc = self.tokenizer(
+            list(prompts),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        return enc.to(self.device)
+
+    def _answer_tokens(self, output: torch.Tensor, enc: BatchEncoding) -> torch.Tensor:
+        return output[:, 1:]  # drop decoder_start_token_id
+
+
+class CausalGenerator(Generator):
+    """AutoModelForCausalLM: the answer continues the prompt; prompts are padded on the left
+    so that every row's next token sits in the last column."""
+
+    kind = "causal"
+    padding_side = "left"
+    DEFAULT_CONTEXT = 2048
+
+    def max_input_tokens(self, max_new_tokens: int) -> int:
+        window = self._context_window() or self.DEFAULT_CONTEXT
+        return max(window - max_new_tokens, window // 4)
+
+    def _encode(self, prompts: Sequence[str], max_length: int) -> BatchEncoding:
+        rows = [self._prompt_ids(p)[-max_length:] for p in prompts]  # keep the prompt's end
+        enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        return enc.to(self.device)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        # A chat template writes its own special tokens. Plain text gets the tokenizer's (a BOS
+        # for llama-style tokenizers), but not a trailing EOS: a prompt that ends the sequence
+        # would make the model continue after an end. (T5-style tokenizers append one.)
+        ids: list[int] = self.tokenizer(prompt, add_special_tokens=not self.prompts.chat)[
+            "input_ids"
+        ]
+        if ids and not self.prompts.chat and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return ids
+
+    def _answer_tokens(self, output: torch.Tensor, enc: BatchEncoding) -> torch.Tensor:
+        return output[:, enc["input_ids"].shape[1] :]

@@ -1,0 +1,103 @@
+"""Prompt text for the generator: the question with its numbered, titled passages.
+
+Seq2seq models get T5's QA format, "question: ... context: [1] title: text ...". Causal models
+get a system + user chat message when their tokenizer has a chat template, plain text otherwise.
+
+Passages are kept in retrieval order and fitted to a token budget: whole passages while they
+fit, then the first that does not fit is cut to the room left (if that room is worth having),
+and the rest are dropped. The top-ranked passages are the ones most likely to hold the answer,
+so cutting from the bottom loses the least; an equal share each would cut every passage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from app.retrieval.types import Passage
+
+log = logging.getLogger(__name__)
+
+SYSTEM = (
+    "Answer the question using the numbered passages. "
+    "Reply with a short answer; if the passages do not contain it, say you do not know."
+)
+MIN_PASSAGE_TOKENS = 16  # a cut passage shorter than this carries too little to keep
+MARGIN_TOKENS = 8  # re-tokenizing decoded text is not exactly additive; keep slack
+
+
+def passage_block(number: int, passage: Passage, text: str | None = None) -> str:
+    body = passage.text if text is None else text
+    return f"[{number}] {passage.title}: {body}" if passage.title else f"[{number}] {body}"
+
+
+class PromptBuilder:
+    """Renders (question, passages) into one prompt string that fits max_tokens."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, kind: Literal["seq2seq", "causal"]
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.chat = kind == "causal" and bool(getattr(tokenizer, "chat_template", None))
+
+    def n_tokens(self, text: str) -> int:
+        return len(self._ids(text))
+
+    def _ids(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def render(self, question: str, blocks: Sequence[str]) -> str:
+        """The prompt for already-formatted passage blocks; no budgeting."""
+        if self.kind == "seq2seq":
+            return f"question: {question} context: {' '.join(blocks)}"
+        context = "\n".join(blocks)
+        user = f"Passages:\n{context}\n\nQuestion: {question}"
+        if self.chat:
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            assert isinstance(text, str)
+            return text
+        return f"{SYSTEM}\n\n{user}\nAnswer:"
+
+    def build(self, question: str, passages: Sequence[Passage], max_tokens: int) -> str:
+        """The prompt with as many passages (in order) as fit in max_tokens tokens."""
+        question = self._fit_question(question, max_tokens)
+        room = max_tokens - self.n_tokens(self.render(question, [])) - MARGIN_TOKENS
+        blocks: list[str] = []
+        for number, passage in enumerate(passages, start=1):
+            block = passage_block(number, passage)
+            cost = self.n_tokens(block) + 1  # +1: the separator between blocks
+            if cost <= room:
+                blocks.append(block)
+                room -= cost
+                continue
+            head = self.n_tokens(passage_block(number, passage, "")) + 1
+            keep = room - head
+            if keep >= MIN_PASSAGE_TOKENS:
+                text = str(self.tokenizer.decode(self._ids(passage.text)[:keep]))
+                blocks.append(passage_block(number, passage, text))
+            log.debug(
+                "prompt budget %d tokens: kept %d of %d passages (passage %d cut to %d tokens)",
+                max_tokens,
+                len(blocks),
+                len(passages),
+                number,
+                max(keep, 0),
+            )
+            break
+        return self.render(question, blocks)
+
+    def _fit_question(self, question: str, max_tokens: int) -> str:
+        """A question longer than half the budget is cut to half (its start is kept)."""
+        ids = self._ids(question)
+        if len(ids) <= max_tokens // 2:
+            return question
+        log.warning("question of %d tokens cut to %d", len(ids), max_tokens // 2)
+        return str(self.tokenizer.decode(ids[: max_tokens // 2]))

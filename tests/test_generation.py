@@ -1,0 +1,140 @@
+"""Generator backends on tiny T5, BART and llama models (and llama with a chat template).
+
+The reference for a batched row is the same row generated alone; for the greedy decode it is
+transformers' own generate on the same input ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.errors import AdapterNotFound
+from app.generation.backends import CausalGenerator, Generator, Seq2SeqGenerator
+from app.generation.loading import load_generator
+from app.generation.types import GenRow
+from app.retrieval.types import Passage
+from tests.tiny import load_tiny, tiny_bart, tiny_llama, tiny_t5
+
+P1 = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")
+P2 = Passage("b#0", "b", "Beta", "Beta was founded in 1204 by monks who brewed dark beer there.")
+P3 = Passage("c#0", "c", "", "An untitled passage about gamma rays and their long wavelength.")
+
+BUILDERS: dict[str, Callable[..., Path]] = {
+    "t5": tiny_t5,
+    "bart": tiny_bart,
+    "llama": tiny_llama,
+    "llama-chat": lambda p: tiny_llama(p, chat=True, name="tiny-llama-chat"),
+}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture()
+def gen(model_dir: Path, tmp_path: Path) -> Generator:
+    return load_generator(str(model_dir), cache_dir=tmp_path)
+
+
+def rows() -> list[GenRow]:
+    return [
+        GenRow("Where is Alpha?", [P1, P2], None, 12),
+        GenRow("Who founded Beta and when was it?", [P2], None, 5),
+        GenRow("gamma?", [P3, P1, P2], None, 9),
+        GenRow("What?", [], None, 1),
+    ]
+
+
+def test_backend_follows_config(gen: Generator, model_dir: Path) -> None:
+    want = Seq2SeqGenerator if "t5" in model_dir.name or "bart" in model_dir.name else CausalGenerator
+    assert isinstance(gen, want)
+    assert gen.kind == ("causal" if isinstance(gen, CausalGenerator) else "seq2seq")
+    assert not gen.model.training
+    assert gen.tokenizer.pad_token is not None
+    assert gen.tokenizer.padding_side == ("left" if gen.kind == "causal" else "right")
+
+
+def test_batched_rows_equal_rows_alone(gen: Generator) -> None:
+    batch = rows()
+    together = gen.generate(batch)
+    alone = [gen.generate([r])[0] for r in batch]
+    assert together == alone
+    # the rows really differ, and padding really happened (prompts of different lengths)
+    assert len(set(together[:3])) == 3
+    enc = gen._encode([gen.prompt(r.question, r.passages, 12) for r in batch], 10_000)
+    assert int(enc["attention_mask"].sum(1).min()) < enc["input_ids"].shape[1]
+
+
+def test_greedy_matches_transformers_generate(gen: Generator, model_dir: Path) -> None:
+    ref = load_tiny(model_dir)
+    row = rows()[0]
+    enc = gen._encode([gen.prompt(row.question, row.passages, 12)], 10_000)
+    out = ref.generate(**enc, max_new_tokens=12, do_sample=False, num_beams=1)
+    start = 1 if gen.kind == "seq2seq" else enc["input_ids"].shape[1]
+    assert gen.generate([row]) == [gen._decode(out[0, start:])]
+    assert gen.generate([row])[0] != ""
+
+
+def test_each_row_is_cut_at_its_own_limit(gen: Generator) -> None:
+    long_row = GenRow("Where is Alpha?", [P1], None, 12)
+    short = GenRow("Where is Alpha?", [P1], None, 3)
+    full, cut = gen.generate([long_row, short])
+    n = len(gen.tokenizer(cut, add_special_tokens=False)["input_ids"])
+    assert n <= 3
+    assert full.startswith(cut)  # greedy is prefix-consistent
+
+
+def test_prompt_numbers_passages_with_titles(gen: Generator) -> None:
+    text = gen.prompt("Where is Alpha?", [P1, P3], 8)
+    assert "[1] Alpha: Alpha is a small town" in text
+    assert "[2] An untitled passage" in text
+    assert "Where is Alpha?" in text
+    if gen.kind == "seq2seq":
+        assert text.startswith("question: Where is Alpha? context: [1]")
+    elif gen.prompts.chat:
+        assert text.startswith("<system>") and text.endswith("<assistant>")
+    else:
+        assert text.endswith("Answer:")
+
+
+def test_long_passages_are_cut_to_the_context_window(gen: Generator) -> None:
+    gen.tokenizer.model_max_length = 420
+    long = Passage("d#0", "d", "Delta", "delta " * 400)
+    text = gen.prompt("Where is Delta?", [P1, long, P2], 40)
+    budget = gen.max_input_tokens(40)
+    assert gen.prompts.n_tokens(text) <= budget
+    assert "[1] Alpha" in text and "[2] Delta: delta delta" in text
+    assert "[3]" not in text  # passages after the cut one are dropped
+    # the answer still comes: the prompt's end (question, answer cue) survived
+    assert "Where is Delta?" in text
+    (answer,) = gen.generate([GenRow("Where is Delta?", [P1, long, P2], None, 40)])
+    assert isinstance(answer, str)
+
+
+def test_encode_pairs_one_padded_row_per_passage(gen: Generator) -> None:
+    enc = gen.encode_pairs("Where is Alpha?", [P1, P2, P3])
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[0] == 3
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) > 1
+    for i, p in enumerate([P1, P2, P3]):
+        alone = gen.encode_pairs("Where is Alpha?", [p])["input_ids"][0]
+        kept = ids[i][mask[i].bool()]
+        assert torch.equal(kept, alone)
+    pad_col = 0 if gen.kind == "causal" else -1  # left padding for causal, right for seq2seq
+    assert int(mask[:, pad_col].min()) == 0
+
+
+def test_unknown_adapter_is_refused(gen: Generator) -> None:
+    with pytest.raises(AdapterNotFound, match="'nope'"):
+        gen.generate([GenRow("q", [P1], "nope", 3)])
+    assert gen.adapter_kwargs([None, None]) == {}
+
+
+def test_empty_batch(gen: Generator) -> None:
+    assert gen.generate([]) == []
