@@ -75,7 +75,8 @@ def chunk_document(
     pieces = _pack(text, words - overlap)
     min_tail = max(1, words // 4)
     if len(pieces) > 1 and len(pieces[-1]) < min_tail:
-        pieces[-2] = pieces[-2] + pieces.pop()
+        tail = pieces.pop()
+        pieces[-1] = pieces[-1] + tail
     passages = []
     for i, piece in enumerate(pieces):
         carried = pieces[i - 1][-overlap:] if i > 0 and overlap > 0 else []
