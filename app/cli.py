@@ -6,8 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import signal
 import sys
 import urllib.error
 import urllib.request
@@ -35,14 +33,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     failure: list[str] = []
+    server: uvicorn.Server | None = None
 
     def on_failure(reason: str) -> None:
-        # refuse to keep serving a service that can never become ready
+        # a service that can never become ready should not linger: stop and say why
         failure.append(reason)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if server is not None:
+            server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_failure)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level
+    )
+    server = uvicorn.Server(config)
+    server.run()
     if failure:
         print(f"lorag: refusing to serve: {failure[0]}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ from app.state import AppState
 
 log = logging.getLogger(__name__)
 
+
 def create_app(
     settings: Settings | None = None,
     *,

@@ -1,4 +1,4 @@
-"""The RAG service: retrieve, then generate on the engine. No HTTP here; the API and CLI share it."""
+"""The RAG service: retrieve, then generate on the engine. The API and the CLI share it."""
 
 from __future__ import annotations
 
@@ -71,7 +71,9 @@ class RagService:
         if not params.question.strip():
             raise InvalidInputError("question is empty")
         # the encoder is not the generator: it runs in the thread pool, beside the model thread
-        hits = (await asyncio.to_thread(self.retriever.retrieve, [params.question], params.top_k))[0]
+        hits = (await asyncio.to_thread(self.retriever.retrieve, [params.question], params.top_k))[
+            0
+        ]
         t1 = time.perf_counter()
         answer = await self.engine.generate(
             EngineRequest(

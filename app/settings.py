@@ -17,14 +17,18 @@ class Settings(BaseSettings):
     # data roots: the service reads them, the CLI writes them
     index_dir: Path = Field(Path("index"), description="Root of built indexes.")
     index_name: str = Field("demo", description="Index under index_dir that /ask reads.")
-    adapters_dir: Path = Field(Path("adapters"), description="Root that adapter paths resolve under.")
+    adapters_dir: Path = Field(
+        Path("adapters"), description="Root that adapter paths resolve under."
+    )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "lorag",
         description="Converted model weights (the default generator's safetensors folder).",
     )
 
     # models
-    encoder: str = Field(DEFAULT, description="Question/passage encoder: hub id, path or 'default'.")
+    encoder: str = Field(
+        DEFAULT, description="Question/passage encoder: hub id, path or 'default'."
+    )
     encoder_kind: Literal["sentence-transformers", "dpr"] = "sentence-transformers"
     dpr_context_encoder: str | None = Field(
         None, description="DPR passage encoder (hub id or path) when encoder_kind=dpr."

@@ -84,8 +84,10 @@ def main() -> None:
     print(f"/ask x{args.requests}, top_k={args.top_k}, max_new_tokens={args.max_new_tokens}:")
     for name, vals in (("total (client)", total), ("retrieve", retrieve), ("generate", generate)):
         print(f"  {name:15s} p50 {pct(vals, 50):8.1f} ms   p95 {pct(vals, 95):8.1f} ms")
-    print(f"generate/retrieve time ratio (median): "
-          f"{statistics.median(generate) / statistics.median(retrieve):.1f}")
+    print(
+        f"generate/retrieve time ratio (median): "
+        f"{statistics.median(generate) / statistics.median(retrieve):.1f}"
+    )
 
 
 if __name__ == "__main__":

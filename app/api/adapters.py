@@ -68,7 +68,10 @@ async def put_adapter(
 
 
 @router.delete(
-    "/{name}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminDep], response_class=Response
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[AdminDep],
+    response_class=Response,
 )
 async def delete_adapter(service: ServiceDep, state: StateDep, name: str = NamePath) -> Response:
     await service.unload_adapter(name)

@@ -12,7 +12,9 @@ router = APIRouter(tags=["ask"])
 
 
 @router.post("/ask", response_model=AskResponse)
-async def ask(body: AskRequest, request: Request, service: ServiceDep, state: StateDep) -> AskResponse:
+async def ask(
+    body: AskRequest, request: Request, service: ServiceDep, state: StateDep
+) -> AskResponse:
     settings = state.settings
     result = await service.ask(
         AskParams(

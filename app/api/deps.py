@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from app.errors import NotReadyError
-from app.state import AppState
 from app.service import RagService
+from app.state import AppState
 
 
 def get_state(request: Request) -> AppState:
@@ -22,7 +22,9 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 def get_service(state: StateDep) -> RagService:
     if state.service is None or state.status != "ready":
-        raise NotReadyError(f"service is {state.status}" + (f": {state.error}" if state.error else ""))
+        raise NotReadyError(
+            f"service is {state.status}" + (f": {state.error}" if state.error else "")
+        )
     return state.service
 
 

@@ -21,7 +21,9 @@ class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(..., min_length=1, max_length=2000, examples=["What is albedo?"])
-    adapter: str | None = Field(None, pattern=ADAPTER_NAME, description="A loaded adapter, or none.")
+    adapter: str | None = Field(
+        None, pattern=ADAPTER_NAME, description="A loaded adapter, or none."
+    )
     top_k: int | None = Field(None, ge=1, le=50, description="Passages to retrieve (default 5).")
     max_new_tokens: int | None = Field(None, ge=1, le=512)
     mode: Literal["concat"] = Field(

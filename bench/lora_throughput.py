@@ -1,0 +1,140 @@
+"""Greedy-generate throughput with per-row LoRA adapters: base vs PEFT adapter_names vs BatchedLora.
+
+A T5-small-shaped model with random weights (built from a config, no download), rank-8 LoRA
+adapters (random A and B) on every linear layer (q, k, v, o, wi, wo), batch 16, a fixed-length
+prompt, exactly 32 new tokens greedy. Each round runs every variant once, in a rotating order
+(A B A B ...), so that load from other processes on a shared machine hits all variants alike;
+the figures are medians over rounds, tokens/s = rows * new tokens / wall time of generate().
+
+Distinct adapters per batch: 1, 4, 16 at batch 16 (rows take adapters round-robin), and 64 at
+batch 64 (every row its own adapter; a 16-row batch cannot hold 64), with its own base run.
+Before timing, each configuration checks that BatchedLora's tokens equal PEFT's.
+
+    .venv/bin/python -m bench.lora_throughput [--rounds 5] [--threads 1] [--prompt-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import T5Config, T5ForConditionalGeneration
+
+from app.lora.batched import BatchedLora
+
+NEW_TOKENS = 32
+TARGETS = ["q", "k", "v", "o", "wi", "wo"]
+
+
+def build(n_adapters: int, seed: int = 0) -> tuple[T5ForConditionalGeneration, PeftModel]:
+    """The plain model (the base figures) and a PeftModel of a copy of it with the adapters."""
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=32128,
+        d_model=512,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=6,
+        num_decoder_layers=6,
+        num_heads=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    model = T5ForConditionalGeneration(cfg).eval()
+    plain = copy.deepcopy(model)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, lora, adapter_name="a0")
+    for i in range(1, n_adapters):
+        peft_model.add_adapter(f"a{i}", lora)
+    return plain, peft_model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--distinct", type=int, nargs="+", default=[1, 4, 16, 64])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    plain, model = build(max(args.distinct))
+    fast = BatchedLora(model)
+    gen = torch.Generator().manual_seed(1)
+    prompts = {b: torch.randint(2, 32000, (b, args.prompt_len), generator=gen) for b in (16, 64)}
+
+    def run(batch: int, names: list[str] | None, mode: str) -> Callable[[], torch.Tensor]:
+        ids = prompts[batch]  # the same prompts for every variant of a batch size
+        kw = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": NEW_TOKENS,
+            "min_new_tokens": NEW_TOKENS,
+            "do_sample": False,
+        }
+
+        def call() -> torch.Tensor:
+            with torch.inference_mode():
+                if mode == "base":  # the plain transformers model: no LoRA layers at all
+                    return plain.generate(**kw)
+                if mode == "peft":
+                    return model.generate(**kw, adapter_names=names)
+                assert names is not None
+                with fast.rows(names):
+                    return model.generate(**kw)
+
+        return call
+
+    cases: dict[str, Callable[[], torch.Tensor]] = {}
+    rows: dict[str, int] = {}
+    for n in args.distinct:
+        batch = 64 if n > 16 else 16
+        names = [f"a{i % n}" for i in range(batch)]
+        if f"base/b{batch}" not in cases:
+            cases[f"base/b{batch}"] = run(batch, None, "base")
+        cases[f"peft/{n}"] = run(batch, names, "peft")
+        cases[f"ours/{n}"] = run(batch, names, "ours")
+        rows.update({f"base/b{batch}": batch, f"peft/{n}": batch, f"ours/{n}": batch})
+        peft_out, ours_out = cases[f"peft/{n}"](), cases[f"ours/{n}"]()  # warm-up + check
+        if not torch.equal(peft_out, ours_out):
+            raise SystemExit(f"BatchedLora tokens differ from PEFT's with {n} adapters")
+    for key in [k for k in cases if k.startswith("base/")]:
+        cases[key]()  # warm-up
+
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    keys = list(cases)
+    for r in range(args.rounds):
+        order = keys[r % len(keys) :] + keys[: r % len(keys)]
+        for key in order:
+            t0 = time.perf_counter()
+            out = cases[key]()
+            times[key].append(time.perf_counter() - t0)
+            assert out.shape[1] == NEW_TOKENS + 1
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    def tps(key: str) -> float:
+        return rows[key] * NEW_TOKENS / statistics.median(times[key])
+
+    print(f"threads={args.threads} rounds={args.rounds} prompt_len={args.prompt_len}")
+    print(
+        f"{'distinct':>8} {'batch':>5} {'base tok/s':>10} {'peft tok/s':>10} "
+        f"{'ours tok/s':>10} {'peft/base':>9} {'ours/base':>9}"
+    )
+    for n in args.distinct:
+        batch = 64 if n > 16 else 16
+        base, peft, ours = tps(f"base/b{batch}"), tps(f"peft/{n}"), tps(f"ours/{n}")
+        print(
+            f"{n:>8} {batch:>5} {base:>10.1f} {peft:>10.1f} {ours:>10.1f} "
+            f"{peft / base:>9.2f} {ours / base:>9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The real app (real lifespan, real encoder and FAISS index, tiny generators) over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from tests.tiny import save_lora_adapter
+
+QUESTION = "What are the rings of Zorblax made of?"
+
+
+def ask(client, **body):
+    body.setdefault("question", QUESTION)
+    return client.post("/ask", json=body)
+
+
+def test_health_ready_and_openapi(client_factory):
+    client = client_factory()
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/ask", "/adapters", "/adapters/{name}", "/ready", "/metrics"} <= set(paths)
+
+
+def test_ask_cites_the_passage_that_holds_the_fact(client_factory, backend):
+    client = client_factory(backend)
+    resp = ask(client, top_k=3)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert isinstance(data["answer"], str)
+    assert data["adapter"] is None and data["mode"] == "concat"
+    passages = data["passages"]
+    assert len(passages) == 3
+    assert passages[0]["doc_id"] == "zorblax"  # the real encoder finds the fact
+    scores = [p["score"] for p in passages]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(p["weight"] for p in passages) == pytest.approx(1.0)
+    assert passages[0]["weight"] > passages[-1]["weight"]
+    assert set(data["timings_ms"]) == {"retrieve", "generate", "total"}
+    assert resp.headers["x-request-id"] == data["request_id"]
+
+
+def _reference_answer(model_dir: Path, adapter_dir: Path | None, client, backend: str) -> str:
+    """What plain transformers (+ PEFT) generate for the prompt the service built."""
+    state = client.app.state.lorag
+    gen = state.components.generator
+    hits = state.components.retriever.retrieve([QUESTION], 2)[0]
+    cls = AutoModelForSeq2SeqLM if backend == "t5" else AutoModelForCausalLM
+    model = cls.from_pretrained(model_dir).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = gen.prompt(QUESTION, [h.passage for h in hits], 8)
+    enc = gen._encode([prompt], gen.max_input_tokens(8))  # the service's own prompt, one row
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    if backend != "t5":
+        out = out[:, enc["input_ids"].shape[1] :]
+    return tok.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_adapter_lifecycle_matches_peft(client_factory, backend, tiny_generators, adapters_root):
+    model_dir = tiny_generators[backend]
+    save_lora_adapter(model_dir, adapters_root / "a", seed=1)
+    client = client_factory(backend)
+
+    base = ask(client, top_k=2).json()["answer"]
+    assert base == _reference_answer(model_dir, None, client, backend)
+
+    put = client.put("/adapters/a", json={"path": "a"})
+    assert put.status_code == 201, put.text
+    info = put.json()
+    assert info["name"] == "a" and info["rank"] == 8 and info["bytes"] > 0 and info["version"]
+    assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == ["a"]
+    assert client.get("/adapters/a").json()["version"] == info["version"]
+
+    adapted = ask(client, top_k=2, adapter="a").json()
+    assert adapted["adapter"] == "a" and adapted["adapter_version"] == info["version"]
+    assert adapted["answer"] == _reference_answer(model_dir, adapters_root / "a", client, backend)
+    assert adapted["answer"] != base  # the adapter really changes the output
+
+    assert client.delete("/adapters/a").status_code == 204
+    assert client.get("/adapters").json()["adapters"] == []
+    assert ask(client, top_k=2).json()["answer"] == base  # the base again after unload
+    gone = ask(client, adapter="a")
+    assert gone.status_code == 404 and "'a'" in gone.json()["detail"]
+
+
+def test_put_on_a_loaded_name_replaces_it(client_factory, tiny_generators, adapters_root):
+    model_dir = tiny_generators["t5"]
+    save_lora_adapter(model_dir, adapters_root / "v1", seed=1)
+    save_lora_adapter(model_dir, adapters_root / "v2", seed=2)
+    client = client_factory()
+    assert client.put("/adapters/task", json={"path": "v1"}).status_code == 201
+    first = ask(client, adapter="task").json()
+    replaced = client.put("/adapters/task", json={"path": "v2"})
+    assert replaced.status_code == 200
+    second = ask(client, adapter="task").json()
+    assert first["adapter_version"] != second["adapter_version"]
+    assert second["adapter_version"] == replaced.json()["version"]
+    assert first["answer"] != second["answer"]
+    assert len(client.get("/adapters").json()["adapters"]) == 1
+
+
+def test_concurrent_mixed_adapter_requests_get_their_own_answers(
+    client_factory, backend, tiny_generators, adapters_root
+):
+    model_dir = tiny_generators[backend]
+    for name, seed in (("a", 1), ("b", 2)):
+        save_lora_adapter(model_dir, adapters_root / name, seed=seed)
+    client = client_factory(backend, batch_wait_ms=50.0)
+    for name in ("a", "b"):
+        assert client.put(f"/adapters/{name}", json={"path": name}).status_code == 201
+    questions = [QUESTION, "How does a piano make sound?", "Who was Oskar Lindqvist?"]
+    jobs = [(q, a) for q in questions for a in (None, "a", "b")]
+    alone = {job: ask(client, question=job[0], adapter=job[1]).json()["answer"] for job in jobs}
+    assert len({alone[(QUESTION, a)] for a in (None, "a", "b")}) == 3  # adapters really differ
+
+    async def together() -> list[dict]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            resps = await asyncio.gather(
+                *(ac.post("/ask", json={"question": q, "adapter": a}) for q, a in jobs)
+            )
+        return [r.json() for r in resps]
+
+    results = client.portal.call(together)
+    assert [r["answer"] for r in results] == [alone[job] for job in jobs]
+    engine = client.app.state.lorag.service.engine
+    assert max(engine.stats.batch_sizes) > 1  # they really were batched together
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"question": ""}, "question"),
+        ({"question": "   "}, "blank"),
+        ({"question": "x" * 2001}, "question"),
+        ({"question": "hi\x00there"}, "control character"),
+        ({"question": "q", "top_k": 0}, "top_k"),
+        ({"question": "q", "top_k": 51}, "top_k"),
+        ({"question": "q", "top_k": "five"}, "top_k"),
+        ({"question": "q", "max_new_tokens": 513}, "max_new_tokens"),
+        ({"question": "q", "mode": "magic"}, "mode"),
+        ({"question": "q", "adapter": "../etc"}, "adapter"),
+        ({"question": "q", "colour": "red"}, "colour"),
+        ({}, "question"),
+    ],
+)
+def test_bad_ask_bodies_get_422_naming_the_field(client_factory, body, needle):
+    client = client_factory()
+    resp = client.post("/ask", json=body)
+    assert resp.status_code == 422
+    assert needle in resp.json()["detail"]
+    assert ask(client).status_code == 200  # still serving
+
+
+def test_malformed_json_is_422(client_factory):
+    client = client_factory()
+    resp = client.post(
+        "/ask", content=b'{"question": ', headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 422 and "JSON" in resp.json()["detail"]
+
+
+def test_adapter_errors_name_the_problem_and_keep_what_is_loaded(
+    client_factory, tiny_generators, adapters_root
+):
+    model_dir = tiny_generators["t5"]
+    save_lora_adapter(model_dir, adapters_root / "good", seed=1)
+    (adapters_root / "pickle").mkdir()
+    (adapters_root / "pickle" / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+    (adapters_root / "pickle" / "adapter_config.json").write_text(
+        (adapters_root / "good" / "adapter_config.json").read_text()
+    )
+    client = client_factory()
+    assert client.put("/adapters/good", json={"path": "good"}).status_code == 201
+    before = ask(client, adapter="good").json()["answer"]
+
+    cases = [
+        ("x", {"path": "missing"}, 404, "missing"),
+        ("x", {"path": "../outside"}, 422, ".."),
+        ("x", {"path": "/etc"}, 422, "/etc"),
+        ("x", {"path": "pickle"}, 422, "safetensors"),
+        ("good", {"path": "pickle"}, 422, "safetensors"),  # a bad replace keeps the old one
+        ("x", {}, 422, "path"),
+    ]
+    for name, body, code, needle in cases:
+        resp = client.put(f"/adapters/{name}", json=body)
+        assert resp.status_code == code, (body, resp.text)
+        assert needle in resp.json()["detail"], (body, resp.text)
+    assert client.delete("/adapters/nope").status_code == 404
+    assert "'nope'" in client.delete("/adapters/nope").json()["detail"]
+    assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == ["good"]
+    assert ask(client, adapter="good").json()["answer"] == before
+
+
+def test_admin_token_guards_mutating_routes(client_factory, tiny_generators, adapters_root):
+    save_lora_adapter(tiny_generators["t5"], adapters_root / "a", seed=1)
+    client = client_factory(admin_token="s3cret")
+    assert client.put("/adapters/a", json={"path": "a"}).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert client.put("/adapters/a", json={"path": "a"}, headers=wrong).status_code == 401
+    ok = {"Authorization": "Bearer s3cret"}
+    assert client.put("/adapters/a", json={"path": "a"}, headers=ok).status_code == 201
+    assert client.delete("/adapters/a").status_code == 401
+    assert client.delete("/adapters/a", headers=ok).status_code == 204
+    assert ask(client).status_code == 200  # reading stays open
+
+
+def test_index_from_another_encoder_is_refused_with_the_reason(
+    client_factory, index_root, tmp_path
+):
+    import numpy as np
+
+    from app.retrieval.store import PassageIndex
+    from app.retrieval.types import Passage
+
+    other = PassageIndex.build(
+        [Passage("d#0", "d", "t", "text")], np.ones((1, 8), dtype=np.float32), "other-encoder"
+    )
+    other.save(index_root / "other")
+    client = client_factory(index_name="other")
+    ready = client.get("/ready")
+    assert ready.status_code == 503
+    assert "other-encoder" in ready.json()["detail"]
+    resp = ask(client)
+    assert resp.status_code == 503 and "other-encoder" in resp.json()["detail"]
+
+
+def test_metrics_count_requests_and_batches(client_factory):
+    client = client_factory()
+    ask(client)
+    text = client.get("/metrics").text
+    assert 'lorag_http_requests_total{method="POST",route="/ask",status="200"} 1.0' in text
+    assert "lorag_batch_rows_count 1.0" in text
+    assert "lorag_index_passages 6.0" in text
