@@ -1,0 +1,195 @@
+"""Greedy and beam search over groups of passage rows, marginalizing each step over the group.
+
+G groups (questions) of K rows (passages), rows laid out [G, beams, K]. At each step the K rows
+of a beam give next-token log-probs, mixed with the group's log prior:
+    log p(y_t | x, y_<t) = logsumexp_k (log p(z_k|x) + log p(y_t | x, z_k, y_<t))
+which is RAG-Token. With K=1 and a zero prior it is ordinary per-passage decoding, which is what
+RAG-Sequence uses to propose hypotheses. Alongside the marginal score each beam carries its
+per-passage sequence log-probs [K], so p(z|x,y) comes for free, without a second pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from app.generation.rag_runners import Runner
+
+
+@dataclass(frozen=True, slots=True)
+class Hypotheses:
+    sequences: Tensor  # [G, N, T] generated tokens, pad after each one's end
+    lengths: Tensor  # [G, N] generated tokens, EOS included
+    logprob: Tensor  # [G, N] sum of marginal token log-probs
+    doc_logprob: Tensor  # [G, N, K] log p(y|x,z_k) along the same tokens
+    score: Tensor  # [G, N] logprob / length**length_penalty (what beam search ranks by)
+
+
+@dataclass(slots=True)
+class _Done:
+    score: float
+    logprob: float
+    tokens: list[int]
+    doc_logprob: Tensor  # [K]
+
+
+def _marginal(log_prior: Tensor, lp: Tensor) -> Tensor:
+    # log_prior [G, K], lp [G, n, K, V] -> [G, n, V]
+    return torch.logsumexp(lp + log_prior[:, None, :, None], dim=2)
+
+
+def greedy_search(
+    runner: Runner, log_prior: Tensor, max_new_tokens: int, eos_token_id: int, pad_token_id: int
+) -> Hypotheses:
+    groups, k = log_prior.shape
+    lp = runner.start()
+    finished = torch.zeros(groups, dtype=torch.bool, device=lp.device)
+    logprob = torch.zeros(groups, device=lp.device)
+    doc_lp = torch.zeros(groups, k, device=lp.device)
+    lengths = torch.zeros(groups, dtype=torch.long, device=lp.device)
+    steps: list[Tensor] = []
+    for t in range(max_new_tokens):
+        if t > 0:
+            lp = runner.step(steps[-1].repeat_interleave(k), None)
+        lp4 = lp.view(groups, 1, k, -1)
+        marg = _marginal(log_prior, lp4)[:, 0]  # [G, V]
+        tok = marg.argmax(dim=-1).masked_fill(finished, pad_token_id)  # [G]
+        live = ~finished
+        logprob += marg.gather(1, tok[:, None]).squeeze(1).masked_fill(finished, 0.0)
+        tok_lp = lp4[:, 0].gather(2, tok[:, None, None].expand(groups, k, 1)).squeeze(-1)
+        doc_lp += tok_lp.masked_fill(finished[:, None], 0.0)
+        lengths += live.long()
+        steps.append(tok)
+        finished = finished | (tok == eos_token_id)
+        if bool(finished.all()):
+            break
+    seqs = torch.stack(steps, dim=1)  # [G, T]
+    score = logprob / lengths.clamp(min=1)
+    return Hypotheses(
+        seqs[:, None], lengths[:, None], logprob[:, None], doc_lp[:, None], score[:, None]
+    )
+
+
+def beam_search(
+    runner: Runner,
+    log_prior: Tensor,
+    max_new_tokens: int,
+    num_beams: int,
+    num_return: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    length_penalty: float = 1.0,
+) -> Hypotheses:
+    """Beam search on the marginal; finished hypotheses are ranked by logprob / len**penalty.
+
+    Like transformers' beam search: among the top 2*num_beams candidates an EOS counts only when
+    ranked within the first num_beams; a group stops once it holds num_beams finished hypotheses
+    and its best open beam can no longer beat the worst of them at the current length.
+    """
+    groups, k = log_prior.shape
+    device = log_prior.device
+    lp = runner.start()
+    n = 1  # open beams per group; grows to num_beams after the first step
+    alive_tok: list[list[list[int]]] = [[[]] for _ in range(groups)]
+    alive_score = torch.zeros(groups, 1, device=device)
+    alive_doc = torch.zeros(groups, 1, k, device=device)
+    done: list[list[_Done]] = [[] for _ in range(groups)]
+    closed = [False] * groups
+    for t in range(max_new_tokens):
+        lp4 = lp.view(groups, n, k, -1)
+        vocab = lp4.shape[-1]
+        cand = (alive_score[:, :, None] + _marginal(log_prior, lp4)).view(groups, -1)
+        top_val, top_idx = cand.topk(min(2 * num_beams, cand.shape[1]), dim=1)  # [G, 2N]
+        src_beam, src_tok = top_idx // vocab, top_idx % vocab
+        new_src, new_tok, new_score, new_doc, new_seq = [], [], [], [], []
+        for g in range(groups):
+            picked: list[tuple[int, int, float]] = []
+            if not closed[g]:
+                for rank in range(top_val.shape[1]):
+                    beam, tok = int(src_beam[g, rank]), int(src_tok[g, rank])
+                    val = float(top_val[g, rank])
+                    if tok == eos_token_id:
+                        if rank >= num_beams:
+                            continue
+                        doc = alive_doc[g, beam] + lp4[g, beam, :, tok]
+                        seq = [*alive_tok[g][beam], tok]
+                        done[g].append(_Done(val / len(seq) ** length_penalty, val, seq, doc))
+                    else:
+                        picked.append((beam, tok, val))
+                    if len(picked) == num_beams:
+                        break
+                done[g].sort(key=lambda d: -d.score)
+                del done[g][num_beams:]
+                best_open = picked[0][2] / (t + 1) ** length_penalty if picked else -1e30
+                if len(done[g]) >= num_beams and done[g][-1].score >= best_open:
+                    closed[g] = True
+            if closed[g]:  # keep the rows busy with padding; nothing from them is kept
+                picked = [(0, pad_token_id, 0.0)] * num_beams
+            for beam, tok, val in picked:
+                new_src.append((g * n + beam) * k + torch.arange(k, device=device))
+                new_tok.append(tok)
+                new_score.append(val)
+                new_doc.append(alive_doc[g, beam] + lp4[g, beam, :, tok])
+                new_seq.append([*alive_tok[g][beam], tok])
+        n = num_beams
+        alive_tok = [new_seq[g * n : (g + 1) * n] for g in range(groups)]
+        alive_score = torch.tensor(new_score, device=device).view(groups, n)
+        alive_doc = torch.stack(new_doc).view(groups, n, k)
+        if all(closed) or t == max_new_tokens - 1:
+            break
+        tokens = torch.tensor(new_tok, device=device).repeat_interleave(k)
+        lp = runner.step(tokens, torch.cat(new_src))
+    for g in range(groups):
+        if closed[g]:
+            continue
+        for beam in range(n):  # out of length: open beams compete as they are
+            seq = alive_tok[g][beam]
+            val = float(alive_score[g, beam])
+            done[g].append(_Done(val / len(seq) ** length_penalty, val, seq, alive_doc[g, beam]))
+        done[g].sort(key=lambda d: -d.score)
+    return _pack(done, num_return, pad_token_id, device)
+
+
+def _pack(done: list[list[_Done]], num_return: int, pad: int, device: torch.device) -> Hypotheses:
+    best = [d[:num_return] for d in done]
+    width = max(len(h.tokens) for hyps in best for h in hyps)
+    groups = len(best)
+    seqs = torch.full((groups, num_return, width), pad, dtype=torch.long, device=device)
+    lengths = torch.zeros(groups, num_return, dtype=torch.long, device=device)
+    logprob = torch.full((groups, num_return), float("-inf"), device=device)
+    score = torch.full((groups, num_return), float("-inf"), device=device)
+    k = best[0][0].doc_logprob.shape[0]
+    doc = torch.full((groups, num_return, k), float("-inf"), device=device)
+    for g, hyps in enumerate(best):
+        for i, h in enumerate(hyps):
+            seqs[g, i, : len(h.tokens)] = torch.tensor(h.tokens, device=device)
+            lengths[g, i] = len(h.tokens)
+            logprob[g, i], score[g, i], doc[g, i] = h.logprob, h.score, h.doc_logprob
+    return Hypotheses(seqs, lengths, logprob, doc, score)
+
+
+def search(
+    runner: Runner,
+    log_prior: Tensor,
+    *,
+    max_new_tokens: int,
+    num_beams: int,
+    num_return: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    length_penalty: float = 1.0,
+) -> Hypotheses:
+    if num_beams == 1:
+        return greedy_search(runner, log_prior, max_new_tokens, eos_token_id, pad_token_id)
+    return beam_search(
+        runner,
+        log_prior,
+        max_new_tokens,
+        num_beams,
+        num_return,
+        eos_token_id,
+        pad_token_id,
+        length_penalty,
+    )
