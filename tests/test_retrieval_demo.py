@@ -1,0 +1,69 @@
+"""The committed demo corpus and its demo questions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.retrieval.chunking import chunk_document
+from app.retrieval.sources import Document, read_sources
+from app.retrieval.types import Passage
+
+SOURCES = Path(__file__).resolve().parents[1] / "index" / "sources"
+DEMO = SOURCES / "demo.jsonl"
+QUESTIONS = json.loads((SOURCES / "demo_questions.json").read_text(encoding="utf-8"))
+DISTRACTORS = ["Anarchism", "Alabama", "Apollo_11", "Autism"]
+
+
+@pytest.fixture(scope="module")
+def documents() -> dict[str, Document]:
+    return {d.id: d for d in read_sources([DEMO])}
+
+
+def passages_of(doc: Document, words: int = QUESTIONS["chunk_words"]) -> list[Passage]:
+    return chunk_document(doc.id, doc.title, doc.text, words=words)
+
+
+def test_demo_corpus_is_compact_attributed_and_well_formed(documents: dict[str, Document]) -> None:
+    assert DEMO.stat().st_size < 3_000_000
+    assert len(documents) == len(DEMO.read_text(encoding="utf-8").splitlines()) >= 90
+    urls = [d.metadata["url"] for d in documents.values()]
+    assert all(url.startswith("https://en.wikipedia.org/w/index.php?title=") for url in urls)
+    assert all(len(d.text.split()) >= 300 for d in documents.values())
+    n_passages = sum(len(passages_of(d)) for d in documents.values())
+    assert 3000 <= n_passages <= 4000  # a demo index that builds in about a minute on 2 cores
+    attribution = (SOURCES / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    assert "CC BY-SA" in attribution and "enwiki-latest-pages-articles1" in attribution
+
+
+@pytest.mark.parametrize("item", QUESTIONS["questions"], ids=lambda q: q["passage_id"])
+def test_each_demo_question_has_a_passage_holding_its_answer(
+    documents: dict[str, Document], item: dict[str, str]
+) -> None:
+    doc_id = item["passage_id"].split("#")[0]
+    passages = {p.id: p for p in passages_of(documents[doc_id])}
+    assert item["answer"] in passages[item["passage_id"]].text
+    assert passages[item["passage_id"]].title == item["title"]
+
+
+@pytest.mark.slow
+def test_default_encoder_ranks_the_answer_passage_first(documents: dict[str, Document]) -> None:
+    """The real all-MiniLM-L6-v2 over the first passages of the answer and distractor articles."""
+    from app.retrieval.encoders import load_encoder
+    from app.retrieval.retriever import Retriever
+    from app.retrieval.store import PassageIndex
+
+    encoder = load_encoder("default", "sentence-transformers")
+    doc_ids = [q["passage_id"].split("#")[0] for q in QUESTIONS["questions"]] + DISTRACTORS
+    passages = [p for doc_id in doc_ids for p in passages_of(documents[doc_id])[:6]]
+    index = PassageIndex.build(passages, encoder.encode_passages(passages), encoder.fingerprint)
+    retriever = Retriever(encoder, index)
+    questions = [q["question"] for q in QUESTIONS["questions"]]
+    top = retriever.retrieve(questions, 3)
+    assert [hits[0].passage.id for hits in top] == [q["passage_id"] for q in QUESTIONS["questions"]]
+    # the default model is normalized, so scores are cosines
+    assert all(-1.0 <= h.score <= 1.0 + 1e-5 for hits in top for h in hits)
+    assert np.allclose(np.linalg.norm(encoder.encode_questions(questions), axis=1), 1.0, atol=1e-5)
