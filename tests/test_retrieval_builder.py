@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_duplicate_document_ids_and_empty_sources_are_refused(
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(json.dumps({"id": "same", "text": "one"}) + "\n")
     b.write_text(json.dumps({"id": "same", "text": "two"}) + "\n")
-    with pytest.raises(InvalidInputError, match="'same' occurs twice"):
+    with pytest.raises(InvalidInputError, match=re.escape(f"'same' occurs twice: {a}:1 and {b}:1")):
         build_index([a, b], encoder, tmp_path / "idx", show_progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInputError, match="no text to index"):

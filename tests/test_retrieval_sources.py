@@ -26,10 +26,12 @@ def test_jsonl_documents_keep_extra_keys_as_metadata(tmp_path: Path) -> None:
             json.dumps({"id": "y", "text": "no title"}),
         ],
     )
-    assert list(read_sources([path])) == [
+    docs = list(read_sources([path]))
+    assert docs == [
         Document("x", "X", "about x", {"url": "http://x"}),
         Document("y", "", "no title", {}),
     ]
+    assert [d.source for d in docs] == [f"{path}:1", f"{path}:3"]
 
 
 @pytest.mark.parametrize(

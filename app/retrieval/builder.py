@@ -32,12 +32,10 @@ def collect_passages(sources: Sequence[Path], *, words: int = 100) -> list[Passa
     passages: list[Passage] = []
     seen: dict[str, str] = {}  # doc id -> where it was first seen
     for document in read_sources(sources):
-        where = document.metadata.get("path", document.title)
         if document.id in seen:
-            raise InvalidInputError(
-                f"document id {document.id!r} occurs twice ({seen[document.id]!r} and {where!r})"
-            )
-        seen[document.id] = where
+            first, again = seen[document.id], document.source
+            raise InvalidInputError(f"document id {document.id!r} occurs twice: {first} and {again}")
+        seen[document.id] = document.source
         passages.extend(chunk_document(document.id, document.title, document.text, words=words))
     return passages
 

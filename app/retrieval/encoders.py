@@ -118,7 +118,7 @@ class SentenceTransformerEncoder:
         name = DEFAULT_NAME if spec == DEFAULT_SPEC else _display_name(spec)
         try:
             model = SentenceTransformer(path, device=device)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             message = f"cannot load sentence-transformers encoder {spec!r}: {exc}"
             raise EncoderLoadError(message) from exc
         model.eval()
@@ -197,7 +197,7 @@ class DPREncoder:
             q_tok = AutoTokenizer.from_pretrained(spec)
             c_model = DPRContextEncoder.from_pretrained(context_spec)
             c_tok = AutoTokenizer.from_pretrained(context_spec)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             raise EncoderLoadError(
                 f"cannot load DPR encoders {spec!r} (questions) and {context_spec!r} "
                 f"(passages): {exc}"
@@ -233,7 +233,7 @@ class DPREncoder:
                     [texts[i] for i in rows],
                     [pairs[i] for i in rows] if pairs is not None else None,
                     padding=True,
-                    truncation="only_second" if pairs is not None else True,
+                    truncation=True,  # longest first: the text, as titles are short
                     max_length=self._max_length(model),
                     return_tensors="pt",
                 ).to(self.device)

@@ -41,6 +41,7 @@ class Document:
     title: str
     text: str
     metadata: dict[str, str] = field(default_factory=dict)
+    source: str = field(default="", compare=False)  # "file" or "file:line", for error messages
 
 
 def read_sources(paths: Sequence[Path]) -> Iterator[Document]:
@@ -109,7 +110,8 @@ def _parse_jsonl_line(path: Path, line_no: int, line: str) -> Document:
     if not record["id"].strip():
         raise SourceError(path, "'id' is empty", line_no)
     metadata = {k: str(v) for k, v in record.items() if k not in ("id", "title", "text")}
-    return Document(record["id"], record.get("title", ""), record["text"], metadata)
+    title = record.get("title", "")
+    return Document(record["id"], title, record["text"], metadata, source=f"{path}:{line_no}")
 
 
 def _read_text(path: Path, *, root: Path) -> Document | None:
@@ -131,4 +133,4 @@ def _read_text(path: Path, *, root: Path) -> Document | None:
         title = heading.group(1)
         text = "\n".join(lines[first + 1 :])
     doc_id = path.relative_to(root).as_posix()
-    return Document(doc_id, title, text, {"path": str(path)})
+    return Document(doc_id, title, text, source=str(path))
