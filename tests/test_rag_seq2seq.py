@@ -26,6 +26,7 @@ same generator module. Conventions that differ, each accounted for where it matt
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -46,6 +47,15 @@ from app.generation.rag_sequence import rag_sequence_generate
 from app.generation.rag_token import rag_token_generate
 
 VOCAB, BOS, PAD, EOS = 48, 0, 1, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: intra-op thread hand-offs cost more than the math (6x on 2 busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _rag_config(arch: str, n_docs: int) -> RagConfig:
