@@ -33,8 +33,9 @@ def collect_passages(sources: Sequence[Path], *, words: int = 100) -> list[Passa
     seen: dict[str, str] = {}  # doc id -> where it was first seen
     for document in read_sources(sources):
         if document.id in seen:
-            first, again = seen[document.id], document.source
-            raise InvalidInputError(f"document id {document.id!r} occurs twice: {first} and {again}")
+            first = seen[document.id]
+            message = f"document id {document.id!r} occurs twice: {first} and {document.source}"
+            raise InvalidInputError(message)
         seen[document.id] = document.source
         passages.extend(chunk_document(document.id, document.title, document.text, words=words))
     return passages
