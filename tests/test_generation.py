@@ -51,7 +51,9 @@ def rows() -> list[GenRow]:
 
 
 def test_backend_follows_config(gen: Generator, model_dir: Path) -> None:
-    want = Seq2SeqGenerator if "t5" in model_dir.name or "bart" in model_dir.name else CausalGenerator
+    want = (
+        Seq2SeqGenerator if "t5" in model_dir.name or "bart" in model_dir.name else CausalGenerator
+    )
     assert isinstance(gen, want)
     assert gen.kind == ("causal" if isinstance(gen, CausalGenerator) else "seq2seq")
     assert not gen.model.training

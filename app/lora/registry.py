@@ -22,11 +22,13 @@ import itertools
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM
 from peft.utils import set_peft_model_state_dict
 
@@ -71,7 +73,16 @@ def check_name(name: str) -> None:
 
 
 class AdapterRegistry:
-    def __init__(self, generator: Generator, root: Path) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        root: Path,
+        *,
+        on_change: Callable[[torch.nn.Module], None] | None = None,
+    ) -> None:
+        """on_change(model) runs on the model thread after each install/unload, with the model
+        now serving (a PeftModel, or the plain base after the last unload): the hook for
+        anything that caches per-adapter state, such as stacked LoRA weights."""
         if isinstance(generator.model, PeftModel):
             raise ValueError("the generator already holds a PeftModel; give the plain base model")
         self.generator = generator
@@ -80,6 +91,7 @@ class AdapterRegistry:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._on_change = on_change
 
     # ---- any thread ---------------------------------------------------------------------
 
@@ -126,6 +138,7 @@ class AdapterRegistry:
             self._entries[name] = _Entry(info, internal)
         if old is not None:
             self._delete(old.internal)
+        self._changed()
         log.info(
             "%s adapter %r (%s, r=%d, version %s) as %s",
             "replaced" if old else "installed",
@@ -146,7 +159,12 @@ class AdapterRegistry:
         self._delete(entry.internal)
         with self._lock:
             del self._entries[name]
+        self._changed()
         log.info("unloaded adapter %r (%s)", name, entry.internal)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.generator.model)
 
     def _inject(self, internal: str, prepared: PreparedAdapter) -> None:
         """Add prepared's weights under internal; on failure the model is as it was."""
