@@ -6,7 +6,7 @@ a 2016 English Wikipedia export (CC BY-SA). This script keeps its real articles 
 redirects, namespace 0), strips the wiki markup with a few regular expressions (templates,
 references, tables, files and categories dropped; links and emphasis turned into their text;
 the article is cut at "See also"/"References"), keeps articles with substantial text, caps each
-at --max-words words (at a paragraph end) so the demo index builds in about a minute on two
+at --max-words words (at a paragraph end) so the demo index builds in a minute or two on two
 cores, and writes one JSON object per line: {"id", "title", "text", "url"}.
 
 gensim is not a dependency of lorag; get the wheel once and unzip the one file:
