@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -16,6 +19,39 @@ SOURCES = Path(__file__).resolve().parents[1] / "index" / "sources"
 DEMO = SOURCES / "demo.jsonl"
 QUESTIONS = json.loads((SOURCES / "demo_questions.json").read_text(encoding="utf-8"))
 DISTRACTORS = ["Anarchism", "Alabama", "Apollo_11", "Autism"]
+
+
+WIKITEXT = """{{Infobox|name=x|{{nested|y}}}}
+'''Albedo''' ({{IPA|x}}) is the [[diffuse reflection|diffuse reflectivity]] of a [[surface]].\
+<ref name="a">{{cite web|url=x}}</ref> It is 5&nbsp;km.<ref name="b"/>
+[[File:A.svg|thumb|caption with [[link]] inside]]
+{| class="wikitable"
+| cell || 0.04
+|}
+== History ==
+Introduced by [http://example.com Lambert] in {{convert|1760|km}}.<!-- comment -->
+* item one with ''emphasis'' and more words
+== See also ==
+* [[Other]] article text here to see
+[[Category:Optics]]
+"""
+
+
+def load_script() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_corpus.py"
+    spec = importlib.util.spec_from_file_location("make_demo_corpus", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_markup_stripping_keeps_text_and_drops_the_rest() -> None:
+    assert load_script().strip_markup(WIKITEXT) == (
+        "Albedo is the diffuse reflectivity of a surface. It is 5 km.\n\n"
+        "Introduced by Lambert in 1760 km. item one with emphasis and more words"
+    )
 
 
 @pytest.fixture(scope="module")
