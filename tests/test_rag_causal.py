@@ -212,6 +212,11 @@ def test_sequence_generate_equals_brute_force(decoding: str) -> None:
                     table[c, k] = _brute_doc_logprob(model, p, list(cand)).sum()
         marginal = torch.logsumexp(prior[b] + table, -1)
         best = int(marginal.argmax())
+        # every distinct hypothesis comes back, ranked by log p(y|x)
+        ranked = sorted(range(len(candidates)), key=lambda c: -float(marginal[c]))
+        assert [c.tokens for c in out.candidates[b]] == [candidates[c] for c in ranked]
+        got = torch.tensor([c.logprob for c in out.candidates[b]])
+        torch.testing.assert_close(got, marginal[ranked], atol=1e-4, rtol=1e-5)
         assert _strip(out.sequences[b]) == list(candidates[best])
         torch.testing.assert_close(out.logprob[b], marginal[best], atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(out.doc_logprob[b], table[best], atol=1e-4, rtol=1e-5)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from app.errors import InvalidInputError
 from app.generation.rag import (
+    Candidate,
     RagOutput,
     check_layout,
     doc_posterior,
@@ -135,9 +136,12 @@ def _decode(
         tables = _fast(cands, n_docs, log_prior.device)
     best_seq: list[tuple[int, ...]] = []
     logprob, doc_lp = [], []
+    ranked: list[tuple[Candidate, ...]] = []
     for b, table in enumerate(tables):
         marginal = torch.logsumexp(log_prior[b] + table, dim=-1)  # [C_b]
-        c = int(marginal.argmax())
+        order = torch.argsort(marginal, descending=True, stable=True).tolist()
+        ranked.append(tuple(Candidate(cands.tokens[b][c], float(marginal[c])) for c in order))
+        c = order[0]
         best_seq.append(cands.tokens[b][c])
         logprob.append(marginal[c])
         doc_lp.append(table[c])
@@ -151,6 +155,7 @@ def _decode(
         logprob=torch.stack(logprob),
         doc_logprob=doc_logprob,
         doc_posterior=doc_posterior(log_prior, doc_logprob),
+        candidates=tuple(ranked),
     )
 
 
