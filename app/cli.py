@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from app.logs import configure_logging
 from app.settings import Settings
 
 log = logging.getLogger("lorag")
@@ -189,10 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    settings = Settings()
+    configure_logging("debug" if args.verbose else settings.log_level, json_lines=settings.log_json)
     if getattr(args, "command", None) == "index":
         args.name = args.index_name
     code: int = args.func(args)

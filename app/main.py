@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import adapters, ask, health
 from app.api.errors import install_error_handlers
-from app.api.middleware import RequestContextMiddleware
+from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.bootstrap import load_components
 from app.engine.engine import Engine
 from app.metrics import Metrics
@@ -56,6 +57,15 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.lorag = state
+    # added last = outermost: the request id and metrics see every response, 413s included
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+        )
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     install_error_handlers(app)
     app.include_router(ask.router)

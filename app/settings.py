@@ -51,11 +51,22 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for mutating routes; unset means open."
     )
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token for /ask; unset means open."
+    )
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty means CORS off."
+    )
 
     # server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
+    log_json: bool = Field(False, description="One JSON object per log line.")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long admitted requests get to finish."
+    )
 
     @property
     def index_path(self) -> Path:

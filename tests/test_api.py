@@ -241,3 +241,34 @@ def test_metrics_count_requests_and_batches(client_factory):
     assert 'lorag_http_requests_total{method="POST",route="/ask",status="200"} 1.0' in text
     assert "lorag_batch_rows_count 1.0" in text
     assert "lorag_index_passages 6.0" in text
+
+
+def test_oversized_body_is_413_and_the_server_keeps_serving(client_factory):
+    client = client_factory(max_body_bytes=4096)
+    resp = client.post("/ask", json={"question": "q" * 1000, "pad": "x" * 8000})
+    assert resp.status_code == 413
+    assert "4096" in resp.json()["detail"]
+    assert "x-request-id" in resp.headers
+    assert ask(client).status_code == 200
+
+
+def test_api_token_guards_ask_only_when_set(client_factory):
+    client = client_factory(api_token="reader")
+    assert ask(client).status_code == 401
+    auth = {"Authorization": "Bearer reader"}
+    ok = client.post("/ask", json={"question": QUESTION}, headers=auth)
+    assert ok.status_code == 200
+    assert client.get("/health").status_code == 200  # probes stay open
+
+
+def test_request_id_is_echoed_or_assigned_and_cors_is_off(client_factory):
+    client = client_factory()
+    mine = client.get("/health", headers={"X-Request-ID": "abc-123"})
+    assert mine.headers["x-request-id"] == "abc-123"
+    hostile = client.get("/health", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert hostile.headers["x-request-id"] != "bad id\twith spaces"
+    pre = client.options(
+        "/ask",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in pre.headers

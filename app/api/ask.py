@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.api.deps import ServiceDep, StateDep
+from app.api.deps import ApiDep, ServiceDep, StateDep
 from app.api.schemas import AskRequest, AskResponse, PassageOut, Timings
 from app.service import AskParams
 
 router = APIRouter(tags=["ask"])
 
 
-@router.post("/ask", response_model=AskResponse)
+@router.post("/ask", response_model=AskResponse, dependencies=[ApiDep])
 async def ask(
     body: AskRequest, request: Request, service: ServiceDep, state: StateDep
 ) -> AskResponse:

@@ -6,6 +6,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from pydantic import SecretStr
 
 from app.errors import NotReadyError
 from app.service import RagService
@@ -31,9 +32,7 @@ def get_service(state: StateDep) -> RagService:
 ServiceDep = Annotated[RagService, Depends(get_service)]
 
 
-def require_admin(request: Request, state: StateDep) -> None:
-    """Bearer-token guard for mutating routes; open when no admin token is configured."""
-    token = state.settings.admin_token
+def _check_bearer(request: Request, token: SecretStr | None, setting: str) -> None:
     if token is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -43,9 +42,20 @@ def require_admin(request: Request, state: StateDep) -> None:
     ):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "admin token required: send 'Authorization: Bearer <LORAG_ADMIN_TOKEN>'",
+            f"token required: send 'Authorization: Bearer <{setting}>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
 
 
+def require_admin(request: Request, state: StateDep) -> None:
+    """Guard for every mutating route; open when LORAG_ADMIN_TOKEN is unset."""
+    _check_bearer(request, state.settings.admin_token, "LORAG_ADMIN_TOKEN")
+
+
+def require_api(request: Request, state: StateDep) -> None:
+    """Guard for /ask; open when LORAG_API_TOKEN is unset."""
+    _check_bearer(request, state.settings.api_token, "LORAG_API_TOKEN")
+
+
 AdminDep = Depends(require_admin)
+ApiDep = Depends(require_api)
