@@ -71,3 +71,8 @@ def test_default_generator_converts_once_and_answers(tmp_path: Path) -> None:
     )
     assert "Paris" in with_passage
     assert "Paris" in closed_book
+
+
+def test_missing_generator_is_named(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match=r"cannot load generator '.*no-such-model'"):
+        load_generator(str(tmp_path / "no-such-model"), cache_dir=tmp_path)

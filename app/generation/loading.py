@@ -108,10 +108,13 @@ def load_generator(
         source = spec
         model_id = str(Path(spec).resolve()) if Path(spec).exists() else spec
     started = time.perf_counter()
-    config = AutoConfig.from_pretrained(source)
-    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model: PreTrainedModel = cls.from_pretrained(source, dtype=DTYPES[dtype])
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model: PreTrainedModel = cls.from_pretrained(source, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:  # no such folder or hub id, no network, no weights
+        raise InvalidInputError(f"cannot load generator {spec!r}: {e}") from e
     torch_device = torch.device(device)
     model = model.to(device=torch_device)  # type: ignore[call-arg]
     backend = Seq2SeqGenerator if config.is_encoder_decoder else CausalGenerator
