@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from app.generation.rag import IGNORE_INDEX
-from app.generation.rag_loss import causal_rag_nll
+from app.generation.rag_loss import causal_rag_sequence_nll, causal_rag_token_nll
 from app.generation.rag_sequence import causal_rag_sequence_generate
 from app.generation.rag_token import causal_rag_token_generate
 
@@ -176,16 +176,8 @@ def test_nll_equals_brute_force(mode: str) -> None:
             expected.append(-torch.logsumexp(prior[b] + per_doc.sum(-1), 0))
     ids, mask = _pack(prompts, "right")
     with torch.no_grad():
-        ours = causal_rag_nll(
-            model,
-            ids,
-            mask,
-            scores,
-            labels,
-            mode=mode,
-            n_docs=4,
-            pad_token_id=PAD,  # type: ignore[arg-type]
-        )
+        loss_fn = causal_rag_token_nll if mode == "token" else causal_rag_sequence_nll
+        ours = loss_fn(model, ids, mask, scores, labels, n_docs=4, pad_token_id=PAD)
     torch.testing.assert_close(ours, torch.stack(expected).mean(), atol=1e-4, rtol=1e-5)
 
 

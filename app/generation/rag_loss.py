@@ -83,6 +83,7 @@ def rag_nll(
 ) -> Tensor:
     """Mean marginal NLL of `labels` for an encoder-decoder model; one forward over B*K rows."""
     batch = check_layout(context_input_ids, doc_scores, n_docs)
+    doc_scores = doc_scores.to(context_input_ids.device)
     _check(labels, batch, epsilon)
     inputs = labels.masked_fill(labels == IGNORE_INDEX, pad_token_id)
     start = inputs.new_full((batch, 1), decoder_start_token_id)
@@ -113,6 +114,7 @@ def causal_rag_nll(
 ) -> Tensor:
     """Mean marginal NLL of answers `labels` for a decoder-only model; one pass over B*K rows."""
     batch = check_layout(context_input_ids, doc_scores, n_docs)
+    doc_scores = doc_scores.to(context_input_ids.device)
     _check(labels, batch, epsilon)
     prompt_ids, prompt_mask = left_pad(context_input_ids, context_attention_mask)
     answers = labels.repeat_interleave(n_docs, 0)  # [B*K, T]
@@ -134,12 +136,19 @@ def rag_token_nll(
     context_attention_mask: Tensor,
     doc_scores: Tensor,
     labels: Tensor,
-    **kwargs: Any,
+    *,
+    n_docs: int,
+    decoder_start_token_id: int,
+    pad_token_id: int,
+    epsilon: float = 0.0,
+    **model_kwargs: Any,
 ) -> Tensor:
-    """RAG-Token loss, encoder-decoder; keyword arguments as `rag_nll`."""
+    """RAG-Token loss of an encoder-decoder model (see `rag_nll`)."""
     return rag_nll(
-        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="token", **kwargs
-    )
+        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="token",
+        n_docs=n_docs, decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id,
+        epsilon=epsilon, **model_kwargs,
+    )  # fmt: skip
 
 
 def rag_sequence_nll(
@@ -148,15 +157,54 @@ def rag_sequence_nll(
     context_attention_mask: Tensor,
     doc_scores: Tensor,
     labels: Tensor,
-    **kwargs: Any,
+    *,
+    n_docs: int,
+    decoder_start_token_id: int,
+    pad_token_id: int,
+    epsilon: float = 0.0,
+    **model_kwargs: Any,
 ) -> Tensor:
-    """RAG-Sequence loss, encoder-decoder; keyword arguments as `rag_nll`."""
+    """RAG-Sequence loss of an encoder-decoder model (see `rag_nll`)."""
     return rag_nll(
-        model,
-        context_input_ids,
-        context_attention_mask,
-        doc_scores,
-        labels,
-        mode="sequence",
-        **kwargs,
-    )
+        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="sequence",
+        n_docs=n_docs, decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id,
+        epsilon=epsilon, **model_kwargs,
+    )  # fmt: skip
+
+
+def causal_rag_token_nll(
+    model: nn.Module,
+    context_input_ids: Tensor,
+    context_attention_mask: Tensor,
+    doc_scores: Tensor,
+    labels: Tensor,
+    *,
+    n_docs: int,
+    pad_token_id: int,
+    epsilon: float = 0.0,
+    **model_kwargs: Any,
+) -> Tensor:
+    """RAG-Token loss of a decoder-only model (see `causal_rag_nll`)."""
+    return causal_rag_nll(
+        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="token",
+        n_docs=n_docs, pad_token_id=pad_token_id, epsilon=epsilon, **model_kwargs,
+    )  # fmt: skip
+
+
+def causal_rag_sequence_nll(
+    model: nn.Module,
+    context_input_ids: Tensor,
+    context_attention_mask: Tensor,
+    doc_scores: Tensor,
+    labels: Tensor,
+    *,
+    n_docs: int,
+    pad_token_id: int,
+    epsilon: float = 0.0,
+    **model_kwargs: Any,
+) -> Tensor:
+    """RAG-Sequence loss of a decoder-only model (see `causal_rag_nll`)."""
+    return causal_rag_nll(
+        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="sequence",
+        n_docs=n_docs, pad_token_id=pad_token_id, epsilon=epsilon, **model_kwargs,
+    )  # fmt: skip

@@ -43,32 +43,37 @@ def _marginal(log_prior: Tensor, lp: Tensor) -> Tensor:
 def greedy_search(
     runner: Runner, log_prior: Tensor, max_new_tokens: int, eos_token_id: int, pad_token_id: int
 ) -> Hypotheses:
+    """Greedy decoding; a group that emits EOS leaves the batch (its rows are dropped)."""
     groups, k = log_prior.shape
-    lp = runner.start()
-    finished = torch.zeros(groups, dtype=torch.bool, device=lp.device)
-    logprob = torch.zeros(groups, device=lp.device)
-    doc_lp = torch.zeros(groups, k, device=lp.device)
-    lengths = torch.zeros(groups, dtype=torch.long, device=lp.device)
-    steps: list[Tensor] = []
+    device = log_prior.device
+    seqs = torch.full((groups, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprob = torch.zeros(groups, device=device)
+    doc_lp = torch.zeros(groups, k, device=device)
+    lengths = torch.zeros(groups, dtype=torch.long, device=device)
+    active = torch.arange(groups, device=device)  # groups still decoding, in row order
+    lp = runner.start()  # [G*K, V]
     for t in range(max_new_tokens):
-        if t > 0:
-            lp = runner.step(steps[-1].repeat_interleave(k), None)
-        lp4 = lp.view(groups, 1, k, -1)
-        marg = _marginal(log_prior, lp4)[:, 0]  # [G, V]
-        tok = marg.argmax(dim=-1).masked_fill(finished, pad_token_id)  # [G]
-        live = ~finished
-        logprob += marg.gather(1, tok[:, None]).squeeze(1).masked_fill(finished, 0.0)
-        tok_lp = lp4[:, 0].gather(2, tok[:, None, None].expand(groups, k, 1)).squeeze(-1)
-        doc_lp += tok_lp.masked_fill(finished[:, None], 0.0)
-        lengths += live.long()
-        steps.append(tok)
-        finished = finished | (tok == eos_token_id)
-        if bool(finished.all()):
+        lp3 = lp.view(active.shape[0], k, -1)  # [A, K, V]
+        marg = _marginal(log_prior[active], lp3[:, None])[:, 0]  # [A, V]
+        tok = marg.argmax(dim=-1)  # [A]
+        seqs[active, t] = tok
+        logprob[active] += marg.gather(1, tok[:, None]).squeeze(1)
+        doc_lp[active] += lp3.gather(2, tok[:, None, None].expand(-1, k, 1)).squeeze(-1)
+        lengths[active] += 1
+        going = tok != eos_token_id  # [A]
+        if t == max_new_tokens - 1 or not bool(going.any()):
             break
-    seqs = torch.stack(steps, dim=1)  # [G, T]
+        if bool(going.all()):
+            lp = runner.step(tok.repeat_interleave(k), None)
+        else:
+            keep = going.nonzero().squeeze(-1)  # positions among the active groups
+            src = (keep[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+            active = active[keep]
+            lp = runner.step(tok[keep].repeat_interleave(k), src)
+    width = int(lengths.max())
     score = logprob / lengths.clamp(min=1)
     return Hypotheses(
-        seqs[:, None], lengths[:, None], logprob[:, None], doc_lp[:, None], score[:, None]
+        seqs[:, None, :width], lengths[:, None], logprob[:, None], doc_lp[:, None], score[:, None]
     )
 
 

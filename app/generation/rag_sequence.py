@@ -183,7 +183,7 @@ def rag_sequence_generate(
 ) -> RagOutput:
     """RAG-Sequence decoding with an encoder-decoder model; the encoder runs once per pair."""
     check_layout(context_input_ids, doc_scores, n_docs)
-    log_prior = doc_prior(doc_scores, min_prior)
+    log_prior = doc_prior(doc_scores.to(context_input_ids.device), min_prior)
     pairs = _pairs(log_prior)
     runner = Seq2SeqRunner(
         model,
@@ -225,7 +225,7 @@ def causal_rag_sequence_generate(
 ) -> RagOutput:
     """RAG-Sequence decoding with a decoder-only model; "thorough" re-reads prompt+answer."""
     check_layout(context_input_ids, doc_scores, n_docs)
-    log_prior = doc_prior(doc_scores, min_prior)
+    log_prior = doc_prior(doc_scores.to(context_input_ids.device), min_prior)
     pairs = _pairs(log_prior)
     runner = CausalRunner(
         model,

@@ -64,7 +64,8 @@ def _rows(
     context_input_ids: Tensor, doc_scores: Tensor, n_docs: int, min_prior: float | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_layout(context_input_ids, doc_scores, n_docs)
-    doc_index, log_prior = kept_docs(doc_prior(doc_scores, min_prior))
+    log_prior = doc_prior(doc_scores.to(context_input_ids.device), min_prior)
+    doc_index, log_prior = kept_docs(log_prior)
     return doc_index, log_prior, pair_rows(doc_index, n_docs)
 
 
