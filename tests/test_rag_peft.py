@@ -86,18 +86,27 @@ def _decode(
         return rag_token_generate(model, ids, mask, scores, **common)
     if mode == "token-beam":
         return rag_token_generate(model, ids, mask, scores, num_beams=3, **common)
+    if mode == "token-pruned":  # rows are compacted: adapter names must follow their rows
+        return rag_token_generate(model, ids, mask, scores, min_prior=0.2, **common)
+    if mode == "sequence-pruned":
+        return rag_sequence_generate(model, ids, mask, scores, min_prior=0.2, **common)
     return rag_sequence_generate(
         model, ids, mask, scores, num_beams=2, decoding="thorough", **common
     )
 
 
-@pytest.mark.parametrize("mode", ["token", "token-beam", "sequence"])
+@pytest.mark.parametrize(
+    "mode", ["token", "token-beam", "token-pruned", "sequence", "sequence-pruned"]
+)
 def test_mixed_adapter_batch_equals_single_adapter_runs(mode: str) -> None:
     model = _bart()
     ids, mask, scores = _inputs(3, seed=1)
     plan = ["qa", "chat", "__base__"]
     names = [plan[b] for b in range(3) for _ in range(K)]
     mixed = _decode(mode, model, ids, mask, scores, names)
+    if mode.endswith("pruned"):  # some passages were pruned, so rows moved
+        pruned = torch.isinf(mixed.doc_logprob)
+        assert 0 < int(pruned.sum()) < 6 and bool((mixed.doc_posterior[pruned] == 0).all())
     # precondition: the adapters change the answer distribution of every question
     for b in range(3):
         rows = slice(b * K, (b + 1) * K)

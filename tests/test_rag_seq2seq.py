@@ -373,12 +373,20 @@ def test_sequence_generate_equals_transformers(n_docs: int, beams: int) -> None:
 
 
 def test_encoder_runs_once_per_pair() -> None:
+    """One encoder call over all B*K rows whatever the length; the decoder then gets one new
+    token per row and step (its KV cache is reused), plus, for "thorough", one rescoring pass."""
     _, _, gen = _models("bart", 3, seed=6)
     ids, mask, scores = _inputs(2, 3, seed=30)
     rows: list[int] = []
-    handle = gen.get_encoder().register_forward_hook(
-        lambda _m, _i, out: rows.append(out.last_hidden_state.shape[0])
-    )
+    widths: list[int] = []
+    hooks = [
+        gen.get_encoder().register_forward_hook(
+            lambda _m, _i, out: rows.append(out.last_hidden_state.shape[0])
+        ),
+        gen.get_decoder().register_forward_pre_hook(
+            lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+        ),
+    ]
     kwargs = {
         "n_docs": 3,
         "eos_token_id": EOS,
@@ -394,6 +402,7 @@ def test_encoder_runs_once_per_pair() -> None:
                     (rag_sequence_generate, {"decoding": "fast"}),
                 ):
                     rows.clear()
+                    widths.clear()
                     fn(
                         gen,
                         ids,
@@ -404,9 +413,14 @@ def test_encoder_runs_once_per_pair() -> None:
                         **kwargs,
                         **extra,
                     )
-                    assert rows == [6], (fn.__name__, extra, new, beams, rows)
+                    case = (fn.__name__, extra, new, beams)
+                    assert rows == [6], (case, rows)
+                    assert 1 <= len(widths) <= new + 1, (case, widths)
+                    steps = widths[:-1] if extra.get("decoding") == "thorough" else widths
+                    assert steps == [1] * len(steps), (case, widths)
     finally:
-        handle.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 @pytest.mark.parametrize("mode", ["token", "fast", "thorough"])
