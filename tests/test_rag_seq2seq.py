@@ -26,7 +26,9 @@ same generator module. Conventions that differ, each accounted for where it matt
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -41,6 +43,7 @@ from transformers import (
     T5Config,
 )
 
+from app.errors import InvalidInputError
 from app.generation.rag import IGNORE_INDEX, doc_prior
 from app.generation.rag_loss import rag_sequence_nll, rag_token_nll
 from app.generation.rag_sequence import rag_sequence_generate
@@ -547,3 +550,38 @@ def test_pruning_equals_decoding_the_kept_passages(mode: str) -> None:
         assert torch.equal(seq, alone.sequences[0])
         torch.testing.assert_close(pruned.doc_posterior[b, docs], alone.doc_posterior[0])
         torch.testing.assert_close(pruned.logprob[b], alone.logprob[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_are_rejected_by_name() -> None:
+    _, _, gen = _models("bart", 3, seed=0)
+    ids, mask, scores = _inputs(2, 3, seed=70)
+    common: dict[str, Any] = {
+        "max_new_tokens": 4,
+        "eos_token_id": EOS,
+        "pad_token_id": PAD,
+        "decoder_start_token_id": _start_id(gen),
+    }
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("n_docs=4", lambda: rag_token_generate(gen, ids, mask, scores, n_docs=4, **common)),
+        ("(2, 2)", lambda: rag_token_generate(gen, ids, mask, scores[:, :2], n_docs=3, **common)),
+        (
+            "'greedy'",
+            lambda: rag_sequence_generate(
+                gen, ids, mask, scores, n_docs=3, decoding="greedy", **common
+            ),
+        ),
+        ("1.5", lambda: rag_token_generate(gen, ids, mask, scores, n_docs=3, min_prior=1.5,
+                                           **common)),
+        ("num_beams", lambda: rag_token_generate(gen, ids, mask, scores, n_docs=3, num_beams=0,
+                                                 **common)),
+        (
+            "labels",
+            lambda: rag_token_nll(
+                gen, ids, mask, scores, torch.ones(3, 4, dtype=torch.long), n_docs=3,
+                decoder_start_token_id=EOS, pad_token_id=PAD,
+            ),
+        ),
+    ]  # fmt: skip
+    for needle, call in cases:
+        with pytest.raises(InvalidInputError, match=re.escape(needle)):
+            call()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from app.errors import InvalidInputError
 from app.generation.rag_runners import Runner
 
 
@@ -186,6 +187,10 @@ def search(
     pad_token_id: int,
     length_penalty: float = 1.0,
 ) -> Hypotheses:
+    if max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1:
+        raise InvalidInputError(f"num_beams must be >= 1, got {num_beams}")
     if num_beams == 1:
         return greedy_search(runner, log_prior, max_new_tokens, eos_token_id, pad_token_id)
     return beam_search(
