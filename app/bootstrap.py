@@ -10,6 +10,7 @@ from pathlib import Path
 from app.errors import IndexNotFound
 from app.generation.backends import Generator
 from app.generation.loading import load_generator, prepare_default_generator
+from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
 from app.retrieval.builder import build_index
 from app.retrieval.encoders import TextEncoder, load_encoder
@@ -56,6 +57,9 @@ def load_components(settings: Settings) -> Components:
     )
     times["generator"] = time.perf_counter() - t
     registry = AdapterRegistry(generator, settings.adapters_dir)
+    t = time.perf_counter()
+    _warm_up(encoder, index, generator)
+    times["warm_up"] = time.perf_counter() - t
     log.info(
         "loaded encoder %s, index %s (%d passages), generator %s in %s",
         encoder.fingerprint,
@@ -65,6 +69,13 @@ def load_components(settings: Settings) -> Components:
         {k: round(v, 2) for k, v in times.items()},
     )
     return Components(encoder, index, Retriever(encoder, index), generator, registry, times)
+
+
+def _warm_up(encoder: TextEncoder, index: PassageIndex, generator: Generator) -> None:
+    """One tiny pass through each model before /ready says yes, so the first request does not
+    pay for lazy initialization (thread pools, kernel selection, tokenizer caches)."""
+    hits = Retriever(encoder, index).retrieve(["warm-up"], 1)[0]
+    generator.generate([GenRow("warm-up", [h.passage for h in hits], None, 1)])
 
 
 def prepare(settings: Settings, *, demo_source: Path = DEMO_SOURCE) -> None:

@@ -44,7 +44,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, on_load_failure=on_failure)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # keep lorag's handler: request ids, optional JSON lines
+        access_log=False,  # the request middleware logs each request with its id
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     server = uvicorn.Server(config)
     server.run()

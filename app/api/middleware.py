@@ -14,6 +14,7 @@ from app.logs import request_id_var
 from app.metrics import Metrics
 
 log = logging.getLogger("app.access")
+_PROBES = frozenset({"/health", "/ready", "/metrics"})
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -50,14 +51,16 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            request_id_var.reset(token)
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
             self.metrics.requests.labels(path, method, str(status_code)).inc()
             self.metrics.latency.labels(path, method).observe(elapsed)
-            log.info("%s %s %d %.1fms", method, scope["path"], status_code, elapsed * 1000)
+            # probes arrive every few seconds: keep them out of the info log
+            level = logging.DEBUG if path in _PROBES else logging.INFO
+            log.log(level, "%s %s %d %.1fms", method, scope["path"], status_code, elapsed * 1000)
+            request_id_var.reset(token)
 
 
 class BodyLimitMiddleware:
