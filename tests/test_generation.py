@@ -140,3 +140,30 @@ def test_unknown_adapter_is_refused(gen: Generator) -> None:
 
 def test_empty_batch(gen: Generator) -> None:
     assert gen.generate([]) == []
+
+
+def test_batch_that_would_overrun_the_window_is_split(gen: Generator) -> None:
+    if gen.kind == "seq2seq":
+        assert gen._groups([900, 10], [500, 1]) == [[0, 1]]  # the answer is not in the window
+        return
+    gen.tokenizer.model_max_length = 420
+    long = Passage("d#0", "d", "Delta", "delta " * 400)
+    batch = [GenRow("Where is Delta?", [long], None, 4), GenRow("Delta?", [long], None, 60)]
+    lengths = [
+        gen.prompts.n_tokens(gen.prompt(r.question, r.passages, r.max_new_tokens)) for r in batch
+    ]
+    assert lengths[0] + 60 > 420  # together they would not fit ...
+    assert gen._groups(lengths, [4, 60]) == [[0], [1]]  # ... so they run apart
+    assert gen._groups([100, 90, 80], [4, 60, 4]) == [[0, 1, 2]]
+    assert gen.generate(batch) == [gen.generate([r])[0] for r in batch]
+
+
+def test_chat_template_without_system_turn(tmp_path: Path) -> None:
+    gen = load_generator(str(tiny_llama(tmp_path, chat=True)), cache_dir=tmp_path)
+    gen.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('no system role') }}{% endif %}"
+        "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    )
+    text = gen.prompt("Where is Alpha?", [P1], 8)
+    assert text.startswith("<user>Answer the question") and "[1] Alpha" in text

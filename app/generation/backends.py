@@ -64,8 +64,8 @@ class Generator(ABC):
         """Longest prompt, in tokens, that leaves room for max_new_tokens of answer."""
 
     @abstractmethod
-    def _encode(self, prompts: Sequence[str], max_length: int) -> BatchEncoding:
-        """Tokenize and pad prompts into [B, L] input_ids and attention_mask on self.device."""
+    def _tokenize(self, prompt: str, max_length: int) -> list[int]:
+        """The prompt's input ids, at most max_length of them."""
 
     @abstractmethod
     def _answer_tokens(self, output: torch.Tensor, enc: BatchEncoding) -> torch.Tensor:
@@ -117,12 +117,32 @@ class Generator(ABC):
             return self.model(**inputs, **self.adapter_kwargs(adapters))
 
     def generate(self, rows: Sequence[GenRow]) -> list[str]:
-        """Greedy answers for all rows in one batched model.generate call."""
+        """Greedy answers for all rows, in one batched model.generate call.
+
+        Each row's prompt is fitted to that row's own budget, so its answer never depends on
+        the other rows. Only when a causal batch's longest prompt plus its longest answer would
+        overrun the context window is the batch split into calls that fit.
+        """
         if not rows:
             return []
+        self.adapter_kwargs([r.adapter for r in rows])  # refuse unknown adapters up front
+        ids = [
+            self._tokenize(
+                self.prompt(r.question, r.passages, r.max_new_tokens),
+                self.max_input_tokens(r.max_new_tokens),
+            )
+            for r in rows
+        ]
+        answers = [""] * len(rows)
+        for group in self._groups([len(x) for x in ids], [r.max_new_tokens for r in rows]):
+            texts = self._generate_batch([ids[i] for i in group], [rows[i] for i in group])
+            for i, text in zip(group, texts, strict=True):
+                answers[i] = text
+        return answers
+
+    def _generate_batch(self, ids: Sequence[list[int]], rows: Sequence[GenRow]) -> list[str]:
         longest = max(r.max_new_tokens for r in rows)
-        prompts = [self.prompt(r.question, r.passages, longest) for r in rows]
-        enc = self._encode(prompts, self.max_input_tokens(longest))
+        enc = self._pad(ids)  # [B, L]
         extra = self.adapter_kwargs([r.adapter for r in rows])
         with torch.inference_mode():
             output = self._hf.generate(
@@ -133,6 +153,44 @@ class Generator(ABC):
         # row depends only on that row's prompt and its tokens before t, so the first n tokens
         # of a longer run are exactly what a run with max_new_tokens=n would produce.
         return [self._decode(new[i, : r.max_new_tokens]) for i, r in enumerate(rows)]
+
+    def _groups(self, lengths: Sequence[int], new_tokens: Sequence[int]) -> list[list[int]]:
+        """Row indices in batches whose longest prompt + longest answer fit the window.
+
+        Normally one batch. Otherwise first-fit over rows by decreasing prompt length; every
+        row fits alone, since its prompt was cut to leave room for its own answer.
+        """
+        everyone = list(range(len(lengths)))
+        window = self._batch_window()
+        if window is None or max(lengths) + max(new_tokens) <= window:
+            return [everyone]
+        groups: list[list[int]] = []
+        for i in sorted(everyone, key=lambda j: -lengths[j]):
+            for group in groups:
+                if (
+                    lengths[group[0]] + max(new_tokens[i], *(new_tokens[j] for j in group))
+                    <= window
+                ):
+                    group.append(i)
+                    break
+            else:
+                groups.append([i])
+        log.debug(
+            "batch of %d rows split into %d to fit %d tokens", len(lengths), len(groups), window
+        )
+        return [sorted(g) for g in groups]
+
+    def _batch_window(self) -> int | None:
+        """The bound on prompt + answer length of a batch; None when there is none."""
+        return None
+
+    def _encode(self, prompts: Sequence[str], max_length: int) -> BatchEncoding:
+        """Tokenize and pad prompts into [B, L] input_ids and attention_mask on self.device."""
+        return self._pad([self._tokenize(p, max_length) for p in prompts])
+
+    def _pad(self, ids: Sequence[list[int]]) -> BatchEncoding:
+        enc = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="pt")
+        return enc.to(self.device)
 
     # ---- shared helpers -------------------------------------------------------------------
 
@@ -193,15 +251,9 @@ class Seq2SeqGenerator(Generator):
         # the answer lives in the decoder, so it takes no room from the encoder input
         return self._context_window() or self.DEFAULT_MAX_INPUT
 
-    def _encode(self, prompts: Sequence[str], max_length: int) -> BatchEncoding:
-        enc = self.tokenizer(
-            list(prompts),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        return enc.to(self.device)
+    def _tokenize(self, prompt: str, max_length: int) -> list[int]:
+        ids: list[int] = self.tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+        return ids
 
     def _answer_tokens(self, output: torch.Tensor, enc: BatchEncoding) -> torch.Tensor:
         return output[:, 1:]  # drop decoder_start_token_id
@@ -219,12 +271,10 @@ class CausalGenerator(Generator):
         window = self._context_window() or self.DEFAULT_CONTEXT
         return max(window - max_new_tokens, window // 4)
 
-    def _encode(self, prompts: Sequence[str], max_length: int) -> BatchEncoding:
-        rows = [self._prompt_ids(p)[-max_length:] for p in prompts]  # keep the prompt's end
-        enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
-        return enc.to(self.device)
+    def _batch_window(self) -> int:
+        return self._context_window() or self.DEFAULT_CONTEXT
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def _tokenize(self, prompt: str, max_length: int) -> list[int]:
         # A chat template writes its own special tokens. Plain text gets the tokenizer's (a BOS
         # for llama-style tokenizers), but not a trailing EOS: a prompt that ends the sequence
         # would make the model continue after an end. (T5-style tokenizers append one.)
@@ -233,7 +283,7 @@ class CausalGenerator(Generator):
         ]
         if ids and not self.prompts.chat and ids[-1] == self.tokenizer.eos_token_id:
             ids = ids[:-1]
-        return ids
+        return ids[-max_length:]  # the budget already fits; if not, keep the prompt's end
 
     def _answer_tokens(self, output: torch.Tensor, enc: BatchEncoding) -> torch.Tensor:
         return output[:, enc["input_ids"].shape[1] :]

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import Literal
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from app.retrieval.types import Passage
@@ -58,13 +59,20 @@ class PromptBuilder:
         context = "\n".join(blocks)
         user = f"Passages:\n{context}\n\nQuestion: {question}"
         if self.chat:
-            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            assert isinstance(text, str)
-            return text
+            try:
+                return self._chat(
+                    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+                )
+            except TemplateError:  # templates that refuse a system turn (Gemma, early Mistral)
+                return self._chat([{"role": "user", "content": f"{SYSTEM}\n\n{user}"}])
         return f"{SYSTEM}\n\n{user}\nAnswer:"
+
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        assert isinstance(text, str)
+        return text
 
     def build(self, question: str, passages: Sequence[Passage], max_tokens: int) -> str:
         """The prompt with as many passages (in order) as fit in max_tokens tokens."""
