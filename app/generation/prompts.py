@@ -49,7 +49,7 @@ class PromptBuilder:
         return len(self._ids(text))
 
     def _ids(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return ids
 
     def render(self, question: str, blocks: Sequence[str]) -> str:
