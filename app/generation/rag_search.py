@@ -98,9 +98,8 @@ def beam_search(
     device = log_prior.device
     lp = runner.start()
     n = 1  # open beams per group; grows to num_beams after the first step
-    alive_tok: list[list[list[int]]] = [[[]] for _ in range(groups)]
+    beams = _Beams([[[]] for _ in range(groups)], torch.zeros(groups, 1, k, device=device))
     alive_score = torch.zeros(groups, 1, device=device)
-    alive_doc = torch.zeros(groups, 1, k, device=device)
     done: list[list[_Done]] = [[] for _ in range(groups)]
     closed = [False] * groups
     for t in range(max_new_tokens):
@@ -108,54 +107,74 @@ def beam_search(
         vocab = lp4.shape[-1]
         cand = (alive_score[:, :, None] + _marginal(log_prior, lp4)).view(groups, -1)
         top_val, top_idx = cand.topk(min(2 * num_beams, cand.shape[1]), dim=1)  # [G, 2N]
-        src_beam, src_tok = top_idx // vocab, top_idx % vocab
-        new_src, new_tok, new_score, new_doc, new_seq = [], [], [], [], []
+        ranked = [
+            [(i // vocab, i % vocab, v) for i, v in zip(idx, val, strict=True)]
+            for idx, val in zip(top_idx.tolist(), top_val.tolist(), strict=True)
+        ]
+        src, toks, scores, docs, seqs = [], [], [], [], []
         for g in range(groups):
-            picked: list[tuple[int, int, float]] = []
-            if not closed[g]:
-                for rank in range(top_val.shape[1]):
-                    beam, tok = int(src_beam[g, rank]), int(src_tok[g, rank])
-                    val = float(top_val[g, rank])
-                    if tok == eos_token_id:
-                        if rank >= num_beams:
-                            continue
-                        doc = alive_doc[g, beam] + lp4[g, beam, :, tok]
-                        seq = [*alive_tok[g][beam], tok]
-                        done[g].append(_Done(val / len(seq) ** length_penalty, val, seq, doc))
-                    else:
-                        picked.append((beam, tok, val))
-                    if len(picked) == num_beams:
-                        break
-                done[g].sort(key=lambda d: -d.score)
-                del done[g][num_beams:]
-                best_open = picked[0][2] / (t + 1) ** length_penalty if picked else -1e30
-                if len(done[g]) >= num_beams and done[g][-1].score >= best_open:
-                    closed[g] = True
-            if closed[g]:  # keep the rows busy with padding; nothing from them is kept
-                picked = [(0, pad_token_id, 0.0)] * num_beams
+            picked: list[tuple[int, int, float]] = [(0, pad_token_id, 0.0)] * num_beams
+            if not closed[g]:  # a closed group's rows stay busy with padding, nothing is kept
+                picked = _pick(ranked[g], beams, lp4, g, done[g], num_beams, eos_token_id,
+                               length_penalty)  # fmt: skip
+                best_open = picked[0][2] / (t + 1) ** length_penalty
+                closed[g] = len(done[g]) >= num_beams and done[g][-1].score >= best_open
             for beam, tok, val in picked:
-                new_src.append((g * n + beam) * k + torch.arange(k, device=device))
-                new_tok.append(tok)
-                new_score.append(val)
-                new_doc.append(alive_doc[g, beam] + lp4[g, beam, :, tok])
-                new_seq.append([*alive_tok[g][beam], tok])
+                src.append((g * n + beam) * k + torch.arange(k, device=device))
+                toks.append(tok)
+                scores.append(val)
+                docs.append(beams.doc[g, beam] + lp4[g, beam, :, tok])
+                seqs.append([*beams.tokens[g][beam], tok])
         n = num_beams
-        alive_tok = [new_seq[g * n : (g + 1) * n] for g in range(groups)]
-        alive_score = torch.tensor(new_score, device=device).view(groups, n)
-        alive_doc = torch.stack(new_doc).view(groups, n, k)
+        beams = _Beams([seqs[g * n : (g + 1) * n] for g in range(groups)], torch.stack(docs))
+        beams.doc = beams.doc.view(groups, n, k)
+        alive_score = torch.tensor(scores, device=device).view(groups, n)
         if all(closed) or t == max_new_tokens - 1:
             break
-        tokens = torch.tensor(new_tok, device=device).repeat_interleave(k)
-        lp = runner.step(tokens, torch.cat(new_src))
+        tokens = torch.tensor(toks, device=device).repeat_interleave(k)
+        lp = runner.step(tokens, torch.cat(src))
     for g in range(groups):
         if closed[g]:
             continue
         for beam in range(n):  # out of length: open beams compete as they are
-            seq = alive_tok[g][beam]
+            seq = beams.tokens[g][beam]
             val = float(alive_score[g, beam])
-            done[g].append(_Done(val / len(seq) ** length_penalty, val, seq, alive_doc[g, beam]))
+            done[g].append(_Done(val / len(seq) ** length_penalty, val, seq, beams.doc[g, beam]))
         done[g].sort(key=lambda d: -d.score)
     return _pack(done, num_return, pad_token_id, device)
+
+
+@dataclass(slots=True)
+class _Beams:
+    tokens: list[list[list[int]]]  # [G][n] generated tokens of each open beam
+    doc: Tensor  # [G, n, K] per-passage log-probs of those tokens
+
+
+def _pick(
+    ranked: list[tuple[int, int, float]],  # top 2N (beam, token, score), best first
+    beams: _Beams,
+    lp4: Tensor,  # [G, n, K, V]
+    g: int,
+    done: list[_Done],
+    num_beams: int,
+    eos_token_id: int,
+    length_penalty: float,
+) -> list[tuple[int, int, float]]:
+    """Split one group's candidates into finished hypotheses (into `done`) and next beams."""
+    picked: list[tuple[int, int, float]] = []
+    for rank, (beam, tok, val) in enumerate(ranked):
+        if tok == eos_token_id:
+            if rank < num_beams:  # an EOS counts only when it ranks within the beam width
+                doc = beams.doc[g, beam] + lp4[g, beam, :, tok]
+                seq = [*beams.tokens[g][beam], tok]
+                done.append(_Done(val / len(seq) ** length_penalty, val, seq, doc))
+        else:
+            picked.append((beam, tok, val))
+        if len(picked) == num_beams:
+            break
+    done.sort(key=lambda d: -d.score)
+    del done[num_beams:]
+    return picked
 
 
 def _pack(done: list[list[_Done]], num_return: int, pad: int, device: torch.device) -> Hypotheses:
