@@ -82,7 +82,7 @@ def ids_and_logits(gen: Generator, model: Any, adapter: str | None) -> tuple[lis
         inputs = dict(enc)
         if gen.kind == "seq2seq":
             inputs["decoder_input_ids"] = out[:, :4]
-        logits = model(**inputs, **extra).logits
+        logits = (gen.forward([adapter], **inputs) if ours else model(**inputs)).logits
     start = 1 if gen.kind == "seq2seq" else enc["input_ids"].shape[1]
     return out[0, start:].tolist(), logits
 
@@ -211,3 +211,27 @@ def test_on_change_sees_the_serving_model(gen: Generator, world: World) -> None:
     with pytest.raises(AdapterNotFound):
         reg.unload("one")
     assert len(seen) == 3  # a refused call changes nothing and reports nothing
+
+
+def test_forward_on_encoded_pairs_gives_each_row_its_adapter(
+    gen: Generator, reg: AdapterRegistry
+) -> None:
+    """The scoring path RAG decoding uses: encode_pairs, then forward with per-row adapters."""
+    p1, p2 = load(reg, "one", "a1"), load(reg, "two", "a2")
+    adapters = [p1, None, p2, p1]
+    enc = gen.encode_pairs("Where is Alpha?", [P1, P2, P1, P2])
+    inputs = dict(enc)
+    if gen.kind == "seq2seq":
+        start = gen.model.config.decoder_start_token_id
+        inputs["decoder_input_ids"] = torch.full((4, 1), start)
+    # [4, V] next-token logits; padding changes the float summation order, hence 1e-4
+    together = gen.forward(adapters, **inputs).logits[:, -1]
+    for i, adapter in enumerate(adapters):
+        alone = {k: v[i : i + 1, -int(enc["attention_mask"][i].sum()) :] for k, v in enc.items()}
+        if gen.kind == "seq2seq":  # right padding: the real tokens come first
+            alone = {k: v[i : i + 1, : int(enc["attention_mask"][i].sum())] for k, v in enc.items()}
+            alone["decoder_input_ids"] = inputs["decoder_input_ids"][i : i + 1]
+        torch.testing.assert_close(
+            gen.forward([adapter], **alone).logits[0, -1], together[i], atol=1e-4, rtol=1e-4
+        )
+    assert not torch.allclose(together[0], together[2], atol=1e-3)  # P1 under a1 vs a2
