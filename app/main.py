@@ -22,6 +22,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.bootstrap import load_components
 from app.engine.engine import Engine
+from app.generation.decoding import RagDecoder
 from app.metrics import Metrics
 from app.service import RagService
 from app.settings import Settings
@@ -86,8 +87,11 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
         if on_failure is not None:
             on_failure(state.error)
         return
+    decoder = RagDecoder(
+        components.generator, num_beams=settings.num_beams, min_prior=settings.min_prior
+    )
     engine = Engine(
-        components.generator,
+        decoder,
         components.registry,
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,

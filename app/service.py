@@ -7,14 +7,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from app.engine.engine import Engine, EngineRequest
 from app.errors import InvalidInputError
+from app.generation.types import Decoding, Mode
 from app.lora.registry import AdapterInfo, AdapterRegistry
 from app.retrieval.types import Hit
-
-Mode = Literal["concat"]
 
 
 class Retrieves(Protocol):
@@ -28,6 +27,7 @@ class AskParams:
     top_k: int
     max_new_tokens: int
     mode: Mode = "concat"
+    decoding: Decoding = "thorough"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,9 @@ class AskResult:
     adapter_version: str | None
     mode: Mode
     hits: list[Hit]
-    weights: list[float]  # how much each passage counted; sums to 1
+    # how much each passage counted, summing to 1: the prior p(z|x) for concat, the
+    # posterior p(z|x, y) for the marginalized modes
+    weights: list[float]
     timings_ms: dict[str, float]
 
 
@@ -81,17 +83,24 @@ class RagService:
                 passages=[h.passage for h in hits],
                 adapter=params.adapter,
                 max_new_tokens=params.max_new_tokens,
+                mode=params.mode,
+                decoding=params.decoding,
+                scores=[h.score for h in hits],
             ),
             timeout_s=self._timeout_s,
         )
         t2 = time.perf_counter()
         return AskResult(
-            answer=answer.strip(),
+            answer=answer.text.strip(),
             adapter=params.adapter,
             adapter_version=None if info is None else info.version,
             mode=params.mode,
             hits=hits,
-            weights=prior_weights([h.score for h in hits]),
+            weights=(
+                answer.weights
+                if answer.weights is not None
+                else prior_weights([h.score for h in hits])
+            ),
             timings_ms={
                 "retrieve": (t1 - t0) * 1000,
                 "generate": (t2 - t1) * 1000,

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     # request defaults and limits
     top_k: int = Field(5, ge=1, le=50)
     max_new_tokens: int = Field(64, ge=1, le=512)
+    mode: Literal["concat", "token", "sequence"] = Field(
+        "concat", description="Decoding mode when the request does not say (see README)."
+    )
+    num_beams: int = Field(1, ge=1, le=8, description="Beams for the token/sequence modes.")
+    min_prior: float | None = Field(
+        None, ge=0, lt=1, description="Drop passages whose prior p(z|x) is below this."
+    )
     max_question_chars: int = Field(2000, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
 

@@ -118,16 +118,20 @@ def test_concurrent_mixed_adapter_requests_get_their_own_answers(
     for name in ("a", "b"):
         assert client.put(f"/adapters/{name}", json={"path": name}).status_code == 201
     questions = [QUESTION, "How does a piano make sound?", "Who was Oskar Lindqvist?"]
-    jobs = [(q, a) for q in questions for a in (None, "a", "b")]
-    alone = {job: ask(client, question=job[0], adapter=job[1]).json()["answer"] for job in jobs}
-    assert len({alone[(QUESTION, a)] for a in (None, "a", "b")}) == 3  # adapters really differ
+    jobs = [(q, a, "concat") for q in questions for a in (None, "a", "b")]
+    jobs += [(q, a, "token") for q in questions[:2] for a in (None, "a", "b")]
+
+    def body(job):
+        q, a, mode = job
+        return {"question": q, "adapter": a, "mode": mode, "top_k": 2}
+
+    alone = {job: client.post("/ask", json=body(job)).json()["answer"] for job in jobs}
+    assert len({alone[(QUESTION, a, "concat")] for a in (None, "a", "b")}) == 3  # really differ
 
     async def together() -> list[dict]:
         transport = httpx.ASGITransport(app=client.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
-            resps = await asyncio.gather(
-                *(ac.post("/ask", json={"question": q, "adapter": a}) for q, a in jobs)
-            )
+            resps = await asyncio.gather(*(ac.post("/ask", json=body(job)) for job in jobs))
         return [r.json() for r in resps]
 
     results = client.portal.call(together)
@@ -272,3 +276,49 @@ def test_request_id_is_echoed_or_assigned_and_cors_is_off(client_factory):
         headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in pre.headers
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_marginalized_modes_return_posterior_weights(client_factory, backend, mode):
+    client = client_factory(backend)
+    resp = ask(client, top_k=3, mode=mode)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert data["mode"] == mode
+    weights = [p["weight"] for p in data["passages"]]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-5)
+    prior = ask(client, top_k=3, mode="concat").json()["passages"]
+    # the posterior p(z|x,y) is not the prior p(z|x): the answer moved the weights
+    assert weights != pytest.approx([p["weight"] for p in prior], abs=1e-6)
+
+
+def test_token_mode_through_the_server_equals_the_rag_function(client_factory, backend):
+    """The served RAG-Token answer is what rag_token_generate gives on the same inputs."""
+    import torch
+
+    from app.generation.rag_token import causal_rag_token_generate, rag_token_generate
+
+    client = client_factory(backend)
+    data = ask(client, top_k=3, mode="token").json()
+    gen = client.app.state.lorag.components.generator
+    passages = client.app.state.lorag.components.retriever.retrieve([QUESTION], 3)[0]
+    enc = gen.encode_pairs(QUESTION, [h.passage for h in passages], reserve=8)
+    scores = torch.tensor([[h.score for h in passages]])
+    kwargs = {
+        "n_docs": 3,
+        "max_new_tokens": 8,
+        "eos_token_id": gen.tokenizer.eos_token_id,
+        "pad_token_id": gen.tokenizer.pad_token_id,
+    }
+    if backend == "t5":
+        kwargs["decoder_start_token_id"] = gen.model.config.decoder_start_token_id
+        out = rag_token_generate(
+            gen.model, enc["input_ids"], enc["attention_mask"], scores, **kwargs
+        )
+    else:
+        out = causal_rag_token_generate(
+            gen.model, enc["input_ids"], enc["attention_mask"], scores, **kwargs
+        )
+    assert data["answer"] == gen._decode(out.sequences[0])
+    got = [p["weight"] for p in data["passages"]]
+    assert got == pytest.approx(out.doc_posterior[0].tolist(), abs=1e-6)

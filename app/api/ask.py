@@ -22,10 +22,11 @@ async def ask(
             adapter=body.adapter,
             top_k=body.top_k or settings.top_k,
             max_new_tokens=body.max_new_tokens or settings.max_new_tokens,
-            mode=body.mode,
+            mode=body.mode or settings.mode,
+            decoding=body.decoding,
         )
     )
-    state.metrics.ask_latency.labels(body.adapter or "__base__", body.mode).observe(
+    state.metrics.ask_latency.labels(body.adapter or "__base__", result.mode).observe(
         result.timings_ms["total"] / 1000
     )
     return AskResponse(

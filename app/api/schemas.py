@@ -26,8 +26,14 @@ class AskRequest(BaseModel):
     )
     top_k: int | None = Field(None, ge=1, le=50, description="Passages to retrieve (default 5).")
     max_new_tokens: int | None = Field(None, ge=1, le=512)
-    mode: Literal["concat"] = Field(
-        "concat", description="concat: the generator reads the question with all passages."
+    mode: Literal["concat", "token", "sequence"] | None = Field(
+        None,
+        description="concat: one prompt with all passages; token: RAG-Token, marginalizing "
+        "over passages at every token; sequence: RAG-Sequence, per-passage answers "
+        "marginalized. Default: the server's LORAG_MODE.",
+    )
+    decoding: Literal["thorough", "fast"] = Field(
+        "thorough", description="RAG-Sequence only: rescore every hypothesis, or fast."
     )
 
     _check_question = field_validator("question")(_no_control_chars)
@@ -46,7 +52,10 @@ class PassageOut(BaseModel):
     title: str
     text: str
     score: float = Field(description="Retrieval score: inner product of the embeddings.")
-    weight: float = Field(description="How much the passage counted (the prior for concat).")
+    weight: float = Field(
+        description="How much the passage counted: the prior p(z|x) for concat, the "
+        "posterior p(z|x,y) for token and sequence. Sums to 1."
+    )
 
 
 class Timings(BaseModel):

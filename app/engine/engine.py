@@ -26,14 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from app.errors import GenerationTimeout, LoragError, NotReadyError
-from app.generation.types import GenRow
+from app.generation.decoding import Answer
+from app.generation.types import Decoding, GenRow, Mode
+from app.retrieval.types import Passage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class BatchGenerator(Protocol):
-    def generate(self, rows: Sequence[GenRow]) -> list[str]: ...
+class BatchDecoder(Protocol):
+    """Answers rows in their own modes, each with its own adapter (app.generation.decoding)."""
+
+    def run(self, rows: Sequence[GenRow]) -> list[Answer]: ...
 
 
 class AdapterResolver(Protocol):
@@ -45,15 +49,18 @@ class EngineRequest:
     """One row to generate; `adapter` is the public adapter name, resolved on the model thread."""
 
     question: str
-    passages: Sequence[Any]
+    passages: Sequence[Passage]
     adapter: str | None
     max_new_tokens: int
+    mode: Mode = "concat"
+    decoding: Decoding = "thorough"
+    scores: Sequence[float] = ()
 
 
 @dataclass
 class _GenItem:
     request: EngineRequest
-    future: asyncio.Future[str]
+    future: asyncio.Future[Answer]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -76,14 +83,14 @@ class EngineStats:
 class Engine:
     def __init__(
         self,
-        generator: BatchGenerator,
+        decoder: BatchDecoder,
         adapters: AdapterResolver,
         *,
         max_batch_size: int = 8,
         batch_wait_ms: float = 5.0,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
-        self._generator = generator
+        self._decoder = decoder
         self._adapters = adapters
         self._max_batch = max_batch_size
         self._wait_s = batch_wait_ms / 1000.0
@@ -117,11 +124,11 @@ class Engine:
 
     # public calls --------------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest, *, timeout_s: float | None = None) -> str:
-        """Queue one row and wait for its text. Cancelling the caller drops the row."""
+    async def generate(self, request: EngineRequest, *, timeout_s: float | None = None) -> Answer:
+        """Queue one row and wait for its answer. Cancelling the caller drops the row."""
         if not self._accepting:
             raise NotReadyError("the engine is not accepting requests (starting or stopping)")
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         await self._queue.put(_GenItem(request, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -201,9 +208,9 @@ class Engine:
         if self._on_batch is not None:
             self._on_batch(len(live), time.perf_counter() - started)
 
-    def _generate_on_model_thread(self, items: list[_GenItem]) -> list[str | BaseException]:
+    def _generate_on_model_thread(self, items: list[_GenItem]) -> list[Answer | BaseException]:
         """Resolve adapters now (the registry may have changed while rows waited), then generate."""
-        results: list[str | BaseException] = [RuntimeError("not run")] * len(items)
+        results: list[Answer | BaseException] = [RuntimeError("not run")] * len(items)
         rows: list[GenRow] = []
         index: list[int] = []
         for i, it in enumerate(items):
@@ -213,16 +220,26 @@ class Engine:
             except LoragError as exc:
                 results[i] = exc
                 continue
-            rows.append(GenRow(req.question, req.passages, peft, req.max_new_tokens))
+            rows.append(
+                GenRow(
+                    req.question,
+                    req.passages,
+                    peft,
+                    req.max_new_tokens,
+                    req.mode,
+                    req.decoding,
+                    req.scores,
+                )
+            )
             index.append(i)
         if rows:
             try:
-                texts = self._generator.generate(rows)
+                answers = self._decoder.run(rows)
             except Exception as exc:
                 log.exception("generation failed for a batch of %d rows", len(rows))
                 for i in index:
                     results[i] = exc
             else:
-                for i, text in zip(index, texts, strict=True):
-                    results[i] = text
+                for i, answer in zip(index, answers, strict=True):
+                    results[i] = answer
         return results
