@@ -17,7 +17,7 @@ from app.generation.backends import CausalGenerator, Generator, Seq2SeqGenerator
 from app.generation.loading import load_generator
 from app.generation.types import GenRow
 from app.retrieval.types import Passage
-from tests.tiny import load_tiny, tiny_bart, tiny_llama, tiny_t5
+from tests.tiny import load_tiny, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 
 P1 = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")
 P2 = Passage("b#0", "b", "Beta", "Beta was founded in 1204 by monks who brewed dark beer there.")
@@ -28,6 +28,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "bart": tiny_bart,
     "llama": tiny_llama,
     "llama-chat": lambda p: tiny_llama(p, chat=True, name="tiny-llama-chat"),
+    "gpt2": tiny_gpt2,
 }
 
 

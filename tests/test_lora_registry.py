@@ -22,7 +22,7 @@ from app.generation.loading import load_generator
 from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
 from app.retrieval.types import Passage
-from tests.tiny import load_tiny, save_lora_adapter, tiny_bart, tiny_llama, tiny_t5
+from tests.tiny import load_tiny, save_lora_adapter, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 
 P1 = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")
 P2 = Passage("b#0", "b", "Beta", "Beta was founded in 1204 by monks who brewed dark beer there.")
@@ -31,6 +31,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "t5": tiny_t5,
     "bart": tiny_bart,
     "llama": tiny_llama,
+    "gpt2": tiny_gpt2,  # Conv1D layers
 }
 
 
@@ -47,7 +48,9 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     root = tmp / "adapters"
     save_lora_adapter(model_dir, root / "a1", seed=1)
     save_lora_adapter(model_dir, root / "a2", seed=2)
-    more = ["q", "k", "v", "o"] if request.param == "t5" else ["q_proj", "k_proj", "v_proj"]
+    more = {"t5": ["q", "k", "v", "o"], "gpt2": ["c_attn", "c_proj", "c_fc"]}.get(
+        request.param, ["q_proj", "k_proj", "v_proj"]
+    )
     save_lora_adapter(model_dir, root / "tasks" / "a3", seed=3, r=4, target_modules=more)
     return World(model_dir, root)
 

@@ -19,6 +19,8 @@ from transformers import (
     BartConfig,
     BartForConditionalGeneration,
     ByT5Tokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -112,6 +114,23 @@ def tiny_llama(
     return _save(
         LlamaForCausalLM(cfg), tmp_path / name, chat_template=CHAT_TEMPLATE if chat else None
     )
+
+
+def tiny_gpt2(tmp_path: Path, *, seed: int = 0, name: str = "tiny-gpt2") -> Path:
+    """A 2-layer GPT-2 (n_embd 32): Conv1D layers (weights [in, out]) and learned positions."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        initializer_range=0.5,
+    )
+    return _save(GPT2LMHeadModel(cfg), tmp_path / name)
 
 
 def load_tiny(model_dir: Path) -> PreTrainedModel:

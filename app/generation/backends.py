@@ -274,6 +274,15 @@ class CausalGenerator(Generator):
     def _batch_window(self) -> int:
         return self._context_window() or self.DEFAULT_CONTEXT
 
+    def forward(self, adapters: Sequence[str | None], **inputs: Any) -> Any:
+        # With left padding a row's first real token must still be position 0. generate()
+        # derives positions from the mask; a plain forward counts from the padded start,
+        # which rotary models forgive (relative) but learned absolute positions (GPT-2) do not.
+        mask = inputs.get("attention_mask")
+        if mask is not None and "position_ids" not in inputs:
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        return super().forward(adapters, **inputs)
+
     def _tokenize(self, prompt: str, max_length: int) -> list[int]:
         # A chat template writes its own special tokens. Plain text gets the tokenizer's (a BOS
         # for llama-style tokenizers), but not a trailing EOS: a prompt that ends the sequence
