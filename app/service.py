@@ -69,15 +69,15 @@ class RagService:
 
     async def ask(self, params: AskParams) -> AskResult:
         t0 = time.perf_counter()
-        info = None if params.adapter is None else self.registry.get(params.adapter)  # 404 early
+        if params.adapter is not None:
+            self.registry.get(params.adapter)  # 404 before any work
         if not params.question.strip():
             raise InvalidInputError("question is empty")
         # the encoder is not the generator: it runs in the thread pool, beside the model thread
-        hits = (await asyncio.to_thread(self.retriever.retrieve, [params.question], params.top_k))[
-            0
-        ]
+        found = await asyncio.to_thread(self.retriever.retrieve, [params.question], params.top_k)
+        hits = found[0]
         t1 = time.perf_counter()
-        answer = await self.engine.generate(
+        result = await self.engine.generate(
             EngineRequest(
                 question=params.question,
                 passages=[h.passage for h in hits],
@@ -91,14 +91,14 @@ class RagService:
         )
         t2 = time.perf_counter()
         return AskResult(
-            answer=answer.text.strip(),
+            answer=result.answer.text.strip(),
             adapter=params.adapter,
-            adapter_version=None if info is None else info.version,
+            adapter_version=result.adapter_version,
             mode=params.mode,
             hits=hits,
             weights=(
-                answer.weights
-                if answer.weights is not None
+                result.answer.weights
+                if result.answer.weights is not None
                 else prior_weights([h.score for h in hits])
             ),
             timings_ms={

@@ -40,8 +40,23 @@ class BatchDecoder(Protocol):
     def run(self, rows: Sequence[GenRow]) -> list[Answer]: ...
 
 
+class HasVersion(Protocol):
+    @property
+    def version(self) -> str: ...
+
+
 class AdapterResolver(Protocol):
     def peft_name(self, name: str) -> str: ...
+    def get(self, name: str) -> HasVersion: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineResult:
+    answer: Answer
+    adapter_version: str | None  # the weights the row actually ran with
+
+
+_Outcome = EngineResult | BaseException
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +75,7 @@ class EngineRequest:
 @dataclass
 class _GenItem:
     request: EngineRequest
-    future: asyncio.Future[Answer]
+    future: asyncio.Future[EngineResult]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -124,11 +139,13 @@ class Engine:
 
     # public calls --------------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest, *, timeout_s: float | None = None) -> Answer:
+    async def generate(
+        self, request: EngineRequest, *, timeout_s: float | None = None
+    ) -> EngineResult:
         """Queue one row and wait for its answer. Cancelling the caller drops the row."""
         if not self._accepting:
             raise NotReadyError("the engine is not accepting requests (starting or stopping)")
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[EngineResult] = asyncio.get_running_loop().create_future()
         await self._queue.put(_GenItem(request, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -208,15 +225,20 @@ class Engine:
         if self._on_batch is not None:
             self._on_batch(len(live), time.perf_counter() - started)
 
-    def _generate_on_model_thread(self, items: list[_GenItem]) -> list[Answer | BaseException]:
+    def _generate_on_model_thread(self, items: list[_GenItem]) -> list[_Outcome]:
         """Resolve adapters now (the registry may have changed while rows waited), then generate."""
-        results: list[Answer | BaseException] = [RuntimeError("not run")] * len(items)
+        results: list[_Outcome] = [RuntimeError("not run")] * len(items)
+        versions: list[str | None] = [None] * len(items)
         rows: list[GenRow] = []
         index: list[int] = []
         for i, it in enumerate(items):
             req = it.request
+            # adapters change only on this thread, so name and version are read consistently
             try:
-                peft = None if req.adapter is None else self._adapters.peft_name(req.adapter)
+                peft = None
+                if req.adapter is not None:
+                    peft = self._adapters.peft_name(req.adapter)
+                    versions[i] = self._adapters.get(req.adapter).version
             except LoragError as exc:
                 results[i] = exc
                 continue
@@ -241,5 +263,5 @@ class Engine:
                     results[i] = exc
             else:
                 for i, answer in zip(index, answers, strict=True):
-                    results[i] = answer
+                    results[i] = EngineResult(answer, versions[i])
         return results
