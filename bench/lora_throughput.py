@@ -8,7 +8,9 @@ the figures are medians over rounds, tokens/s = rows * new tokens / wall time of
 
 Distinct adapters per batch: 1, 4, 16 at batch 16 (rows take adapters round-robin), and 64 at
 batch 64 (every row its own adapter; a 16-row batch cannot hold 64), with its own base run.
-Before timing, each configuration checks that BatchedLora's tokens equal PEFT's.
+Printed per configuration: tokens/s by wall time and by CPU time (medians), the ratios to the
+base (median of per-round ratios: the runs of one round share the machine's load), and the
+fraction of generated tokens equal to PEFT's.
 
     .venv/bin/python -m bench.lora_throughput [--rounds 5] [--threads 1] [--prompt-len 64]
 """
@@ -94,6 +96,7 @@ def main() -> None:
 
     cases: dict[str, Callable[[], torch.Tensor]] = {}
     rows: dict[str, int] = {}
+    agree: dict[int, float] = {}
     for n in args.distinct:
         batch = 64 if n > 16 else 16
         names = [f"a{i % n}" for i in range(batch)]
@@ -102,38 +105,46 @@ def main() -> None:
         cases[f"peft/{n}"] = run(batch, names, "peft")
         cases[f"ours/{n}"] = run(batch, names, "ours")
         rows.update({f"base/b{batch}": batch, f"peft/{n}": batch, f"ours/{n}": batch})
-        peft_out, ours_out = cases[f"peft/{n}"](), cases[f"ours/{n}"]()  # warm-up + check
-        if not torch.equal(peft_out, ours_out):
-            raise SystemExit(f"BatchedLora tokens differ from PEFT's with {n} adapters")
+        # warm-up, and a check: random weights leave near-ties between logits, so float32
+        # rounding may flip a greedy token; the logits themselves are checked in the tests
+        peft_out, ours_out = cases[f"peft/{n}"](), cases[f"ours/{n}"]()
+        agree[n] = (peft_out == ours_out).float().mean().item()
     for key in [k for k in cases if k.startswith("base/")]:
         cases[key]()  # warm-up
 
-    times: dict[str, list[float]] = {k: [] for k in cases}
+    # wall and CPU seconds per generate() call; with one thread, CPU time leaves out the time
+    # this process waited for a core, which is most of the noise on a shared machine
+    wall: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
     keys = list(cases)
     for r in range(args.rounds):
         order = keys[r % len(keys) :] + keys[: r % len(keys)]
         for key in order:
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             out = cases[key]()
-            times[key].append(time.perf_counter() - t0)
+            wall[key].append(time.perf_counter() - w0)
+            cpu[key].append(time.process_time() - c0)
             assert out.shape[1] == NEW_TOKENS + 1
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    def tps(key: str) -> float:
-        return rows[key] * NEW_TOKENS / statistics.median(times[key])
-
     print(f"threads={args.threads} rounds={args.rounds} prompt_len={args.prompt_len}")
-    print(
-        f"{'distinct':>8} {'batch':>5} {'base tok/s':>10} {'peft tok/s':>10} "
-        f"{'ours tok/s':>10} {'peft/base':>9} {'ours/base':>9}"
-    )
-    for n in args.distinct:
-        batch = 64 if n > 16 else 16
-        base, peft, ours = tps(f"base/b{batch}"), tps(f"peft/{n}"), tps(f"ours/{n}")
+    for label, t in (("wall", wall), ("cpu", cpu)):
+        print(f"-- tokens/s by {label} time (medians over rounds); ratios: median of per-round")
         print(
-            f"{n:>8} {batch:>5} {base:>10.1f} {peft:>10.1f} {ours:>10.1f} "
-            f"{peft / base:>9.2f} {ours / base:>9.2f}"
+            f"{'distinct':>8} {'batch':>5} {'base':>7} {'peft':>7} {'ours':>7} "
+            f"{'peft/base':>9} {'ours/base':>9} {'tokens=':>7}"
         )
+        for n in args.distinct:
+            batch = 64 if n > 16 else 16
+            b, p, o = t[f"base/b{batch}"], t[f"peft/{n}"], t[f"ours/{n}"]
+            tok = batch * NEW_TOKENS
+            p_ratio = statistics.median(bi / pi for bi, pi in zip(b, p, strict=True))
+            o_ratio = statistics.median(bi / oi for bi, oi in zip(b, o, strict=True))
+            print(
+                f"{n:>8} {batch:>5} {tok / statistics.median(b):>7.1f} "
+                f"{tok / statistics.median(p):>7.1f} {tok / statistics.median(o):>7.1f} "
+                f"{p_ratio:>9.3f} {o_ratio:>9.3f} {agree[n]:>7.3f}"
+            )
 
 
 if __name__ == "__main__":

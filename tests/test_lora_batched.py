@@ -1,8 +1,9 @@
 """BatchedLora against the reference: PEFT's own `adapter_names` mixed batch.
 
-Each model (T5, BART, llama) holds three real PEFT adapters saved in the PEFT format: ranks
-4 and 8 on PEFT's default targets with different alphas, and a rank-2 adapter on one module
-type only, so that some layers lack some adapters. The tests first prove that the adapters
+Each model (T5, BART, llama) holds three real PEFT adapters saved in the PEFT format: rank 4
+on PEFT's default targets (attention q and v, cross-attention included), rank 8 on every linear
+layer of the blocks, and rank 2 on one module type only, with different scalings, so that
+layers hold different sets of adapters at different ranks. The tests first prove that the adapters
 really change the output, then that BatchedLora's logits and greedy tokens equal PEFT's.
 
 Exactness is checked in float64 (the models and adapters converted), where rounding cannot hide
@@ -36,6 +37,11 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llama": tiny_llama,
 }
 ONE_MODULE = {"t5": ["v"], "bart": ["v_proj"], "llama": ["v_proj"]}
+ALL_LINEAR = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 MIXED = ["a", BASE, "b", "c", "a", "b"]
 
 
@@ -47,7 +53,7 @@ def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     model_dir = BUILDERS[arch](root)
     adapters = {
         "a": save_lora_adapter(model_dir, root / "a", r=4, seed=1, lora_alpha=8),
-        "b": save_lora_adapter(model_dir, root / "b", r=8, seed=2),
+        "b": save_lora_adapter(model_dir, root / "b", r=8, seed=2, target_modules=ALL_LINEAR[arch]),
         "c": save_lora_adapter(
             model_dir, root / "c", r=2, seed=3, target_modules=ONE_MODULE[arch], lora_alpha=5
         ),

@@ -59,7 +59,8 @@ class _Layer:
     orig: Callable[..., torch.Tensor]  # PEFT's bound forward
     i: int  # index of this layer's entry in a _Batch's per-layer plans
     stackable: bool = False
-    plain_base: bool = False  # base_layer is exactly nn.Linear: call F.linear directly
+    base: torch.nn.Module | None = None  # module.base_layer, read once per refresh
+    plain_base: bool = False  # base is exactly nn.Linear: call F.linear directly
     stack: LayerStack | None = None
 
 
@@ -183,8 +184,8 @@ class BatchedLora:
         self._slot_bytes = 0
         for layer in self._layers.values():
             layer.stackable = is_stackable(layer.module)
-            base = layer.module.base_layer
-            layer.plain_base = type(base) is torch.nn.Linear
+            layer.base = layer.module.base_layer
+            layer.plain_base = type(layer.base) is torch.nn.Linear
             layer.stack = (
                 build_stack(layer.module, self._slots, n_slots) if layer.stackable else None
             )
@@ -296,7 +297,7 @@ def _apply(
         raise ValueError("inside BatchedLora.rows(), do not pass PEFT's adapter_names too")
     if not layer.stackable:
         return layer.orig(x, *args, adapter_names=batch.names_for(x.shape[0]), **kwargs)
-    base = layer.module.base_layer
+    base = cast(torch.nn.Module, layer.base)
     if layer.plain_base and not args and not kwargs:
         linear = cast(torch.nn.Linear, base)
         result = F.linear(x, linear.weight, linear.bias)
