@@ -106,7 +106,9 @@ build() {
     log "podman build -t $LORAG_IMAGE ${args[*]} ."
     local start end
     start="$(date +%s)"
-    podman build -t "$LORAG_IMAGE" "${args[@]}" -f Dockerfile .
+    # each output line gets the wall-clock time, so slow steps show in the log
+    podman build -t "$LORAG_IMAGE" "${args[@]}" -f Dockerfile . 2>&1 \
+        | while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done
     end="$(date +%s)"
     local size
     size="$(podman image inspect --format '{{.Size}}' "$LORAG_IMAGE")"

@@ -14,6 +14,8 @@
 #   ASK_TIMEOUT_S      how long one /ask may take             [300]
 #   QUESTION           the demo question                      [What is albedo?]
 #   EXPECT_TITLE       a title the top passages must include  [Albedo]
+#   RUN_ARGS           extra `buildah run` arguments, e.g. volumes for an image built with
+#                      BAKE_MODELS=0: "-v $PWD/index:/app/index -v $HOME/.cache/lorag:/app/cache:ro"
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -122,15 +124,16 @@ CTR="$(buildah from --pull-never "$LORAG_IMAGE")" || fail "buildah from $LORAG_I
 log "container $CTR, serving on 127.0.0.1:$PORT"
 
 run_in_ctr() {
+    # shellcheck disable=SC2086
     buildah run --isolation chroot --network host \
         --env "LORAG_PORT=$PORT" --env LORAG_HOST=127.0.0.1 --env HF_HUB_OFFLINE=1 \
-        "$CTR" -- "$@"
+        ${RUN_ARGS:-} "$CTR" -- "$@"
 }
 
 start="$(date +%s.%N)"
 # HF_HUB_OFFLINE=1: the baked image must answer without any model download.
 # LORAG_HOST=127.0.0.1: with the host's network, keep the test server on loopback.
-setsid bash -c "$(declare -f run_in_ctr); PORT=$PORT CTR=$CTR; run_in_ctr lorag serve" \
+setsid bash -c "$(declare -f run_in_ctr); PORT=$PORT CTR=$CTR RUN_ARGS='${RUN_ARGS:-}'; run_in_ctr lorag serve" \
     >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
@@ -162,7 +165,7 @@ health_args=()
 while IFS= read -r arg; do health_args+=("$arg"); done < <(
     python3 -c 'import json, sys; print("\n".join(json.loads(sys.argv[1])))' "$HEALTH_CMD_JSON"
 )
-CTR="$CTR" PORT="$PORT" run_in_ctr "${health_args[@]}" >>"$WORK/health.log" 2>&1 \
+run_in_ctr "${health_args[@]}" >>"$WORK/health.log" 2>&1 \
     || fail "the image's HEALTHCHECK command fails against a ready server ($(cat "$WORK/health.log"))"
 log "HEALTHCHECK command passes inside the container"
 
