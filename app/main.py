@@ -50,6 +50,7 @@ def create_app(
                 await asyncio.wait([loader])
             if state.service is not None:
                 await state.service.engine.stop()
+                state.service.close()
 
     app = FastAPI(
         title="lorag",

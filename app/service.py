@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import time
 from collections.abc import Sequence
@@ -66,6 +67,12 @@ class RagService:
         self.engine = engine
         self.registry = registry
         self._timeout_s = request_timeout_s
+        # One retrieval thread: the encoder's fast tokenizer is not safe to call from two
+        # threads at once ("Already borrowed"), and on a CPU the encoder's own matmuls already
+        # use every core. It runs beside the model thread, so retrieval and generation overlap.
+        self._retrieval = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="lorag-retrieval"
+        )
 
     async def ask(self, params: AskParams) -> AskResult:
         t0 = time.perf_counter()
@@ -74,7 +81,9 @@ class RagService:
         if not params.question.strip():
             raise InvalidInputError("question is empty")
         # the encoder is not the generator: it runs in the thread pool, beside the model thread
-        found = await asyncio.to_thread(self.retriever.retrieve, [params.question], params.top_k)
+        found = await asyncio.get_running_loop().run_in_executor(
+            self._retrieval, self.retriever.retrieve, [params.question], params.top_k
+        )
         hits = found[0]
         t1 = time.perf_counter()
         result = await self.engine.generate(
@@ -109,6 +118,9 @@ class RagService:
         )
 
     # adapters: validation off the model thread, the swap on it, in queue order ----------------
+
+    def close(self) -> None:
+        self._retrieval.shutdown(wait=True)
 
     async def load_adapter(self, name: str, rel_path: str) -> tuple[AdapterInfo, bool]:
         prepared = await asyncio.to_thread(self.registry.prepare, rel_path)

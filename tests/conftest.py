@@ -11,6 +11,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
+
+# Tiny models spend their time in per-op overhead, where a second thread only adds
+# synchronization (6x slower measured here on a busy 2-core machine).
+torch.set_num_threads(1)
+
 # Facts with one clear home each, so retrieval can be checked exactly.
 FACT_DOCS = [
     {
