@@ -12,6 +12,7 @@ from app.generation.backends import Generator
 from app.generation.loading import load_generator, prepare_default_generator
 from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
+from app.lora.residency import ResidencyPolicy
 from app.retrieval.builder import build_index
 from app.retrieval.encoders import TextEncoder, load_encoder
 from app.retrieval.retriever import Retriever
@@ -56,7 +57,15 @@ def load_components(settings: Settings) -> Components:
         cache_dir=settings.cache_dir,
     )
     times["generator"] = time.perf_counter() - t
-    registry = AdapterRegistry(generator, settings.adapters_dir)
+    registry = AdapterRegistry(
+        generator,
+        settings.adapters_dir,
+        policy=ResidencyPolicy.of(
+            settings.adapter_memory_bytes,
+            lazy_load=settings.lazy_load_adapters,
+            merge_single=settings.merge_single_adapter,
+        ),
+    )
     t = time.perf_counter()
     _warm_up(encoder, index, generator)
     times["warm_up"] = time.perf_counter() - t

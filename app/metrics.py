@@ -45,11 +45,21 @@ class Metrics:
         self.adapter_bytes = Gauge(
             "lorag_adapter_bytes_resident", "Bytes of loaded adapter weights", registry=r
         )
+        self.adapter_evictions = Counter(
+            "lorag_adapter_evictions", "Adapters evicted to fit the memory budget", registry=r
+        )
+        self._evictions_seen = 0
         self.index_passages = Gauge("lorag_index_passages", "Passages in the index", registry=r)
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
         self.batch_seconds.observe(seconds)
+
+    def record_evictions(self, total: int) -> None:
+        """Advance the eviction counter to the registry's running total."""
+        if total > self._evictions_seen:
+            self.adapter_evictions.inc(total - self._evictions_seen)
+            self._evictions_seen = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from app.engine.engine import Engine, EngineRequest
-from app.errors import InvalidInputError
+from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError
 from app.generation.types import Decoding, Mode
 from app.lora.registry import AdapterInfo, AdapterRegistry
 from app.retrieval.types import Hit
@@ -73,11 +73,41 @@ class RagService:
         self._retrieval = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="lorag-retrieval"
         )
+        # lazy loads in flight, by adapter name: concurrent asks for one unloaded adapter share
+        # one load (touched on the event loop only)
+        self._loading: dict[str, asyncio.Future[AdapterInfo]] = {}
 
     async def ask(self, params: AskParams) -> AskResult:
+        if params.adapter is None:
+            return await self._ask(params)
+        # held from before the (lazy) load until the answer: eviction leaves it alone meanwhile
+        with self.registry.hold(params.adapter):
+            if params.adapter not in self.registry:
+                await self._lazy_load(params.adapter)  # 404 before any work if it cannot
+            return await self._ask(params)
+
+    async def _lazy_load(self, name: str) -> AdapterInfo:
+        """Load adapters_dir/<name> as name, once however many asks wait for it."""
+        if not self.registry.policy.lazy_load:
+            raise AdapterNotFound(name)
+        pending = self._loading.get(name)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load_folder(name))
+            self._loading[name] = pending
+            pending.add_done_callback(
+                lambda done: self._loading.pop(name) if self._loading.get(name) is done else None
+            )
+        return await asyncio.shield(pending)  # one caller giving up does not cancel the load
+
+    async def _load_folder(self, name: str) -> AdapterInfo:
+        try:
+            prepared = await asyncio.to_thread(self.registry.prepare, name)
+        except AdapterPathNotFound:
+            raise AdapterNotFound(name) from None
+        return await self.engine.run_exclusive(lambda: self.registry.ensure(name, prepared))
+
+    async def _ask(self, params: AskParams) -> AskResult:
         t0 = time.perf_counter()
-        if params.adapter is not None:
-            self.registry.get(params.adapter)  # 404 before any work
         if not params.question.strip():
             raise InvalidInputError("question is empty")
         # the encoder is not the generator: it runs in the thread pool, beside the model thread
@@ -122,9 +152,13 @@ class RagService:
     def close(self) -> None:
         self._retrieval.shutdown(wait=True)
 
-    async def load_adapter(self, name: str, rel_path: str) -> tuple[AdapterInfo, bool]:
+    async def load_adapter(
+        self, name: str, rel_path: str, *, pinned: bool = False
+    ) -> tuple[AdapterInfo, bool]:
         prepared = await asyncio.to_thread(self.registry.prepare, rel_path)
-        return await self.engine.run_exclusive(lambda: self.registry.install(name, prepared))
+        return await self.engine.run_exclusive(
+            lambda: self.registry.install(name, prepared, pinned=pinned)
+        )
 
     async def unload_adapter(self, name: str) -> None:
         self.registry.get(name)  # 404 before queueing

@@ -75,6 +75,24 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long admitted requests get to finish."
     )
 
+    # adapter residency (app/lora/residency.py)
+    adapter_memory_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Budget for resident LoRA weights in bytes (in the model's dtype); over it, "
+        "least recently used unpinned idle adapters are evicted. 0 or unset: unlimited.",
+    )
+    lazy_load_adapters: bool = Field(
+        True,
+        description="An /ask naming an adapter that is not loaded loads adapters_dir/<name> "
+        "if that folder exists.",
+    )
+    merge_single_adapter: bool = Field(
+        False,
+        description="While exactly one adapter is loaded and every request asks for it, merge "
+        "it into the base weights (no LoRA latency); unmerged for any other row.",
+    )
+
     @property
     def index_path(self) -> Path:
         return self.index_dir / self.index_name

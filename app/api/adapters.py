@@ -22,18 +22,24 @@ def _out(info: AdapterInfo) -> AdapterOut:
         target_modules=list(info.target_modules),
         base_model=info.base_model,
         bytes=info.bytes,
+        resident_bytes=info.resident_bytes,
         loaded_at=info.loaded_at,
+        pinned=info.pinned,
+        last_used=info.last_used,
+        requests_served=info.requests_served,
     )
 
 
 def _record_resident(state: StateDep, service: ServiceDep) -> None:
     infos = service.registry.list()
     state.metrics.adapters_resident.set(len(infos))
-    state.metrics.adapter_bytes.set(sum(i.bytes for i in infos))
+    state.metrics.adapter_bytes.set(sum(i.resident_bytes for i in infos))
+    state.metrics.record_evictions(service.registry.evictions)
 
 
 @router.get("", response_model=AdapterList)
-async def list_adapters(service: ServiceDep) -> AdapterList:
+async def list_adapters(service: ServiceDep, state: StateDep) -> AdapterList:
+    _record_resident(state, service)  # lazy loads in /ask may have loaded or evicted some
     return AdapterList(adapters=[_out(i) for i in service.registry.list()])
 
 
@@ -46,7 +52,10 @@ async def get_adapter(service: ServiceDep, name: str = NamePath) -> AdapterOut:
     "/{name}",
     response_model=AdapterOut,
     dependencies=[AdminDep],
-    responses={201: {"model": AdapterOut, "description": "Loaded under a new name"}},
+    responses={
+        201: {"model": AdapterOut, "description": "Loaded under a new name"},
+        422: {"description": "Invalid adapter, or it cannot fit the adapter memory budget"},
+    },
 )
 async def put_adapter(
     body: AdapterLoad,
@@ -55,9 +64,12 @@ async def put_adapter(
     state: StateDep,
     name: str = NamePath,
 ) -> AdapterOut:
-    """Load an adapter folder (relative to the adapters root) under `name`; replace it if loaded."""
+    """Load an adapter folder (relative to the adapters root) under `name`; replace it if loaded.
+
+    Over the adapter memory budget, least recently used unpinned idle adapters are evicted;
+    if that cannot make room, 422 names the budget and the sizes and nothing is evicted."""
     try:
-        info, replaced = await service.load_adapter(name, body.path)
+        info, replaced = await service.load_adapter(name, body.path, pinned=body.pinned)
     except Exception:
         state.metrics.adapter_ops.labels("load", "error").inc()
         raise

@@ -82,8 +82,14 @@ class AdapterOut(BaseModel):
     alpha: float
     target_modules: list[str]
     base_model: str | None
-    bytes: int
+    bytes: int = Field(description="Size of the adapter's weights file.")
+    resident_bytes: int = Field(
+        description="Memory its LoRA weights take in the model (what the budget counts)."
+    )
     loaded_at: datetime
+    pinned: bool = Field(description="Pinned adapters are never evicted.")
+    last_used: datetime | None = Field(description="When a batch last ran a request with it.")
+    requests_served: int = Field(description="Requests that ran with it since it was loaded.")
 
 
 class AdapterList(BaseModel):
@@ -95,6 +101,9 @@ class AdapterLoad(BaseModel):
 
     path: str = Field(
         ..., min_length=1, max_length=512, description="Folder relative to the adapters root."
+    )
+    pinned: bool = Field(
+        False, description="Never evict it to make room under the adapter memory budget."
     )
 
     _check_path = field_validator("path")(_no_control_chars)

@@ -46,7 +46,8 @@ class HasVersion(Protocol):
 
 
 class AdapterResolver(Protocol):
-    def peft_name(self, name: str) -> str: ...
+    def begin_batch(self, names: Sequence[str | None]) -> None: ...
+    def peft_name(self, name: str) -> str | None: ...
     def get(self, name: str) -> HasVersion: ...
 
 
@@ -231,6 +232,7 @@ class Engine:
         versions: list[str | None] = [None] * len(items)
         rows: list[GenRow] = []
         index: list[int] = []
+        self._adapters.begin_batch([it.request.adapter for it in items])  # usage, merge policy
         for i, it in enumerate(items):
             req = it.request
             # adapters change only on this thread, so name and version are read consistently

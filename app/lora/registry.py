@@ -10,9 +10,18 @@ The base model is wrapped into a PeftModel on the first install and unwrapped (P
 which puts the original layers back) when the last adapter goes, so a registry with nothing
 installed serves the plain base model at full speed.
 
-Threads: prepare/get/list/peft_name may run anywhere; install and unload mutate the model and
-must run on the thread that runs generation (the engine serializes them with batches). A lock
-guards only the name map, so readers on other threads never see it half-updated.
+Residency (app/lora/residency.py): an install that would overrun the memory budget first evicts
+the least recently used adapters that are neither pinned nor held by queued requests, or is
+refused with nothing evicted. With merge_single, the one installed adapter is merged into the
+base weights while every row of every batch asks for it (LoRA's zero added latency), and
+unmerged before any batch with a base row, and before any install or unload. While merged, the
+generator serves the plain transformers model (its LoRA layers merged), and peft_name() says
+None: rows must not pass PEFT adapter_names, which merged layers refuse.
+
+Threads: prepare/get/list/peft_name/hold may run anywhere; install, unload and begin_batch
+mutate the model and must run on the thread that runs generation (the engine serializes them
+with batches). A lock guards only the name map and the usage counters, so readers on other
+threads never see them half-updated.
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ import itertools
 import logging
 import re
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +46,7 @@ from peft.utils import set_peft_model_state_dict
 from app.errors import AdapterInvalid, AdapterNotFound, InvalidInputError
 from app.generation.backends import Generator
 from app.lora.paths import resolve_under
+from app.lora.residency import ResidencyPolicy, Resident, plan_eviction
 from app.lora.validate import TASK_TYPES, BaseLayout, ValidatedAdapter, describe, validate_adapter
 
 log = logging.getLogger(__name__)
@@ -56,12 +68,25 @@ class AdapterInfo:
     bytes: int
     loaded_at: datetime
     version: str  # sha256 of adapter_model.safetensors, first 12 hex digits
+    resident_bytes: int  # LoRA weights as the model holds them (its dtype), what the budget counts
+    pinned: bool = False
+    last_used: datetime | None = None  # when a batch last ran a row with it
+    requests_served: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
-    info: AdapterInfo
+    info: AdapterInfo  # the static part; usage fields live below
     internal: str
+    pinned: bool
+    tick: int  # last install or use, for LRU
+    last_used: datetime | None = None
+    served: int = 0
+
+    def snapshot(self) -> AdapterInfo:
+        return replace(
+            self.info, pinned=self.pinned, last_used=self.last_used, requests_served=self.served
+        )
 
 
 def check_name(name: str) -> None:
@@ -79,10 +104,12 @@ class AdapterRegistry:
         root: Path,
         *,
         on_change: Callable[[torch.nn.Module], None] | None = None,
+        policy: ResidencyPolicy | None = None,
     ) -> None:
-        """on_change(model) runs on the model thread after each install/unload, with the model
-        now serving (a PeftModel, or the plain base after the last unload): the hook for
-        anything that caches per-adapter state, such as stacked LoRA weights."""
+        """on_change(model) runs on the model thread after each install/unload/eviction and
+        merge/unmerge, with the model now serving (a PeftModel, or a plain transformers model
+        after the last unload or while merged): the hook for anything that caches per-adapter
+        state, such as stacked LoRA weights."""
         if isinstance(generator.model, PeftModel):
             raise ValueError("the generator already holds a PeftModel; give the plain base model")
         self.generator = generator
@@ -92,6 +119,13 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._on_change = on_change
+        self.policy = policy or ResidencyPolicy()
+        self._held: Counter[str] = Counter()  # name -> requests admitted that name it
+        self._ticks = itertools.count(1)
+        self._elem = next(generator.model.parameters()).element_size()
+        self._peft: PeftModel | None = None  # the wrapped model while merged
+        self._merged: str | None = None  # internal name merged into the base weights
+        self.evictions = 0  # running total, read by the metrics layer
 
     # ---- any thread ---------------------------------------------------------------------
 
@@ -103,26 +137,91 @@ class AdapterRegistry:
     def get(self, name: str) -> AdapterInfo:
         with self._lock:
             entry = self._entries.get(name)
-        if entry is None:
-            raise AdapterNotFound(name)
-        return entry.info
+            if entry is None:
+                raise AdapterNotFound(name)
+            return entry.snapshot()
 
     def list(self) -> list[AdapterInfo]:
         with self._lock:
-            return [self._entries[n].info for n in sorted(self._entries)]
+            return [self._entries[n].snapshot() for n in sorted(self._entries)]
 
-    def peft_name(self, name: str) -> str:
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._entries
+
+    def peft_name(self, name: str) -> str | None:
+        """The PEFT adapter name a row for `name` passes, or None while it is merged into the
+        weights the model serves (then every row is that adapter's; see begin_batch)."""
         with self._lock:
             entry = self._entries.get(name)
         if entry is None:
             raise AdapterNotFound(name)
-        return entry.internal
+        return None if entry.internal == self._merged else entry.internal
+
+    @property
+    def merged(self) -> str | None:
+        """The public name merged into the base weights, if any."""
+        with self._lock:
+            for name, entry in self._entries.items():
+                if entry.internal == self._merged:
+                    return name
+        return None
+
+    @contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        """While held (a request naming it is admitted), `name` is never evicted; it need not
+        be loaded yet (a lazy load runs inside the hold)."""
+        with self._lock:
+            self._held[name] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[name] -= 1
+                if self._held[name] <= 0:
+                    del self._held[name]
 
     # ---- model thread -------------------------------------------------------------------
 
-    def install(self, name: str, prepared: PreparedAdapter) -> tuple[AdapterInfo, bool]:
-        """Install prepared as name; returns (info, whether it replaced an adapter)."""
+    def begin_batch(self, names: Sequence[str | None]) -> None:
+        """Called by the engine before it resolves a batch's rows (public names, None = base):
+        counts usage, then merges or unmerges as the merge policy says."""
+        now = datetime.now(UTC)
+        with self._lock:
+            tick = next(self._ticks)
+            for name in names:
+                entry = self._entries.get(name) if name is not None else None
+                if entry is not None:
+                    entry.served += 1
+                    entry.last_used = now
+                    entry.tick = tick
+            only = next(iter(self._entries.values())) if len(self._entries) == 1 else None
+        if not self.policy.merge_single:
+            return
+        try:
+            if only is not None and names and all(n == only.info.name for n in names):
+                self._merge(only.internal)
+            else:
+                self._unmerge()
+        except Exception:  # the batch still runs, unmerged (per-row adapters are always right)
+            log.exception("merge policy failed; serving unmerged")
+
+    def install(
+        self, name: str, prepared: PreparedAdapter, *, pinned: bool = False
+    ) -> tuple[AdapterInfo, bool]:
+        """Install prepared as name; returns (info, whether it replaced an adapter).
+
+        Over the memory budget, evicts least recently used idle adapters after the install
+        succeeds; raises AdapterBudgetExceeded (evicting nothing) when they cannot make room."""
         check_name(name)
+        need = self.resident_bytes(prepared)
+        with self._lock:
+            residents = [
+                Resident(n, e.info.resident_bytes, e.tick, e.pinned, self._held[n] > 0)
+                for n, e in self._entries.items()
+            ]
+        evict = plan_eviction(residents, name, need, self.policy.memory_budget)
+        self._unmerge()
         internal = f"lorag{next(self._ids)}"
         self._inject(internal, prepared)
         info = AdapterInfo(
@@ -131,13 +230,26 @@ class AdapterRegistry:
             bytes=prepared.bytes,
             loaded_at=datetime.now(UTC),
             version=prepared.version,
+            resident_bytes=need,
             **describe(prepared.config),
         )
         with self._lock:
             old = self._entries.get(name)
-            self._entries[name] = _Entry(info, internal)
+            self._entries[name] = _Entry(info, internal, pinned, next(self._ticks))
+            gone = [self._entries.pop(n) for n in evict]
+            self.evictions += len(gone)
         if old is not None:
             self._delete(old.internal)
+        for entry in gone:
+            self._delete(entry.internal)
+            log.info(
+                "evicted adapter %r (%d bytes, last used %s) to fit %r under the %d-byte budget",
+                entry.info.name,
+                entry.info.resident_bytes,
+                entry.last_used,
+                name,
+                self.policy.memory_budget,
+            )
         self._changed()
         log.info(
             "%s adapter %r (%s, r=%d, version %s) as %s",
@@ -148,7 +260,16 @@ class AdapterRegistry:
             info.version,
             internal,
         )
-        return info, old is not None
+        return self.get(name), old is not None
+
+    def ensure(self, name: str, prepared: PreparedAdapter) -> AdapterInfo:
+        """Install prepared as name unless name is loaded by now (a lazy load that raced a PUT
+        or another lazy load keeps what is there)."""
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is not None:
+            return entry.snapshot()
+        return self.install(name, prepared)[0]
 
     def unload(self, name: str) -> None:
         """Remove the adapter and free its weights; the base serves alone after the last."""
@@ -156,11 +277,40 @@ class AdapterRegistry:
             entry = self._entries.get(name)
         if entry is None:
             raise AdapterNotFound(name)
+        self._unmerge()
         self._delete(entry.internal)
         with self._lock:
             del self._entries[name]
         self._changed()
         log.info("unloaded adapter %r (%s)", name, entry.internal)
+
+    def resident_bytes(self, prepared: PreparedAdapter) -> int:
+        """Bytes prepared's LoRA weights take once installed (in the model's dtype)."""
+        return sum(t.numel() for t in prepared.state_dict.values()) * self._elem
+
+    def _merge(self, internal: str) -> None:
+        if self._merged == internal:
+            return
+        self._unmerge()
+        model = self.generator.model
+        assert isinstance(model, PeftModel), "an adapter is installed, so the model is wrapped"
+        _tuner(model).merge_adapter([internal])
+        self._peft, self._merged = model, internal
+        # the plain model: its LoRA layers run base_layer (merged weights) when given no
+        # adapter_names, which is what the generator passes to a non-PEFT model
+        self.generator.model = model.get_base_model()
+        self._changed()
+        log.info("merged adapter %s into the base weights", internal)
+
+    def _unmerge(self) -> None:
+        if self._merged is None:
+            return
+        assert self._peft is not None
+        _tuner(self._peft).unmerge_adapter()
+        self.generator.model = self._peft.eval()
+        log.info("unmerged adapter %s", self._merged)
+        self._peft, self._merged = None, None
+        self._changed()
 
     def _changed(self) -> None:
         if self._on_change is not None:
