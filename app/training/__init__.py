@@ -1,0 +1,1 @@
+"""Training LoRA adapters: data checks, objectives, the loop, evaluation, atomic save."""

@@ -1,0 +1,69 @@
+"""What `lorag adapter train` is asked to do, validated before any file or model is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from app.errors import InvalidInputError
+from app.lora.registry import check_name
+
+Objective = Literal["concat", "token", "sequence"]
+OBJECTIVES: tuple[Objective, ...] = ("concat", "token", "sequence")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    data: Path
+    name: str
+    base: str = "default"  # generator spec: "default", a hub id or a local folder
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: str = "attention"  # attention | all-linear | a,b,c
+    last_layers: int | None = None  # LoRA only in the last N blocks (cheaper backward)
+    epochs: int = 1
+    lr: float = 3e-4
+    batch_size: int = 4
+    top_k: int = 5
+    objective: Objective = "concat"
+    seed: int = 0
+    heldout: float = 0.1
+    qlora: bool = False
+    max_steps: int | None = None
+    max_answer_chars: int = 1000
+    eval_max_new_tokens: int | None = None  # greedy answers at evaluation; None: from answers,
+    # 0: loss only
+    force: bool = False  # replace an existing adapter folder
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        positive = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size}
+        positive |= {"top_k": self.top_k, "max_answer_chars": self.max_answer_chars}
+        for key, value in positive.items():
+            if value < 1:
+                raise InvalidInputError(f"{key} must be at least 1, got {value}")
+        for key, opt in (("max_steps", self.max_steps), ("last_layers", self.last_layers)):
+            if opt is not None and opt < 1:
+                raise InvalidInputError(f"{key} must be at least 1, got {opt}")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 0:
+            raise InvalidInputError(
+                f"eval_max_new_tokens must be >= 0, got {self.eval_max_new_tokens}"
+            )
+        if self.alpha <= 0 or self.lr <= 0:
+            raise InvalidInputError(f"alpha and lr must be positive, got {self.alpha}, {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidInputError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.heldout < 1.0:
+            raise InvalidInputError(f"heldout must be in [0, 1), got {self.heldout}")
+        if self.objective not in OBJECTIVES:
+            raise InvalidInputError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+        if not self.target_modules.strip(" ,"):
+            raise InvalidInputError("target_modules is empty")
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["data"] = str(self.data)
+        return out
