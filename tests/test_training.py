@@ -125,7 +125,7 @@ def trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Traine
 
 def test_saved_folder_and_summary(trained: Trained) -> None:
     files = sorted(p.name for p in trained.adapter.iterdir())
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", SUMMARY_NAME]
+    assert files == ["adapter_config.json", "adapter_model.safetensors", SUMMARY_NAME]
     assert [p.name for p in trained.adapter.parent.iterdir()] == ["colors"]  # no temp left
     s = trained.summary
     assert s["data"] == {  # type: ignore[comparison-overlap]

@@ -259,6 +259,7 @@ def _save_atomically(
     try:
         peft_model: Any = g.model  # a PeftModel (typed as a Module by the backend)
         peft_model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's blank model card template
         if opts.qlora and held:
             summary["metrics"]["after_on_full_precision_base"] = _served_loss(
                 tmp, opts, settings, held, reserve
