@@ -234,3 +234,29 @@ def test_qlora_adapter_serves_on_full_precision_base(tmp_path: Path) -> None:
     # and it loads into plain PEFT on the unquantized base
     peft = PeftModel.from_pretrained(load_tiny(model_dir), str(result.path))
     assert any("lora_A" in n for n, _ in peft.named_parameters())
+
+
+def test_examples_without_passages_get_the_index_top_k(index_root: Path, tmp_path: Path) -> None:
+    from app.retrieval.encoders import load_encoder
+    from app.retrieval.retriever import Retriever
+    from app.retrieval.store import PassageIndex
+    from app.training.data import load_examples
+    from app.training.train import resolve_samples
+
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"question": "Which gas giant orbits Quell?", "answer": "Zorblax"},
+        {"question": "q", "answer": "a", "passages": ["given"]},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = Settings(index_dir=index_root, index_name="facts")
+    samples = resolve_samples(load_examples(data), settings, top_k=3)
+    # the reference: the retriever the server uses, on the same index
+    encoder = load_encoder("default", "sentence-transformers")
+    hits = Retriever(encoder, PassageIndex.load(index_root / "facts")).retrieve(
+        [rows[0]["question"]], 3
+    )[0]
+    assert samples[0].passages == tuple(h.passage for h in hits)
+    assert samples[0].scores == pytest.approx([h.score for h in hits])
+    assert samples[0].passages[0].doc_id == "zorblax"
+    assert [p.text for p in samples[1].passages] == ["given"] and samples[1].scores is None
