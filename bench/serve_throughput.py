@@ -7,6 +7,8 @@ Prints throughput and p50/p99 latency per run and overall, the batched/unbatched
 ratio last. The generator is a T5-small-shaped model with random weights (d_model 512, 6+6
 layers, d_ff 2048, 8 heads; ByT5's byte vocabulary, so 259 tokens instead of 32k) unless
 --generator names another (`default` = the packaged SmolLM2-135M, slow on 2 shared cores).
+The random model greedily decodes PAD at every step, never EOS: every request takes exactly
+--max-new-tokens decoding steps, and its answer is an empty string.
 
 Part 2 (--load-latency): a rank-16 LoRA adapter (q, v; PEFT's T5 default) loaded into a
 T5-large-shaped base (d_model 1024, 24+24 layers, d_ff 4096, 16 heads, 737M params; weights left
@@ -120,9 +122,13 @@ def server(generator: str, max_batch: int, max_new_tokens: int) -> Iterator[str]
         proc.wait(timeout=60)
 
 
-async def load(url: str, requests: int, clients: int, top_k: int) -> tuple[float, list[float]]:
-    """Wall seconds for `requests` /ask calls from `clients` concurrent clients, latencies ms."""
+async def load(
+    url: str, requests: int, clients: int, top_k: int
+) -> tuple[float, list[float], list[int]]:
+    """Wall seconds for `requests` /ask calls from `clients` concurrent clients, latencies ms,
+    answer lengths in characters (bytes for a ByT5 vocabulary: the decoding steps taken)."""
     latencies: list[float] = []
+    lengths: list[int] = []
     counter = iter(range(requests))
 
     async def client(ac: httpx.AsyncClient) -> None:
@@ -132,6 +138,7 @@ async def load(url: str, requests: int, clients: int, top_k: int) -> tuple[float
             r = await ac.post(f"{url}/ask", json=body)
             r.raise_for_status()
             latencies.append((time.perf_counter() - t) * 1000)
+            lengths.append(len(r.json()["answer"]))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as ac:
@@ -139,7 +146,7 @@ async def load(url: str, requests: int, clients: int, top_k: int) -> tuple[float
         started = time.perf_counter()
         await asyncio.gather(*(client(ac) for _ in range(clients)))
         wall = time.perf_counter() - started
-    return wall, latencies
+    return wall, latencies, lengths
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -153,12 +160,15 @@ def throughput(args: argparse.Namespace) -> None:
         lats: dict[int, list[float]] = {16: [], 1: []}
         for rnd in range(args.rounds):
             for b in (16, 1):
-                wall, lat = asyncio.run(load(urls[b], args.requests, args.clients, args.top_k))
+                wall, lat, lens = asyncio.run(
+                    load(urls[b], args.requests, args.clients, args.top_k)
+                )
                 walls[b].append(wall)
                 lats[b].extend(lat)
                 print(
                     f"round {rnd} max_batch_size {b:2d}: {args.requests / wall:6.2f} req/s  "
-                    f"p50 {pct(lat, 50):7.0f} ms  p99 {pct(lat, 99):7.0f} ms",
+                    f"p50 {pct(lat, 50):7.0f} ms  p99 {pct(lat, 99):7.0f} ms  "
+                    f"mean answer {statistics.mean(lens):.1f} chars",
                     flush=True,
                 )
     rates = {b: [args.requests / w for w in walls[b]] for b in walls}
