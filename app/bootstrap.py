@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from app.errors import IndexNotFound
 from app.generation.backends import Generator
 from app.generation.loading import load_generator, prepare_default_generator
@@ -37,6 +39,8 @@ class Components:
 
 def load_components(settings: Settings) -> Components:
     """Load encoder, index and generator; refuse an index built with another encoder."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     times: dict[str, float] = {}
     t = time.perf_counter()
     encoder = load_encoder(

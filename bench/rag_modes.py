@@ -58,7 +58,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--t5-small", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     settings = Settings()
     if args.t5_small:
@@ -87,6 +90,10 @@ def main() -> None:
                     answer = decoder.run([row])[0]
                     seconds[label(mode, decoding)].append(time.perf_counter() - t)
                     correct[label(mode, decoding)] += q["answer"].lower() in answer.text.lower()
+        print(
+            f"k={k}: " + ", ".join(f"{n} {statistics.median(v):.2f}s" for n, v in seconds.items()),
+            flush=True,
+        )
         for name in seconds:
             summary[(k, name)] = (
                 statistics.median(seconds[name]),
