@@ -13,13 +13,13 @@ base (median of per-round ratios: the runs of one round share the machine's load
 fraction of generated tokens equal to PEFT's.
 
     .venv/bin/python -m bench.lora_throughput [--rounds 5] [--threads 1] [--prompt-len 64]
+        [--distinct 1 4 16 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -61,7 +61,9 @@ def build(n_adapters: int, seed: int = 0) -> tuple[T5ForConditionalGeneration, P
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    # one thread by default: on a 2-core machine shared with other work, two OpenMP threads
+    # wait on each other at every op (a 16x512x512 matmul measured 7 ms instead of 0.2 ms)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--distinct", type=int, nargs="+", default=[1, 4, 16, 64])
     args = ap.parse_args()
