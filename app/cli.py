@@ -1,4 +1,4 @@
-"""`lorag serve | prepare | index build | adapter list/load/unload | ask`."""
+"""`lorag serve | prepare | index build | adapter list/load/unload/train | ask`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 
 from app.logs import configure_logging
 from app.settings import Settings
+from app.training.cli import add_train_parser
 
 log = logging.getLogger("lorag")
 
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = acts.add_parser("unload")
     s.add_argument("name")
     s.set_defaults(func=cmd_adapter)
+    add_train_parser(acts)  # local: writes adapters/NAME, needs no server
 
     s = sub.add_parser("ask", help="ask a question (in process, or --url a server)")
     s.add_argument("question")

@@ -42,7 +42,4 @@ def configure_logging(level: str = "info", *, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is
-    # missing; QLoRA training works without it and serving never uses it
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # one line per CPU variant tried
