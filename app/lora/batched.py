@@ -8,7 +8,8 @@ stacked into two tensors (app/lora/stacks.py) and a batch is applied with, per l
 - all rows on one adapter: two plain matmuls at that adapter's rank;
 - otherwise: the rows' A and B gathered once per generate call (then cached), and two batched
   matmuls, whatever the number of distinct adapters.
-Outputs equal PEFT's `adapter_names` (up to float rounding: the scaling is folded into B).
+Outputs equal PEFT's `adapter_names`: exactly for a one-adapter batch (the same matmuls), up to
+float rounding for a mixed one (batched matmuls accumulate in another order; 1e-12 in float64).
 
 Mechanism: each LoRA layer's `forward` is replaced, on the instance, by one that reads the rows
 set by `BatchedLora.rows()`; outside `rows()` it calls PEFT's own forward unchanged, so plain
