@@ -149,6 +149,16 @@ async def load(
     return wall, latencies, lengths
 
 
+def batch_rows(url: str) -> tuple[float, float]:
+    """(rows, batches) the server has generated so far, from its /metrics."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(("lorag_batch_rows_sum", "lorag_batch_rows_count")):
+            key, value = line.split()
+            values[key] = float(value)
+    return values["lorag_batch_rows_sum"], values["lorag_batch_rows_count"]
+
+
 def throughput(args: argparse.Namespace) -> None:
     with ExitStack() as stack:
         generator = args.generator
@@ -160,14 +170,18 @@ def throughput(args: argparse.Namespace) -> None:
         lats: dict[int, list[float]] = {16: [], 1: []}
         for rnd in range(args.rounds):
             for b in (16, 1):
+                rows0, batches0 = batch_rows(urls[b])
                 wall, lat, lens = asyncio.run(
                     load(urls[b], args.requests, args.clients, args.top_k)
                 )
+                rows1, batches1 = batch_rows(urls[b])
+                mean_rows = (rows1 - rows0) / max(1.0, batches1 - batches0)
                 walls[b].append(wall)
                 lats[b].extend(lat)
                 print(
                     f"round {rnd} max_batch_size {b:2d}: {args.requests / wall:6.2f} req/s  "
                     f"p50 {pct(lat, 50):7.0f} ms  p99 {pct(lat, 99):7.0f} ms  "
+                    f"mean batch {mean_rows:4.1f} rows  "
                     f"mean answer {statistics.mean(lens):.1f} chars",
                     flush=True,
                 )
