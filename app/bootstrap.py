@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from app.errors import IndexNotFound
-from app.generation.backends import Generator
+from app.generation.backends import Generator, sync_batched_lora
 from app.generation.loading import load_generator, prepare_default_generator
 from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
@@ -64,6 +64,7 @@ def load_components(settings: Settings) -> Components:
     registry = AdapterRegistry(
         generator,
         settings.adapters_dir,
+        on_change=lambda model: sync_batched_lora(generator, model),
         policy=ResidencyPolicy.of(
             settings.adapter_memory_bytes,
             lazy_load=settings.lazy_load_adapters,

@@ -68,7 +68,7 @@ def _reference_answer(model_dir: Path, adapter_dir: Path | None, client, backend
 def test_adapter_lifecycle_matches_peft(client_factory, backend, tiny_generators, adapters_root):
     model_dir = tiny_generators[backend]
     save_lora_adapter(model_dir, adapters_root / "a", seed=1)
-    client = client_factory(backend)
+    client = client_factory(backend, lazy_load_adapters=False)  # unloaded stays unloaded
 
     base = ask(client, top_k=2).json()["answer"]
     assert base == _reference_answer(model_dir, None, client, backend)
