@@ -223,14 +223,22 @@ def test_qlora_adapter_serves_on_full_precision_base(tmp_path: Path) -> None:
         name="q",
         base=str(model_dir),
         qlora=True,
-        max_steps=2,
+        lr=5e-3,
+        epochs=2,
+        batch_size=2,
+        dropout=0.0,
+        target_modules="all-linear",
         heldout=0.2,
-        eval_max_new_tokens=4,
+        eval_max_new_tokens=0,
     )
     result = train_adapter(opts, settings)
     assert result.summary["base"]["quantization"] == "nf4+double-quant"  # type: ignore[index]
-    served = result.summary["metrics"]["after_on_full_precision_base"]["loss"]  # type: ignore[index]
-    assert served == pytest.approx(result.summary["metrics"]["after"]["loss"], rel=0.2)  # type: ignore[index]
+    metrics: dict[str, dict[str, float]] = result.summary["metrics"]  # type: ignore[assignment]
+    assert metrics["after"]["loss"] < metrics["before"]["loss"] - 0.5
+    # served the usual way (full-precision base, through the registry) it is about as good
+    served = metrics["after_on_full_precision_base"]["loss"]
+    assert served == pytest.approx(metrics["after"]["loss"], rel=0.25)
+    assert served < metrics["before"]["loss"] - 0.5
     # and it loads into plain PEFT on the unquantized base
     peft = PeftModel.from_pretrained(load_tiny(model_dir), str(result.path))
     assert any("lora_A" in n for n, _ in peft.named_parameters())

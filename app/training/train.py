@@ -144,7 +144,7 @@ def train_adapter(
             "first_loss": round(losses[0], 4) if losses else None,
             "last_loss": round(losses[-1], 4) if losses else None,
             "mean_step_s": round(sum(step_times) / max(len(step_times), 1), 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),  # load + train + eval, before saving
             "torch_threads": torch.get_num_threads(),
         },
     }
@@ -265,7 +265,6 @@ def _save_atomically(
                 tmp, opts, settings, held, reserve
             )
         summary["duration_s"] = round(time.perf_counter() - started, 1)
-        summary["train"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a server may run as another user
         for f in tmp.iterdir():
