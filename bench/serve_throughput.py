@@ -91,7 +91,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(generator: str, max_batch: int, max_new_tokens: int) -> Iterator[str]:
+def server(generator: str, max_batch: int, max_new_tokens: int, wait_ms: float) -> Iterator[str]:
     port = free_port()
     env = {
         **os.environ,
@@ -100,7 +100,7 @@ def server(generator: str, max_batch: int, max_new_tokens: int) -> Iterator[str]
         "LORAG_LOG_LEVEL": "warning",
         "LORAG_GENERATOR": generator,
         "LORAG_MAX_BATCH_SIZE": str(max_batch),
-        "LORAG_BATCH_WAIT_MS": "5",
+        "LORAG_BATCH_WAIT_MS": str(wait_ms),
         "LORAG_MAX_NEW_TOKENS": str(max_new_tokens),
     }
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env)
@@ -326,6 +326,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="the batched server's")
     ap.add_argument("--generator", default=None, help="default: a T5-small-shaped random model")
     ap.add_argument("--load-latency", action="store_true", help="only the adapter load part")
     ap.add_argument("--loads", type=int, default=5)
