@@ -14,6 +14,8 @@
 #   ASK_TIMEOUT_S      how long one /ask may take             [300]
 #   QUESTION_INDEX     which entry of index/sources/demo_questions.json to ask  [0]
 #   QUESTION           ask this instead (then EXPECT_PASSAGE_ID, if set, is checked)
+#   ADAPTER            adapter (a folder of adapters/) to load, ask with and unload
+#                                                             [the first one there]
 #   RUN_ARGS           extra `buildah run` arguments, e.g. volumes for an image built with
 #                      BAKE_MODELS=0: "-v $PWD/index:/app/index -v $HOME/.cache/lorag:/app/cache:ro"
 set -euo pipefail
@@ -231,5 +233,46 @@ if want_answer:
     print(f"expected answer {want_answer!r} {'found' if found else 'NOT found'} in the answer",
           file=sys.stderr)
 PY
+
+# ------------------------------------------------------------------ a shipped adapter
+# the repository's adapters/ is baked into /app/adapters: load one, ask with it, unload it
+ADAPTER="${ADAPTER:-$(find adapters -mindepth 2 -maxdepth 2 -name adapter_config.json 2>/dev/null \
+    | sort | head -n 1 | xargs -r dirname | xargs -r basename)}"
+if [ -n "$ADAPTER" ]; then
+    python3 - "$PORT" "$ADAPTER" "$QUESTION" "$ASK_TIMEOUT_S" <<'PY' || fail "adapter $ADAPTER round trip failed"
+import json, sys, urllib.error, urllib.request
+port, name, question, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+base = f"http://127.0.0.1:{port}"
+
+def call(method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, (json.loads(raw) if raw else None)
+    except urllib.error.HTTPError as e:
+        sys.exit(f"{method} {path} -> {e.code}: {e.read().decode(errors='replace')}")
+
+status, info = call("PUT", f"/adapters/{name}", {"path": name})
+if not info.get("version"):
+    sys.exit(f"PUT /adapters/{name} -> {status} without a version: {info}")
+_, body = call("POST", "/ask", {"question": question, "adapter": name})
+if body.get("adapter") != name or body.get("adapter_version") != info["version"]:
+    sys.exit(f"/ask with adapter {name} ran with {body.get('adapter')!r} "
+             f"{body.get('adapter_version')!r}, want version {info['version']!r}")
+if not body.get("passages") or not body.get("answer", "").strip():
+    sys.exit(f"/ask with adapter {name}: no answer or passages: {str(body)[:500]}")
+print(f"adapter {name} (version {info['version'][:12]}): {body['answer'].strip()[:120]!r}",
+      file=sys.stderr)
+status, _ = call("DELETE", f"/adapters/{name}")
+if status != 204:
+    sys.exit(f"DELETE /adapters/{name} -> {status}, want 204")
+PY
+    log "adapter $ADAPTER from /app/adapters: loaded, answered with it, unloaded"
+else
+    log "no adapters in adapters/: adapter round trip skipped"
+fi
 
 log "PASS: $LORAG_IMAGE built, served /ready and answered /ask with passages"
