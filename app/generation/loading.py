@@ -60,6 +60,7 @@ def prepare_default_generator(cache_dir: Path) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}.", dir=cache_dir))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server under another uid must read it
     try:
         started = time.perf_counter()
         _convert_gguf(gguf, tmp)

@@ -163,6 +163,7 @@ class PassageIndex:
             raise InvalidInputError(f"{path} exists and is not an index folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server under another uid must read it
         try:
             manifest = self._write_files(tmp)
             _replace_dir(tmp, path)
