@@ -23,13 +23,13 @@ from pathlib import Path
 import httpx
 
 QUESTIONS_FILE = Path("index/sources/demo_questions.json")
-FALLBACK = ["What is albedo?", "Who was Achilles?", "What is anarchism?", "What is autism?"]
+FALLBACK = ["What is the capital of Alaska?", "What does ASCII stand for?"]
 
 
 def questions() -> list[str]:
     if QUESTIONS_FILE.exists():
         data = json.loads(QUESTIONS_FILE.read_text())
-        return [q["question"] if isinstance(q, dict) else str(q) for q in data]
+        return [q["question"] for q in data["questions"]]
     return FALLBACK
 
 
