@@ -165,7 +165,12 @@ def throughput(args: argparse.Namespace) -> None:
         if generator is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             generator = str(t5_small_shaped(tmp / "t5-small-shaped"))
-        urls = {b: stack.enter_context(server(generator, b, args.max_new_tokens)) for b in (16, 1)}
+        urls = {
+            b: stack.enter_context(
+                server(generator, b, args.max_new_tokens, args.batch_wait_ms if b > 1 else 0)
+            )
+            for b in (16, 1)
+        }
         walls: dict[int, list[float]] = {16: [], 1: []}
         lats: dict[int, list[float]] = {16: [], 1: []}
         for rnd in range(args.rounds):
