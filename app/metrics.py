@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from app.lora.registry import AdapterRegistry
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -54,6 +59,13 @@ class Metrics:
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
         self.batch_seconds.observe(seconds)
+
+    def observe_registry(self, registry: AdapterRegistry) -> None:
+        """Resident adapters, their bytes, and evictions so far (lazy loads evict too)."""
+        infos = registry.list()
+        self.adapters_resident.set(len(infos))
+        self.adapter_bytes.set(sum(i.resident_bytes for i in infos))
+        self.record_evictions(registry.evictions)
 
     def record_evictions(self, total: int) -> None:
         """Advance the eviction counter to the registry's running total."""

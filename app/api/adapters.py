@@ -31,10 +31,7 @@ def _out(info: AdapterInfo) -> AdapterOut:
 
 
 def _record_resident(state: StateDep, service: ServiceDep) -> None:
-    infos = service.registry.list()
-    state.metrics.adapters_resident.set(len(infos))
-    state.metrics.adapter_bytes.set(sum(i.resident_bytes for i in infos))
-    state.metrics.record_evictions(service.registry.evictions)
+    state.metrics.observe_registry(service.registry)
 
 
 @router.get("", response_model=AdapterList)
