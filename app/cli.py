@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from app.errors import LoragError
 from app.logs import configure_logging
 from app.settings import Settings
 from app.training.cli import add_train_parser
@@ -79,7 +80,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         device=settings.device,
         context_spec=settings.dpr_context_encoder,
     )
-    out = settings.index_dir / args.name
+    out = settings.index_path
     manifest = build_index([Path(s) for s in args.sources], encoder, out, words=args.words)
     print(f"built {out}: {manifest.passage_count} passages, encoder {manifest.encoder}")
     return 0
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sources", nargs="+")
     s.add_argument("--name", dest="index_name", default="demo", help="index folder name")
     s.add_argument("--words", type=int, default=100, help="words per passage")
-    s.set_defaults(func=cmd_index_build, name=None)
+    s.set_defaults(func=cmd_index_build)
 
     ad = sub.add_parser("adapter", help="manage adapters on a running server")
     ad.add_argument("--url", default="http://127.0.0.1:8000")
@@ -200,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
     configure_logging("debug" if args.verbose else settings.log_level, json_lines=settings.log_json)
-    if getattr(args, "command", None) == "index":
-        args.name = args.index_name
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except LoragError as exc:  # a bad input, named by the error: no traceback
+        print(f"lorag: {exc}", file=sys.stderr)
+        return 2
     return code
 
 
