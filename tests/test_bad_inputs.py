@@ -64,8 +64,7 @@ CASES = [
     # POST /ask: body
     Case("ask-malformed-json", "POST", "/ask", 422, "malformed JSON", content=b'{"question": ',
          headers={"content-type": "application/json"}),
-    # FastAPI's own 400 (not the 422 of other malformed JSON); the detail is generic
-    Case("ask-invalid-utf8", "POST", "/ask", 400, "error parsing the body",
+    Case("ask-invalid-utf8", "POST", "/ask", 422, "not valid UTF-8 at byte 14",
          content=b'{"question": "\xff\xfe"}', headers={"content-type": "application/json"}),
     Case("ask-body-is-a-list", "POST", "/ask", 422, "valid dictionary", json=[QUESTION]),
     Case("ask-missing-question", "POST", "/ask", 422, "question: Field required", json={}),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import (
     GenerationTimeout,
@@ -52,6 +54,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _lorag(_: Request, exc: LoragError) -> JSONResponse:
         headers = {"Retry-After": "1"} if isinstance(exc, NotReadyError) else None
         return JSONResponse({"detail": str(exc)}, status_code=status_for(exc), headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI turns a body it cannot decode (not UTF-8) into a bare 400 "error parsing the
+        # body"; say what is wrong, with the 422 every other malformed body gets
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            cause = exc.__cause__
+            return JSONResponse(
+                {"detail": f"malformed JSON body: not valid UTF-8 at byte {cause.start}"},
+                status_code=422,
+            )
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
