@@ -24,7 +24,7 @@ from app.settings import DEFAULT, Settings
 log = logging.getLogger(__name__)
 
 DEMO_INDEX = "demo"
-DEMO_SOURCE = Path("index") / "sources" / "demo.jsonl"
+DEMO_SOURCE = Path("sources") / "demo.jsonl"  # under the index root, beside the built indexes
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _warm_up(encoder: TextEncoder, index: PassageIndex, generator: Generator) ->
     generator.generate([GenRow("warm-up", [h.passage for h in hits], None, 1)])
 
 
-def prepare(settings: Settings, *, demo_source: Path = DEMO_SOURCE) -> None:
+def prepare(settings: Settings, *, demo_source: Path | None = None) -> None:
     """First-run setup for the embedded default: convert the generator, build the demo index."""
     if settings.generator == DEFAULT:
         prepare_default_generator(settings.cache_dir)
@@ -102,6 +102,7 @@ def prepare(settings: Settings, *, demo_source: Path = DEMO_SOURCE) -> None:
     except IndexNotFound:
         if settings.index_name != DEMO_INDEX:
             raise
+    demo_source = demo_source or settings.index_dir / DEMO_SOURCE
     log.info("building the demo index from %s into %s", demo_source, settings.index_path)
     encoder = load_encoder(
         settings.encoder,
