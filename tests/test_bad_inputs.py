@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from tests.conftest import make_settings, wait_loaded
-from tests.tiny import EOS, PAD, VOCAB, _save, save_lora_adapter
+from tests.tiny import save_lora_adapter, tiny_llama, tiny_t5
 
 QUESTION = "What are the rings of Zorblax made of?"
 TOKEN = "s3cret-admin"
@@ -180,33 +178,9 @@ CASES = [
 
 def _other_size_model(backend: str, root: Path) -> Path:
     """The same architecture as the tiny backend but another width: its adapters cannot fit."""
-    torch.manual_seed(3)
     if backend == "t5":
-        cfg_t5 = T5Config(
-            vocab_size=VOCAB,
-            d_model=16,
-            d_ff=32,
-            d_kv=4,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            pad_token_id=PAD,
-            eos_token_id=EOS,
-            decoder_start_token_id=PAD,
-        )
-        return _save(T5ForConditionalGeneration(cfg_t5), root / "t5-16")
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=None,
-    )
-    return _save(LlamaForCausalLM(cfg), root / "llama-16")
+        return tiny_t5(root, seed=3, name="t5-16", width=16)
+    return tiny_llama(root, seed=3, name="llama-16", width=16)
 
 
 def _bad_adapters(model_dir: Path, other_model: Path, root: Path, outside: Path) -> None:

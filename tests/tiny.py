@@ -49,14 +49,14 @@ def _save(model: PreTrainedModel, out: Path, *, chat_template: str | None = None
     return out
 
 
-def tiny_t5(tmp_path: Path, *, seed: int = 0, name: str = "tiny-t5") -> Path:
-    """A 2+2-layer T5 (d_model 32) saved under tmp_path/name."""
+def tiny_t5(tmp_path: Path, *, seed: int = 0, name: str = "tiny-t5", width: int = 32) -> Path:
+    """A 2+2-layer T5 (d_model `width`) saved under tmp_path/name."""
     torch.manual_seed(seed)
     cfg = T5Config(
         vocab_size=VOCAB,
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
+        d_model=width,
+        d_ff=2 * width,
+        d_kv=width // 4,
         num_layers=2,
         num_decoder_layers=2,
         num_heads=4,
@@ -93,14 +93,19 @@ def tiny_bart(tmp_path: Path, *, seed: int = 0, name: str = "tiny-bart") -> Path
 
 
 def tiny_llama(
-    tmp_path: Path, *, seed: int = 0, name: str = "tiny-llama", chat: bool = False
+    tmp_path: Path,
+    *,
+    seed: int = 0,
+    name: str = "tiny-llama",
+    chat: bool = False,
+    width: int = 32,
 ) -> Path:
-    """A 2-layer llama (hidden 32, GQA 4/2 heads); chat=True saves a chat template too."""
+    """A 2-layer llama (hidden `width`, GQA 4/2 heads); chat=True saves a chat template too."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
