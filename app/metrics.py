@@ -33,6 +33,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.generated_tokens = Counter(
+            "lorag_generated_tokens",
+            "Tokens generated for /ask answers, by adapter and mode",
+            ["adapter", "mode"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "lorag_batch_rows",
             "Rows per generation batch",

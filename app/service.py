@@ -42,6 +42,7 @@ class AskResult:
     # posterior p(z|x, y) for the marginalized modes
     weights: list[float]
     timings_ms: dict[str, float]
+    generated_tokens: int = 0
 
 
 def prior_weights(scores: Sequence[float]) -> list[float]:
@@ -145,6 +146,7 @@ class RagService:
                 "generate": (t2 - t1) * 1000,
                 "total": (t2 - t0) * 1000,
             },
+            generated_tokens=result.answer.tokens,
         )
 
     # adapters: validation off the model thread, the swap on it, in queue order ----------------

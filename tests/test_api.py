@@ -240,9 +240,13 @@ def test_index_from_another_encoder_is_refused_with_the_reason(
 
 def test_metrics_count_requests_and_batches(client_factory):
     client = client_factory()
-    ask(client)
+    tokens = ask(client).json()["generated_tokens"]
+    assert tokens > 0
     text = client.get("/metrics").text
     assert 'lorag_http_requests_total{method="POST",route="/ask",status="200"} 1.0' in text
+    assert (
+        f'lorag_generated_tokens_total{{adapter="__base__",mode="concat"}} {float(tokens)}' in text
+    )
     assert "lorag_batch_rows_count 1.0" in text
     assert "lorag_index_passages 6.0" in text
 

@@ -83,6 +83,22 @@ def test_greedy_matches_transformers_generate(gen: Generator, model_dir: Path) -
     assert gen.generate([row])[0] != ""
 
 
+def test_token_counts_are_the_tokens_generate_produced(gen: Generator, model_dir: Path) -> None:
+    """generate_decoded counts each row's generated tokens up to and including its end token."""
+    ref = load_tiny(model_dir)
+    for row in rows():
+        n = row.max_new_tokens
+        enc = gen._encode([gen.prompt(row.question, row.passages, n)], 10_000)
+        out = ref.generate(**enc, max_new_tokens=n, do_sample=False, num_beams=1)
+        start = 1 if gen.kind == "seq2seq" else enc["input_ids"].shape[1]
+        new = out[0, start:].tolist()
+        ends = [i for i, t in enumerate(new) if t in gen.eos_ids]
+        expected = ends[0] + 1 if ends else len(new)
+        [decoded] = gen.generate_decoded([row])
+        assert decoded.tokens == expected
+        assert 0 < decoded.tokens <= n
+
+
 def test_each_row_is_cut_at_its_own_limit(gen: Generator) -> None:
     long_row = GenRow("Where is Alpha?", [P1], None, 12)
     short = GenRow("Where is Alpha?", [P1], None, 3)

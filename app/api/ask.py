@@ -26,9 +26,9 @@ async def ask(
             decoding=body.decoding,
         )
     )
-    state.metrics.ask_latency.labels(body.adapter or "__base__", result.mode).observe(
-        result.timings_ms["total"] / 1000
-    )
+    labels = (body.adapter or "__base__", result.mode)
+    state.metrics.ask_latency.labels(*labels).observe(result.timings_ms["total"] / 1000)
+    state.metrics.generated_tokens.labels(*labels).inc(result.generated_tokens)
     return AskResponse(
         answer=result.answer,
         adapter=result.adapter,
@@ -46,5 +46,6 @@ async def ask(
             for h, w in zip(result.hits, result.weights, strict=True)
         ],
         timings_ms=Timings(**result.timings_ms),
+        generated_tokens=result.generated_tokens,
         request_id=request.state.request_id,
     )

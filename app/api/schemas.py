@@ -71,6 +71,9 @@ class AskResponse(BaseModel):
     mode: str
     passages: list[PassageOut]
     timings_ms: Timings
+    generated_tokens: int = Field(
+        description="Tokens the generator produced for the answer (end of sequence included)."
+    )
     request_id: str
 
 

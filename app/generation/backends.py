@@ -17,7 +17,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from peft import PeftModel
@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 _HUGE = 1_000_000  # tokenizers say model_max_length=1e30 when they do not know
+
+
+class Decoded(NamedTuple):
+    text: str
+    tokens: int  # tokens the model generated for it, its end-of-sequence token included
 
 
 class Generator(ABC):
@@ -122,7 +127,11 @@ class Generator(ABC):
             return self.model(**inputs, **self.adapter_kwargs(adapters))
 
     def generate(self, rows: Sequence[GenRow]) -> list[str]:
-        """Greedy answers for all rows, in one batched model.generate call.
+        """Greedy answers for all rows (the texts of generate_decoded)."""
+        return [d.text for d in self.generate_decoded(rows)]
+
+    def generate_decoded(self, rows: Sequence[GenRow]) -> list[Decoded]:
+        """Greedy answers for all rows, with token counts, in one batched model.generate call.
 
         Each row's prompt is fitted to that row's own budget, so its answer never depends on
         the other rows. Only when a causal batch's longest prompt plus its longest answer would
@@ -138,14 +147,16 @@ class Generator(ABC):
             )
             for r in rows
         ]
-        answers = [""] * len(rows)
+        answers = [Decoded("", 0)] * len(rows)
         for group in self._groups([len(x) for x in ids], [r.max_new_tokens for r in rows]):
-            texts = self._generate_batch([ids[i] for i in group], [rows[i] for i in group])
-            for i, text in zip(group, texts, strict=True):
-                answers[i] = text
+            done = self._generate_batch([ids[i] for i in group], [rows[i] for i in group])
+            for i, decoded in zip(group, done, strict=True):
+                answers[i] = decoded
         return answers
 
-    def _generate_batch(self, ids: Sequence[list[int]], rows: Sequence[GenRow]) -> list[str]:
+    def _generate_batch(
+        self, ids: Sequence[list[int]], rows: Sequence[GenRow]
+    ) -> list[Decoded]:
         longest = max(r.max_new_tokens for r in rows)
         enc = self._pad(ids)  # [B, L]
         extra = self.adapter_kwargs([r.adapter for r in rows])
@@ -162,7 +173,7 @@ class Generator(ABC):
         # Each row is cut at its own limit. Greedy decoding is prefix-consistent: step t of a
         # row depends only on that row's prompt and its tokens before t, so the first n tokens
         # of a longer run are exactly what a run with max_new_tokens=n would produce.
-        return [self._decode(new[i, : r.max_new_tokens]) for i, r in enumerate(rows)]
+        return [self.decode_answer(new[i, : r.max_new_tokens]) for i, r in enumerate(rows)]
 
     def _groups(self, lengths: Sequence[int], new_tokens: Sequence[int]) -> list[list[int]]:
         """Row indices in batches whose longest prompt + longest answer fit the window.
@@ -221,13 +232,18 @@ class Generator(ABC):
         cfg.pad_token_id = self.tokenizer.pad_token_id
         return cfg
 
-    def _decode(self, tokens: torch.Tensor) -> str:
+    def decode_answer(self, tokens: torch.Tensor) -> Decoded:
+        """The text of generated tokens [T], cut at the first end-of-sequence token."""
         ids: list[int] = tokens.tolist()
+        generated = len(ids)
         for i, t in enumerate(ids):
             if t in self.eos_ids:
-                ids = ids[:i]
+                ids, generated = ids[:i], i + 1  # what follows the end is padding
                 break
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+        return Decoded(str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip(), generated)
+
+    def _decode(self, tokens: torch.Tensor) -> str:
+        return self.decode_answer(tokens).text
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self._hf.generation_config, "eos_token_id", None)

@@ -33,6 +33,7 @@ from app.generation.types import GenRow
 class Answer:
     text: str
     weights: list[float] | None  # p(z|x, y) per passage for token/sequence; None for concat
+    tokens: int = 0  # tokens generated for the answer
 
 
 class RagDecoder:
@@ -51,7 +52,7 @@ class RagDecoder:
         for key, members in groups.items():
             batch = [rows[i] for i in members]
             if key[0] == "concat":
-                done = [Answer(t, None) for t in self.generator.generate(batch)]
+                done = [Answer(d.text, None, d.tokens) for d in self.generator.generate_decoded(batch)]
             else:
                 done = self._marginalized(batch)
             for i, answer in zip(members, done, strict=True):
@@ -86,13 +87,11 @@ class RagDecoder:
         out = self._search(rows[0])(
             ids, mask, scores.to(ids.device), n_docs=n_docs, max_new_tokens=longest, **extra
         )
-        return [
-            Answer(
-                gen._decode(out.sequences[b, : row.max_new_tokens]),
-                out.doc_posterior[b].tolist(),
-            )
-            for b, row in enumerate(rows)
-        ]
+        answers = []
+        for b, row in enumerate(rows):
+            decoded = gen.decode_answer(out.sequences[b, : row.max_new_tokens])
+            answers.append(Answer(decoded.text, out.doc_posterior[b].tolist(), decoded.tokens))
+        return answers
 
     def _search(self, row: GenRow) -> Callable[..., RagOutput]:
         gen = self.generator
