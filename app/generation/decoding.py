@@ -52,7 +52,9 @@ class RagDecoder:
         for key, members in groups.items():
             batch = [rows[i] for i in members]
             if key[0] == "concat":
-                done = [Answer(d.text, None, d.tokens) for d in self.generator.generate_decoded(batch)]
+                done = [
+                    Answer(d.text, None, d.tokens) for d in self.generator.generate_decoded(batch)
+                ]
             else:
                 done = self._marginalized(batch)
             for i, answer in zip(members, done, strict=True):
