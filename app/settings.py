@@ -44,6 +44,27 @@ class Settings(BaseSettings):
         "spin (measured here: 2 threads on a busy 2-core machine ran 6x slower than 1).",
     )
 
+    # FAISS index kind and search parameters (app/retrieval/ann.py; measured in bench/RESULTS.md)
+    index_type: Literal["auto", "flat", "hnsw", "ivf_pq", "ivf_sq"] = Field(
+        "auto",
+        description="Index kind of `lorag index build`; auto: flat up to 200k passages, HNSW up "
+        "to 5M, IVF-SQ8 beyond.",
+    )
+    hnsw_m: int = Field(32, ge=2, le=256, description="HNSW graph neighbours per node (build).")
+    hnsw_ef_construction: int = Field(
+        200, ge=1, description="HNSW candidate list while building; higher: slower, better graph."
+    )
+    hnsw_ef_search: int = Field(
+        64, ge=1, description="HNSW candidate list per query; higher: better recall, slower."
+    )
+    ivf_nlist: int | None = Field(
+        None, ge=1, le=65536, description="IVF buckets (build); unset: about 4*sqrt(passages)."
+    )
+    ivf_nprobe: int = Field(32, ge=1, description="IVF buckets scanned per query.")
+    pq_m: int | None = Field(
+        None, ge=1, description="ivf_pq bytes per vector (must divide the dimension); unset: dim/8."
+    )
+
     # request defaults and limits
     top_k: int = Field(5, ge=1, le=50)
     max_new_tokens: int = Field(64, ge=1, le=512)
