@@ -30,34 +30,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from app.server import serve
 
-    from app.main import create_app
-
-    settings = _settings(args)
-    failure: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def on_failure(reason: str) -> None:
-        # a service that can never become ready should not linger: stop and say why
-        failure.append(reason)
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(settings, on_load_failure=on_failure)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep lorag's handler: request ids, optional JSON lines
-        access_log=False,  # the request middleware logs each request with its id
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
-    server = uvicorn.Server(config)
-    server.run()
-    if failure:
-        print(f"lorag: refusing to serve: {failure[0]}", file=sys.stderr)
+    failure = serve(_settings(args))
+    if failure is not None:
+        print(f"lorag: refusing to serve: {failure}", file=sys.stderr)
         return 1
     return 0
 

@@ -98,8 +98,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
     log_json: bool = Field(False, description="One JSON object per log line.")
+    shutdown_drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM, how long /ready says 503 while /ask is still answered, "
+        "before the socket closes (Ctrl-C skips it).",
+    )
     shutdown_grace_s: float = Field(
-        30.0, ge=0, description="On SIGTERM, how long admitted requests get to finish."
+        30.0, ge=0, description="Then how long admitted requests get to finish."
     )
 
     # adapter residency (app/lora/residency.py)

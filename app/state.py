@@ -11,7 +11,8 @@ from app.metrics import Metrics
 from app.service import RagService
 from app.settings import Settings
 
-Status = Literal["loading", "ready", "failed", "stopping"]
+# draining: SIGTERM arrived; /ready says 503 but requests are still answered (app/server.py)
+Status = Literal["loading", "ready", "draining", "failed", "stopping"]
 
 
 @dataclass

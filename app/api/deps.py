@@ -22,7 +22,7 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 def get_service(state: StateDep) -> RagService:
-    if state.service is None or state.status != "ready":
+    if state.service is None or state.status not in ("ready", "draining"):
         raise NotReadyError(
             f"service is {state.status}" + (f": {state.error}" if state.error else "")
         )
