@@ -125,7 +125,16 @@ def trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Traine
 
 def test_saved_folder_and_summary(trained: Trained) -> None:
     files = sorted(p.name for p in trained.adapter.iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors", SUMMARY_NAME]
+    assert files == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorag_task.json",
+        SUMMARY_NAME,
+    ]
+    task = json.loads((trained.adapter / "lorag_task.json").read_text())
+    assert task["question_encoder"] is None and task["encoder"] is None
+    assert task["mode"] == "concat" and task["top_k"] == 5
+    assert task["generator"]["fingerprint"] == s_base_fingerprint(trained)
     assert [p.name for p in trained.adapter.parent.iterdir()] == ["colors"]  # no temp left
     s = trained.summary
     assert s["data"] == {  # type: ignore[comparison-overlap]
@@ -144,6 +153,11 @@ def test_saved_folder_and_summary(trained: Trained) -> None:
     assert s["options"]["rank"] == 4  # type: ignore[index]
     config = json.loads((trained.adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(trained.model_dir.resolve())
+
+
+def s_base_fingerprint(trained: Trained) -> object:
+    base: dict[str, object] = trained.summary["base"]  # type: ignore[assignment]
+    return base["fingerprint"]
 
 
 def test_plain_peft_and_registry_serve_the_same(trained: Trained, tmp_path: Path) -> None:

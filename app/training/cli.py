@@ -49,6 +49,21 @@ def _add_arguments(s: argparse.ArgumentParser) -> None:
         "--eval-max-new-tokens", type=int, help="answer length at evaluation; 0 = loss only"
     )
     s.add_argument("--force", action="store_true", help="replace an existing adapter folder")
+    q = s.add_argument_group("question-encoder adapter (trained jointly, through p(z|x))")
+    q.add_argument(
+        "--question-encoder",
+        action="store_true",
+        help="also train a LoRA on the question encoder (needs --objective token or sequence)",
+    )
+    q.add_argument("--question-lr", type=float, help="its learning rate (default: --lr)")
+    q.add_argument("--question-target-modules", default="query,value")
+    q.add_argument("--question-last-layers", type=int, help="adapt only its last N layers")
+    q.add_argument(
+        "--candidates",
+        type=int,
+        default=20,
+        help="passages per question, fetched once; the top k are re-picked from them each step",
+    )
 
 
 def add_train_parser(subparsers: Any) -> None:
@@ -80,6 +95,11 @@ def options_from_args(args: argparse.Namespace, settings: Settings) -> TrainOpti
         max_answer_chars=args.max_answer_chars,
         eval_max_new_tokens=args.eval_max_new_tokens,
         force=args.force,
+        question_encoder=args.question_encoder,
+        question_lr=args.question_lr,
+        question_target_modules=args.question_target_modules,
+        question_last_layers=args.question_last_layers,
+        candidates=args.candidates,
     )
 
 

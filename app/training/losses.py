@@ -58,11 +58,18 @@ def _labels(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
 
 
 def batch_nll(
-    g: Generator, samples: Sequence[Sample], objective: Objective, *, reserve: int
+    g: Generator,
+    samples: Sequence[Sample],
+    objective: Objective,
+    *,
+    reserve: int,
+    doc_scores: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """(sum of answer-token NLL over the batch, number of answer tokens); differentiable.
 
     reserve: the max_new_tokens the server will budget prompts with (so prompts match /ask).
+    doc_scores: [B, K] retrieval scores that carry gradient to a question encoder (token and
+    sequence only; -inf where a question has fewer passages); overrides the samples' scores.
     """
     targets = answer_ids(g, [s.answer for s in samples])
     reserve = max(reserve, max(len(t) for t in targets))
@@ -70,7 +77,7 @@ def batch_nll(
     n_tokens = int((labels != IGNORE_INDEX).sum())
     if objective == "concat":
         return _concat_nll(g, samples, labels, reserve), n_tokens
-    return _marginal_nll(g, samples, labels, objective, reserve), n_tokens
+    return _marginal_nll(g, samples, labels, objective, reserve, doc_scores), n_tokens
 
 
 def _concat_nll(g: Generator, samples: Sequence[Sample], labels: Tensor, reserve: int) -> Tensor:
@@ -98,7 +105,12 @@ def _concat_nll(g: Generator, samples: Sequence[Sample], labels: Tensor, reserve
 
 
 def _marginal_nll(
-    g: Generator, samples: Sequence[Sample], labels: Tensor, mode: Objective, reserve: int
+    g: Generator,
+    samples: Sequence[Sample],
+    labels: Tensor,
+    mode: Objective,
+    reserve: int,
+    doc_scores: Tensor | None = None,
 ) -> Tensor:
     limit = g.max_input_tokens(reserve)
     n_docs = max(len(s.passages) for s in samples)
@@ -111,6 +123,10 @@ def _marginal_nll(
         given = s.scores if s.scores is not None else (0.0,) * len(s.passages)
         scores[b, : len(given)] = torch.tensor(given)
     enc = g._encode(prompts, limit)  # [B*K, L]
+    if doc_scores is not None:
+        if tuple(doc_scores.shape) != tuple(scores.shape):
+            raise ValueError(f"doc_scores {tuple(doc_scores.shape)} != {tuple(scores.shape)}")
+        scores = doc_scores
     scores = scores.to(g.device)
     pad = int(g.tokenizer.pad_token_id)
     mode_: Mode = "token" if mode == "token" else "sequence"

@@ -37,15 +37,24 @@ class TrainOptions:
     eval_max_new_tokens: int | None = None  # greedy answers at evaluation; None: from answers,
     # 0: loss only
     force: bool = False  # replace an existing adapter folder
+    # question-encoder LoRA (app/training/question.py), trained through the retrieval scores
+    question_encoder: bool = False
+    question_lr: float | None = None  # None: lr
+    question_target_modules: str = "query,value"  # the encoder transformer's layers to adapt
+    question_last_layers: int | None = None
+    candidates: int = 20  # passages per question the top_k are re-picked from at each step
 
     def __post_init__(self) -> None:
         check_name(self.name)
         positive = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size}
         positive |= {"top_k": self.top_k, "max_answer_chars": self.max_answer_chars}
+        positive["candidates"] = self.candidates
         for key, value in positive.items():
             if value < 1:
                 raise InvalidInputError(f"{key} must be at least 1, got {value}")
-        for key, opt in (("max_steps", self.max_steps), ("last_layers", self.last_layers)):
+        optional = {"max_steps": self.max_steps, "last_layers": self.last_layers}
+        optional["question_last_layers"] = self.question_last_layers
+        for key, opt in optional.items():
             if opt is not None and opt < 1:
                 raise InvalidInputError(f"{key} must be at least 1, got {opt}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 0:
@@ -62,6 +71,24 @@ class TrainOptions:
             raise InvalidInputError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
         if not self.target_modules.strip(" ,"):
             raise InvalidInputError("target_modules is empty")
+        if self.question_encoder:
+            self._check_question()
+
+    def _check_question(self) -> None:
+        if self.objective == "concat":
+            raise InvalidInputError(
+                "--question-encoder needs --objective token or sequence: with concat the "
+                "retrieval scores p(z|x) do not enter the loss, so the question encoder would "
+                "get no gradient"
+            )
+        if self.candidates < self.top_k:
+            raise InvalidInputError(
+                f"candidates ({self.candidates}) must be at least top_k ({self.top_k})"
+            )
+        if self.question_lr is not None and self.question_lr <= 0:
+            raise InvalidInputError(f"question_lr must be positive, got {self.question_lr}")
+        if not self.question_target_modules.strip(" ,"):
+            raise InvalidInputError("question_target_modules is empty")
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -28,12 +28,23 @@ from tqdm import tqdm
 
 from app.errors import InvalidInputError
 from app.generation.backends import Generator
+from app.lora.bundle import QUESTION_DIR, TaskManifest, write_manifest
+from app.retrieval.encoders import TextEncoder
+from app.retrieval.question_adapters import tower_of
 from app.settings import Settings
 from app.training.data import Example, file_sha256, load_examples, split_heldout
 from app.training.eval import Metrics, answer_budget, evaluate, heldout_loss
 from app.training.losses import Sample, batch_nll
 from app.training.model import ADAPTER, add_lora, base_fingerprint, load_base, resolve_base
 from app.training.options import TrainOptions
+from app.training.question import (
+    QuestionTraining,
+    add_question_lora,
+    candidate_vectors,
+    pick_top_k,
+    retrieve_with,
+    trainable_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +63,20 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def resolve_samples(examples: Sequence[Example], settings: Settings, top_k: int) -> list[Sample]:
+def resolve_samples(
+    examples: Sequence[Example],
+    settings: Settings,
+    top_k: int,
+    encoder: TextEncoder | None = None,
+) -> list[Sample]:
     """Samples with passages: as given, or the top_k of the configured index."""
     missing = [e for e in examples if e.passages is None]
     hits: dict[int, tuple[Any, ...]] = {}
     if missing:
-        from app.retrieval.encoders import load_encoder
         from app.retrieval.retriever import Retriever
         from app.retrieval.store import PassageIndex
 
-        encoder = load_encoder(
-            settings.encoder,
-            settings.encoder_kind,
-            device=settings.device,
-            context_spec=settings.dpr_context_encoder,
-        )
+        encoder = encoder or _load_encoder(settings)
         index = PassageIndex.load(settings.index_path, expect_fingerprint=encoder.fingerprint)
         found = Retriever(encoder, index).retrieve([e.question for e in missing], top_k)
         hits = {id(e): tuple(h) for e, h in zip(missing, found, strict=True)}
@@ -80,6 +90,17 @@ def resolve_samples(examples: Sequence[Example], settings: Settings, top_k: int)
             passages = tuple(h.passage for h in got)
             samples.append(Sample(e.question, e.answer, passages, tuple(h.score for h in got)))
     return samples
+
+
+def _load_encoder(settings: Settings) -> TextEncoder:
+    from app.retrieval.encoders import load_encoder
+
+    return load_encoder(
+        settings.encoder,
+        settings.encoder_kind,
+        device=settings.device,
+        context_spec=settings.dpr_context_encoder,
+    )
 
 
 def train_adapter(
@@ -96,8 +117,21 @@ def train_adapter(
     examples = load_examples(opts.data, max_answer_chars=opts.max_answer_chars)
     data_sha = file_sha256(opts.data)
     train_ex, held_ex = split_heldout(examples, opts.heldout, opts.seed)
-    train_set = resolve_samples(train_ex, settings, opts.top_k)
-    held_set = resolve_samples(held_ex, settings, opts.top_k)
+    question: QuestionTraining | None = None
+    if opts.question_encoder:
+        # each question keeps `candidates` passages; the top_k are re-picked from them
+        encoder = _load_encoder(settings)
+        train_set = resolve_samples(train_ex, settings, opts.candidates, encoder)
+        held_cands = resolve_samples(held_ex, settings, opts.candidates, encoder)
+        tower = tower_of(encoder)
+        held_vectors = candidate_vectors(encoder, held_cands)
+        question = QuestionTraining(
+            tower, add_question_lora(tower, opts), candidate_vectors(encoder, train_set), opts.top_k
+        )
+        held_set = retrieve_with(tower, None, held_cands, held_vectors, opts.top_k)
+    else:
+        train_set = resolve_samples(train_ex, settings, opts.top_k)
+        held_set = resolve_samples(held_ex, settings, opts.top_k)
     log.info(
         "%d training and %d held-out examples from %s", len(train_set), len(held_set), opts.data
     )
@@ -113,7 +147,15 @@ def train_adapter(
         budget = answer_budget(g, held_set) if held_set else 0
 
     before = _evaluate(g, held_set, opts, None, reserve, budget)
-    losses, step_times = _train_loop(g, train_set, opts, reserve, on_step)
+    losses, step_times = _train_loop(g, train_set, opts, reserve, on_step, question)
+    question_summary: dict[str, Any] | None = None
+    if question is not None:  # held-out passages as the trained question encoder picks them
+        question.model.eval()
+        base_held = held_set
+        held_set = retrieve_with(
+            question.tower, question.model, held_cands, held_vectors, opts.top_k
+        )
+        question_summary = _question_summary(question, base_held, held_set, opts)
     after = _evaluate(g, held_set, opts, ADAPTER, reserve, budget)
 
     summary: dict[str, Any] = {
@@ -147,8 +189,18 @@ def train_adapter(
             "peak_rss_mb": round(peak_rss_mb(), 1),  # load + train + eval, before saving
             "torch_threads": torch.get_num_threads(),
         },
+        "question_encoder": question_summary,
     }
-    path = _save_atomically(g, target, summary, started, opts, settings, held_set, reserve)
+    manifest = TaskManifest(
+        question_encoder=QUESTION_DIR if question is not None else None,
+        mode=opts.objective,
+        top_k=opts.top_k,
+        generator={"model_id": model_id, "fingerprint": summary["base"]["fingerprint"]},
+        encoder=question.tower.fingerprint if question is not None else None,
+    )
+    path = _save_atomically(
+        g, target, summary, started, opts, settings, held_set, reserve, question, manifest
+    )
     return TrainResult(path, json.loads((path / SUMMARY_NAME).read_text()))
 
 
@@ -198,17 +250,36 @@ def _samples(
     ]
 
 
+def _question_summary(
+    q: QuestionTraining, base: Sequence[Sample], trained: Sequence[Sample], opts: TrainOptions
+) -> dict[str, Any]:
+    trainable, _total = q.model.get_nb_trainable_parameters()
+    changed = sum(a.passages[0].id != b.passages[0].id for a, b in zip(base, trained, strict=True))
+    return {
+        "encoder": q.tower.fingerprint,
+        "candidates": opts.candidates,
+        "trainable_parameters": trainable,
+        "heldout_top1_changed": round(changed / len(base), 4) if base else None,
+    }
+
+
 def _train_loop(
     g: Generator,
     train_set: Sequence[Sample],
     opts: TrainOptions,
     reserve: int,
     on_step: Callable[[int, float], None] | None,
+    question: QuestionTraining | None = None,
 ) -> tuple[list[float], list[float]]:
-    """AdamW over the LoRA weights; returns per-step losses and seconds."""
+    """AdamW over the LoRA weights (and the question encoder's, with their own learning rate);
+    returns per-step losses and seconds."""
     model = g.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    groups: list[dict[str, Any]] = [{"params": params, "lr": opts.lr}]
+    if question is not None:
+        groups.append({"params": trainable_parameters(question), "lr": opts.question_lr or opts.lr})
+        question.model.train()
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=0.0)
     per_epoch = -(-len(train_set) // opts.batch_size)
     total = per_epoch * opts.epochs
     if opts.max_steps is not None:
@@ -226,8 +297,16 @@ def _train_loop(
                 if len(losses) >= total:
                     break
                 t = time.perf_counter()
-                batch = [train_set[j] for j in order[i : i + opts.batch_size]]
-                nll, n_tokens = batch_nll(g, batch, opts.objective, reserve=reserve)
+                rows = order[i : i + opts.batch_size]
+                batch = [train_set[j] for j in rows]
+                scores = None
+                if question is not None:  # re-pick the top k by the current q(x), with grad
+                    q = question.tower.encode([s.question for s in batch], question.model)
+                    vectors = [question.vectors[j] for j in rows]
+                    batch, scores = pick_top_k(q, batch, vectors, question.top_k)
+                nll, n_tokens = batch_nll(
+                    g, batch, opts.objective, reserve=reserve, doc_scores=scores
+                )
                 loss = nll / max(n_tokens, 1)  # mean NLL per answer token
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -241,6 +320,8 @@ def _train_loop(
     finally:
         bar.close()
         model.eval()
+        if question is not None:
+            question.model.eval()
     return losses, times
 
 
@@ -253,6 +334,8 @@ def _save_atomically(
     settings: Settings,
     held: Sequence[Sample],
     reserve: int,
+    question: QuestionTraining | None = None,
+    manifest: TaskManifest | None = None,
 ) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -260,6 +343,11 @@ def _save_atomically(
         peft_model: Any = g.model  # a PeftModel (typed as a Module by the backend)
         peft_model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's blank model card template
+        if question is not None:  # a plain PEFT folder for the encoder's transformer
+            question.model.save_pretrained(str(tmp / QUESTION_DIR))
+            (tmp / QUESTION_DIR / "README.md").unlink(missing_ok=True)
+        if manifest is not None:
+            write_manifest(tmp, manifest)
         if opts.qlora and held:
             summary["metrics"]["after_on_full_precision_base"] = _served_loss(
                 tmp, opts, settings, held, reserve
@@ -267,8 +355,8 @@ def _save_atomically(
         summary["duration_s"] = round(time.perf_counter() - started, 1)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a server may run as another user
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         if target.exists():  # --force: move the old one aside, then swap
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.rename(target, old)

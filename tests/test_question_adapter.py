@@ -1,0 +1,191 @@
+"""Question-encoder LoRA trained jointly with the generator, on a tiny sentence-transformers BERT
+and a tiny generator: gradients reach q(x) through p(z|x) and move it the way the marginal
+likelihood says; passages (so the index) stay as they were; the saved bundle serves the same in
+lorag and in plain PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import BertModel
+
+from app.errors import InvalidInputError
+from app.generation.loading import load_generator
+from app.lora.bundle import MANIFEST_NAME, QUESTION_DIR, prepare_task, read_manifest
+from app.retrieval.encoders import SentenceTransformerEncoder, load_encoder
+from app.retrieval.question_adapters import QuestionAdapters, tower_of
+from app.retrieval.types import Passage
+from app.settings import Settings
+from app.training.losses import Sample, batch_nll
+from app.training.options import TrainOptions
+from app.training.question import pick_top_k
+from app.training.train import train_adapter
+from tests.test_retrieval_encoders import tiny_sentence_transformer
+from tests.tiny import tiny_bart, tiny_llama
+
+# every word is in the tiny BERT's vocabulary (tests/test_retrieval_encoders.WORDS)
+PASSAGES = [
+    Passage("g#0", "g", "", "the glacier ice flows"),
+    Passage("p#0", "p", "", "a piano hammer and strings made sound"),
+    Passage("b#0", "b", "", "bread yeast rises"),
+    Passage("l#0", "l", "", "the lake of eel and tide"),
+]
+QUESTIONS = [
+    ("what is the glacier", "ice"),
+    ("how does a piano make sound", "hammer"),
+    ("why did bread rise", "yeast"),
+    ("where is the eel", "lake"),
+    ("what made the sound", "strings"),
+    ("how does the ice flow", "glacier"),
+    ("what rises in bread", "yeast"),
+    ("who was in the lake", "eel"),
+]
+
+
+@pytest.fixture(scope="module")
+def st_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_sentence_transformer(tmp_path_factory.mktemp("st"))
+
+
+def _data(path: Path) -> Path:
+    rows = [
+        {
+            "question": q,
+            "answer": a,
+            "passages": [{"title": p.title, "text": p.text} for p in PASSAGES],
+        }
+        for q, a in QUESTIONS
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _preferred(model_dir: Path, tmp_path: Path) -> list[int]:
+    """Per question, the passage under which the (base) generator finds the answer likeliest:
+    where the marginal likelihood's gradient pushes p(z|x)."""
+    g = load_generator(str(model_dir), cache_dir=tmp_path)
+    out = []
+    with torch.no_grad():
+        for q, a in QUESTIONS:
+            nll = [float(batch_nll(g, [Sample(q, a, (p,), None)], "sequence", reserve=8)[0])
+                   for p in PASSAGES]  # fmt: skip
+            out.append(int(np.argmin(nll)))
+    return out
+
+
+def _priors(encoder: SentenceTransformerEncoder, q: np.ndarray) -> np.ndarray:
+    d = encoder.encode_passages(PASSAGES)  # [4, H]
+    s = torch.from_numpy(q @ d.T)  # [n, 4]
+    return torch.softmax(s, dim=-1).numpy()
+
+
+BUILDERS = {"llama": tiny_llama, "bart": tiny_bart}
+
+
+@pytest.mark.parametrize(("backend", "objective"), [("llama", "token"), ("bart", "sequence")])
+def test_joint_training_moves_the_prior_toward_the_generators_choice(
+    backend: str, objective: str, st_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = BUILDERS[backend](tmp_path)
+    preferred = _preferred(model_dir, tmp_path)
+    encoder = load_encoder(str(st_dir), "sentence-transformers")
+    assert isinstance(encoder, SentenceTransformerEncoder)
+    questions = [q for q, _ in QUESTIONS]
+    base_q = encoder.encode_questions(questions)
+    base_passages = encoder.encode_passages(PASSAGES)
+    settings = Settings(
+        adapters_dir=tmp_path / "adapters", cache_dir=tmp_path / "cache", encoder=str(st_dir)
+    )
+    opts = TrainOptions(
+        data=_data(tmp_path / "d.jsonl"),
+        name="task",
+        base=str(model_dir),
+        objective=objective,  # type: ignore[arg-type]
+        rank=4,
+        alpha=8,
+        dropout=0.0,
+        lr=1e-6,  # the generator nearly frozen, so the passage it prefers stays the same
+        question_lr=3e-2,
+        question_encoder=True,
+        question_target_modules="query,key,value",
+        top_k=4,
+        candidates=4,
+        epochs=6,
+        batch_size=4,
+        heldout=0.0,
+    )
+    result = train_adapter(opts, settings)
+    bundle = result.path
+    assert (bundle / QUESTION_DIR / "adapter_model.safetensors").is_file()
+    assert not (bundle / QUESTION_DIR / "adapter_model.bin").exists()
+    manifest = read_manifest(bundle, "task")
+    assert manifest is not None
+    assert manifest.question_encoder == QUESTION_DIR and manifest.encoder == encoder.fingerprint
+    assert manifest.mode == objective and manifest.top_k == 4
+
+    # the reference: plain PEFT on the encoder's own transformer
+    bert = BertModel.from_pretrained(st_dir.parent / "bert").eval()
+    peft = PeftModel.from_pretrained(bert, str(bundle / QUESTION_DIR)).eval()
+    tower = tower_of(encoder)
+    with torch.no_grad():
+        trained_q = tower.encode(questions, peft).numpy()
+    # gradients flowed: the question vectors moved, and p(preferred|x) went up on average
+    assert not np.allclose(trained_q, base_q, atol=1e-4)
+    rows = np.arange(len(QUESTIONS))
+    before = _priors(encoder, base_q)[rows, preferred]
+    after = _priors(encoder, trained_q)[rows, preferred]
+    assert after.mean() > before.mean() + 1e-3, (before, after)
+    assert (after > before).sum() >= len(QUESTIONS) - 1, (before, after)
+    # the passage side is untouched: same vectors from the server's encoder as before training
+    np.testing.assert_array_equal(encoder.encode_passages(PASSAGES), base_passages)
+    np.testing.assert_array_equal(encoder.encode_questions(questions), base_q)
+
+    # lorag's serving path gives the same question vectors as plain PEFT
+    adapters = QuestionAdapters(encoder)
+    task = prepare_task(
+        settings.adapters_dir, "task", encoder_fingerprint=encoder.fingerprint,
+        question_layout=adapters.layout,
+    )  # fmt: skip
+    assert task.question is not None
+    adapters.install("task", task.question)
+    np.testing.assert_allclose(adapters.encode(questions, "task"), trained_q, atol=1e-5)
+    np.testing.assert_array_equal(encoder.encode_questions(questions), base_q)  # still the base
+    summary = result.summary["question_encoder"]
+    assert summary["encoder"] == encoder.fingerprint  # type: ignore[index]
+
+
+def test_pick_top_k_matches_a_full_sort() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, requires_grad=True)
+    d = [torch.randn(5, 8), torch.randn(2, 8), torch.randn(6, 8)]
+    samples = [Sample(f"q{i}", "a", tuple(PASSAGES[j % 4] for j in range(len(v))), None)
+               for i, v in enumerate(d)]  # fmt: skip
+    picked, scores = pick_top_k(q, samples, d, 3)
+    assert scores.shape == (3, 3)
+    for b, v in enumerate(d):
+        full = (v @ q[b]).detach()
+        ref = torch.sort(full, descending=True).values[:3]
+        torch.testing.assert_close(scores[b, : len(ref)].detach(), ref)
+        assert len(picked[b].passages) == len(ref)
+    assert torch.isinf(scores[1, 2]) and scores[1, 2] < 0  # 2 candidates: padded
+    scores[torch.isfinite(scores)].sum().backward()
+    assert q.grad is not None and bool(q.grad.abs().sum() > 0)
+
+
+def test_question_encoder_with_concat_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="token or sequence"):
+        TrainOptions(data=tmp_path / "d", name="x", question_encoder=True, objective="concat")
+    with pytest.raises(InvalidInputError, match=r"candidates \(3\) must be at least top_k \(5\)"):
+        TrainOptions(
+            data=tmp_path / "d", name="x", question_encoder=True, objective="token", candidates=3
+        )
+
+
+def test_manifest_file_name() -> None:
+    assert MANIFEST_NAME == "lorag_task.json"
