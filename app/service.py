@@ -117,18 +117,25 @@ class RagService:
         )
         hits = found[0]
         t1 = time.perf_counter()
-        result = await self.engine.generate(
-            EngineRequest(
-                question=params.question,
-                passages=[h.passage for h in hits],
-                adapter=params.adapter,
-                max_new_tokens=params.max_new_tokens,
-                mode=params.mode,
-                decoding=params.decoding,
-                scores=[h.score for h in hits],
-            ),
-            timeout_s=self._timeout_s,
+        request = EngineRequest(
+            question=params.question,
+            passages=[h.passage for h in hits],
+            adapter=params.adapter,
+            max_new_tokens=params.max_new_tokens,
+            mode=params.mode,
+            decoding=params.decoding,
+            scores=[h.score for h in hits],
         )
+        try:
+            result = await self.engine.generate(request, timeout_s=self._timeout_s)
+        except AdapterNotFound:
+            # unloaded after this request was admitted, by a DELETE queued ahead of its batch:
+            # with lazy loading its folder is loaded again and the row runs once more
+            if params.adapter is None or not self.registry.policy.lazy_load:
+                raise
+            await self._lazy_load(params.adapter)
+            left = self._timeout_s - (time.perf_counter() - t1)
+            result = await self.engine.generate(request, timeout_s=max(left, 0.001))
         t2 = time.perf_counter()
         return AskResult(
             answer=result.answer.text.strip(),

@@ -112,6 +112,44 @@ def test_concurrent_put_and_delete_on_one_name_serialize(
         assert client.post("/ask", json=BODY).status_code == 404
 
 
+def test_with_lazy_loading_no_ask_fails_when_deletes_race_it(
+    client_factory, tiny_generators, adapters_root
+) -> None:
+    """An ask admitted while its adapter was loaded, whose batch comes after a DELETE of it,
+    loads the adapter again and answers (the soak's unload-every-second case)."""
+    save_lora_adapter(tiny_generators["t5"], adapters_root / "task", seed=1)
+    client = client_factory("t5", max_new_tokens=4)
+    assert client.put("/adapters/task", json={"path": "task"}).status_code == 201
+    expected = client.post("/ask", json=BODY).json()["answer"]
+
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            done = asyncio.Event()
+
+            async def toggler() -> list[httpx.Response]:
+                out = []
+                for _ in range(20):
+                    out.append(await ac.delete("/adapters/task"))
+                    out.append(await ac.put("/adapters/task", json={"path": "task"}))
+                done.set()
+                return out
+
+            async def asker() -> list[httpx.Response]:
+                out = []
+                while not done.is_set():
+                    out.append(await ac.post("/ask", json=BODY))
+                return out
+
+            ops, *asked = await asyncio.gather(toggler(), *(asker() for _ in range(8)))
+        return ops, [r for rs in asked for r in rs]
+
+    ops, asks = client.portal.call(run)
+    assert [r.status_code for r in asks] == [200] * len(asks), [r.text for r in asks][:3]
+    assert {r.json()["answer"] for r in asks} == {expected}
+    assert sum(r.request.method == "DELETE" and r.status_code == 204 for r in ops) >= 10
+
+
 def rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
