@@ -15,10 +15,12 @@ from app.generation.loading import load_generator, prepare_default_generator
 from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
 from app.lora.residency import ResidencyPolicy
+from app.retrieval.ann import spec_from_settings
 from app.retrieval.builder import build_index
 from app.retrieval.encoders import TextEncoder, load_encoder
+from app.retrieval.indexes import IndexCatalog
 from app.retrieval.retriever import Retriever
-from app.retrieval.store import PassageIndex
+from app.retrieval.store import IndexOutdated, PassageIndex
 from app.settings import DEFAULT, Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class Components:
     generator: Generator
     registry: AdapterRegistry
     load_seconds: dict[str, float]
+    catalog: IndexCatalog  # the named indexes; `index` is the one active at start
 
 
 def load_components(settings: Settings) -> Components:
@@ -51,7 +54,13 @@ def load_components(settings: Settings) -> Components:
     )
     times["encoder"] = time.perf_counter() - t
     t = time.perf_counter()
-    index = PassageIndex.load(settings.index_path, expect_fingerprint=encoder.fingerprint)
+    catalog = IndexCatalog(
+        settings.index_dir,
+        settings.index_name,
+        fingerprint=encoder.fingerprint,
+        search=spec_from_settings(settings),
+    )
+    index = catalog.resolve(None)  # the active index loads now: a bad one fails the start
     times["index"] = time.perf_counter() - t
     t = time.perf_counter()
     generator = load_generator(
@@ -82,7 +91,8 @@ def load_components(settings: Settings) -> Components:
         generator.model_id,
         {k: round(v, 2) for k, v in times.items()},
     )
-    return Components(encoder, index, Retriever(encoder, index), generator, registry, times)
+    retriever = Retriever(encoder, catalog)
+    return Components(encoder, index, retriever, generator, registry, times, catalog)
 
 
 def _warm_up(encoder: TextEncoder, index: PassageIndex, generator: Generator) -> None:
@@ -102,6 +112,10 @@ def prepare(settings: Settings, *, demo_source: Path | None = None) -> None:
     except IndexNotFound:
         if settings.index_name != DEMO_INDEX:
             raise
+    except IndexOutdated as exc:  # built by an older lorag: the demo index is ours to rebuild
+        if settings.index_name != DEMO_INDEX:
+            raise
+        log.warning("rebuilding the demo index: %s", exc)
     demo_source = demo_source or settings.index_dir / DEMO_SOURCE
     log.info("building the demo index from %s into %s", demo_source, settings.index_path)
     encoder = load_encoder(
@@ -110,4 +124,4 @@ def prepare(settings: Settings, *, demo_source: Path | None = None) -> None:
         device=settings.device,
         context_spec=settings.dpr_context_encoder,
     )
-    build_index([demo_source], encoder, settings.index_path)
+    build_index([demo_source], encoder, settings.index_path, spec=spec_from_settings(settings))

@@ -17,13 +17,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import adapters, ask, health
+from app.api import adapters, ask, documents, health, index
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.bootstrap import load_components
 from app.engine.engine import Engine
 from app.generation.decoding import RagDecoder
 from app.metrics import Metrics
+from app.retrieval.manager import IndexManager
 from app.service import RagService
 from app.settings import Settings
 from app.state import AppState
@@ -48,6 +49,8 @@ def create_app(
             state.status = "stopping"
             if not loader.done():
                 await asyncio.wait([loader])
+            if state.indexes is not None:  # folds update logs into snapshots
+                await state.indexes.close()
             if state.service is not None:
                 await state.service.engine.stop()
                 state.service.close()
@@ -72,6 +75,8 @@ def create_app(
     install_error_handlers(app)
     app.include_router(ask.router)
     app.include_router(adapters.router)
+    app.include_router(documents.router)
+    app.include_router(index.router)
     app.include_router(health.router)
     return app
 
@@ -106,7 +111,10 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
         components.registry,
         request_timeout_s=settings.request_timeout_s,
     )
-    state.metrics.index_passages.set(len(components.index))
+    state.indexes = IndexManager.from_settings(
+        components.catalog, components.encoder, state.service.in_retrieval_thread, settings
+    )
+    components.catalog.watch(state.metrics.observe_index)
     if state.status == "loading":
         state.status = "ready"
         log.info("ready")

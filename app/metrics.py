@@ -60,7 +60,24 @@ class Metrics:
             "lorag_adapter_evictions", "Adapters evicted to fit the memory budget", registry=r
         )
         self._evictions_seen = 0
-        self.index_passages = Gauge("lorag_index_passages", "Passages in the index", registry=r)
+        self.index_passages = Gauge(
+            "lorag_index_passages", "Passages in the active index (what /ask reads)", registry=r
+        )
+        self.named_index_passages = Gauge(
+            "lorag_named_index_passages", "Passages per loaded index", ["index"], registry=r
+        )
+        self.index_pending_updates = Gauge(
+            "lorag_index_pending_updates",
+            "Update-log records not yet compacted into the snapshot, per loaded index",
+            ["index"],
+            registry=r,
+        )
+
+    def observe_index(self, name: str, passages: int, pending: int, *, active: bool) -> None:
+        self.named_index_passages.labels(name).set(passages)
+        self.index_pending_updates.labels(name).set(pending)
+        if active:
+            self.index_passages.set(passages)
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from app.engine.engine import Engine, EngineRequest
 from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError
@@ -16,9 +17,13 @@ from app.generation.types import Decoding, Mode
 from app.lora.registry import AdapterInfo, AdapterRegistry
 from app.retrieval.types import Hit
 
+T = TypeVar("T")
+
 
 class Retrieves(Protocol):
-    def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]: ...
+    def retrieve(
+        self, questions: Sequence[str], k: int, *, index: str | None = None
+    ) -> list[list[Hit]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +34,7 @@ class AskParams:
     max_new_tokens: int
     mode: Mode = "concat"
     decoding: Decoding = "thorough"
+    index: str | None = None  # a named index; None: the active one
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +119,10 @@ class RagService:
             raise InvalidInputError("question is empty")
         # the encoder is not the generator: it runs in the thread pool, beside the model thread
         found = await asyncio.get_running_loop().run_in_executor(
-            self._retrieval, self.retriever.retrieve, [params.question], params.top_k
+            self._retrieval,
+            functools.partial(
+                self.retriever.retrieve, [params.question], params.top_k, index=params.index
+            ),
         )
         hits = found[0]
         t1 = time.perf_counter()
@@ -160,6 +169,10 @@ class RagService:
 
     def close(self) -> None:
         self._retrieval.shutdown(wait=True)
+
+    async def in_retrieval_thread(self, fn: Callable[[], T]) -> T:
+        """Run fn on the retrieval thread, where the encoder may run (document updates)."""
+        return await asyncio.get_running_loop().run_in_executor(self._retrieval, fn)
 
     async def load_adapter(
         self, name: str, rel_path: str, *, pinned: bool = False

@@ -93,6 +93,21 @@ class Settings(BaseSettings):
         default_factory=list, description="Origins allowed by CORS; empty means CORS off."
     )
 
+    # live document updates (POST/DELETE /documents, app/retrieval/live.py)
+    max_documents_per_request: int = Field(
+        64, ge=1, description="Most documents one POST /documents may add or replace."
+    )
+    max_document_chars: int = Field(
+        200_000, ge=1, description="Longest document text accepted by POST /documents."
+    )
+    compact_log_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="An index whose update log passes this many bytes is compacted into a new "
+        "snapshot after the request (also at shutdown and by POST /index/{name}/compact).",
+    )
+    compact_log_records: int = Field(1000, ge=1, description="... or this many update records.")
+
     # server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

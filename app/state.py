@@ -8,6 +8,7 @@ from typing import Literal
 
 from app.bootstrap import Components
 from app.metrics import Metrics
+from app.retrieval.manager import IndexManager
 from app.service import RagService
 from app.settings import Settings
 
@@ -23,4 +24,5 @@ class AppState:
     error: str | None = None
     components: Components | None = None
     service: RagService | None = None
+    indexes: IndexManager | None = None  # named indexes, document updates (api/documents.py)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)

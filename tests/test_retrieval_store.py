@@ -34,7 +34,7 @@ def numpy_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
 
 
 def vectors_of(index: PassageIndex) -> np.ndarray:
-    return index._index.reconstruct_n(0, len(index))  # [n, DIM]
+    return np.stack([index._index.reconstruct(i) for i in range(len(index))])  # [n, DIM], by id
 
 
 @pytest.mark.parametrize("k", [1, 7, 50])
@@ -80,16 +80,26 @@ def test_round_trip_keeps_passages_manifest_and_results(tmp_path: Path) -> None:
     index = make_index()
     index.save(tmp_path / "idx")
     assert sorted(f.name for f in (tmp_path / "idx").iterdir()) == [
+        "documents.jsonl",
         "index.faiss",
         "manifest.json",
         "passages.jsonl",
+        "updates.log",
     ]
+    assert (tmp_path / "idx" / "updates.log").read_bytes() == b""
     loaded = PassageIndex.load(tmp_path / "idx", expect_fingerprint="enc-a")
     assert list(loaded.passages) == list(index.passages)
     m = loaded.manifest
-    assert (m.encoder, m.dim, m.passage_count, m.index_type) == ("enc-a", DIM, 300, "Flat")
+    assert (m.encoder, m.dim, m.passage_count, m.document_count) == ("enc-a", DIM, 300, 100)
+    assert (m.index_type, m.ann["kind"], m.next_id, m.last_seq) == (
+        "IDMap2,Flat IP",
+        "auto",
+        300,
+        0,
+    )
     assert m.format_version == store.FORMAT_VERSION and m.created.endswith("+00:00")
-    assert set(m.checksums) == {"index.faiss", "passages.jsonl"}
+    assert set(m.checksums) == {"index.faiss", "passages.jsonl", "documents.jsonl"}
+    assert [d.pids for d in loaded.documents()] == [d.pids for d in index.documents()]
     queries = np.random.default_rng(2).normal(size=(5, DIM)).astype(np.float32)
     assert loaded.search(queries, 10) == index.search(queries, 10)
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text()) == m.to_json()
@@ -107,13 +117,15 @@ def test_other_encoder_is_refused_naming_both(tmp_path: Path) -> None:
     assert "'enc-a'" in str(err.value) and "'enc-b'" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["index.faiss", "passages.jsonl", "manifest.json"])
+@pytest.mark.parametrize(
+    "name", ["index.faiss", "passages.jsonl", "documents.jsonl", "manifest.json", "updates.log"]
+)
 def test_corrupt_or_missing_file_is_named(tmp_path: Path, name: str) -> None:
     make_index(n=10).save(tmp_path / "idx")
     target = tmp_path / "idx" / name
-    blob = bytearray(target.read_bytes())
+    blob = bytearray(target.read_bytes() or b"0badc0de {}\n")  # the log is empty: corrupt it
     blob[len(blob) // 2] ^= 0xFF
-    target.write_bytes(bytes(blob))
+    target.write_bytes(bytes(blob) + (b"0badc0de {}\n" if name == "updates.log" else b""))
     with pytest.raises(IndexInvalid, match=re.escape(str(target))):
         PassageIndex.load(tmp_path / "idx")
     target.unlink()
@@ -144,6 +156,16 @@ def test_passage_count_disagreeing_with_manifest_is_named(tmp_path: Path) -> Non
         PassageIndex.load(tmp_path / "idx")
 
 
+def test_format_1_folder_is_refused_as_outdated(tmp_path: Path) -> None:
+    make_index(n=10).save(tmp_path / "idx")
+    manifest_path = tmp_path / "idx" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(store.IndexOutdated, match=r"version 1, this lorag reads 2.*index build"):
+        PassageIndex.load(tmp_path / "idx")
+
+
 def test_future_format_version_is_refused(tmp_path: Path) -> None:
     make_index(n=10).save(tmp_path / "idx")
     manifest_path = tmp_path / "idx" / "manifest.json"
@@ -171,13 +193,14 @@ def test_exception_mid_save_leaves_old_index_and_no_temp_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_index(n=10, fingerprint="old").save(tmp_path / "idx")
-    real_write = store.faiss.write_index
+    real_write = store._write_synced
 
-    def write_then_fail(index: object, path: str) -> None:
-        real_write(index, path)  # a real, complete file in the temp folder ...
-        raise KeyboardInterrupt  # ... then the build is interrupted
+    def write_then_fail(path: Path, blob: bytes) -> None:
+        real_write(path, blob)  # a real, complete file in the temp folder ...
+        if path.name == "documents.jsonl":
+            raise KeyboardInterrupt  # ... then the build is interrupted
 
-    monkeypatch.setattr(store.faiss, "write_index", write_then_fail)
+    monkeypatch.setattr(store, "_write_synced", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         make_index(n=20, fingerprint="new").save(tmp_path / "idx")
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]

@@ -24,6 +24,7 @@ async def ask(
             max_new_tokens=body.max_new_tokens or settings.max_new_tokens,
             mode=body.mode or settings.mode,
             decoding=body.decoding,
+            index=body.index,
         )
     )
     labels = (body.adapter or "__base__", result.mode)

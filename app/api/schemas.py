@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+INDEX_NAME = ADAPTER_NAME  # a folder under index_dir, by the same rule
 
 
 def _no_control_chars(value: str) -> str:
@@ -34,6 +35,11 @@ class AskRequest(BaseModel):
     )
     decoding: Literal["thorough", "fast"] = Field(
         "thorough", description="RAG-Sequence only: rescore every hypothesis, or fast."
+    )
+    index: str | None = Field(
+        None,
+        pattern=INDEX_NAME,
+        description="A named index under the index root; default: the active one (GET /index).",
     )
 
     _check_question = field_validator("question")(_no_control_chars)
@@ -119,3 +125,70 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: str
     detail: str | None = None
+
+
+# documents and indexes (app/api/documents.py, app/api/index.py) ------------------------------
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., min_length=1, max_length=256, description="Document id; replaces one.")
+    title: str = Field("", max_length=1000)
+    text: str = Field(..., description="Chunked into ~100-word passages and embedded.")
+    metadata: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="Kept with the document (GET /documents/{id})."
+    )
+
+
+class DocumentsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    documents: list[DocumentIn] = Field(..., min_length=1)
+
+
+class DocumentResult(BaseModel):
+    id: str
+    passages: int = Field(description="Passages the document was chunked into.")
+    replaced: bool = Field(description="A document with this id was there and is replaced.")
+
+
+class DocumentsOut(BaseModel):
+    index: str
+    documents: list[DocumentResult]
+
+
+class DocumentOut(BaseModel):
+    id: str
+    index: str
+    title: str
+    metadata: dict[str, str | int | float | bool | None]
+    passages: list[str] = Field(description="Passage texts, in order.")
+
+
+class IndexOut(BaseModel):
+    name: str
+    active: bool
+    loaded: bool
+    passages: int | None = Field(description="None until the index is loaded.")
+    documents: int | None
+    type: str | None = Field(description="The FAISS index, e.g. 'IDMap2,HNSW32,Flat IP'.")
+    pending_updates: int | None = Field(
+        description="Update-log records not yet compacted into the snapshot."
+    )
+
+
+class IndexList(BaseModel):
+    active: str
+    indexes: list[IndexOut]
+
+
+class IndexSelect(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=INDEX_NAME, description="The index /ask reads by default.")
+
+
+class CompactOut(BaseModel):
+    index: str
+    compacted: bool = Field(description="False when there was nothing to fold into a snapshot.")

@@ -10,6 +10,13 @@ requests together, not from threads.
 
 Requests wait at most `batch_wait_ms` for company, up to `max_batch_size` rows; a batch
 may mix adapters and the base, since the backend gives each row its own adapter.
+
+Admission-aware waiting: the service announces a request (`expect()`) when it starts
+retrieving its passages, before the row can be queued. While announced rows are on their way,
+a forming batch waits for them, up to `expect_wait_ms`, instead of leaving with the first few
+arrivals. Without it, closed-loop clients that get their answers together come back spread
+over their retrieval times and the batches alternate small and large (a convoy: bench/RESULTS.md,
+"Server batching"); a lone request is never held, since nothing else is announced.
 Adapter operations queue in the same order as requests, so a request admitted before a
 swap runs before it.
 """
@@ -86,6 +93,25 @@ class _OpItem:
     future: asyncio.Future[Any]
 
 
+class Expected:
+    """One announced row: withdrawn when it is queued or when its request fails first."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine: Engine | None = engine
+        engine._announce(+1)
+
+    def withdraw(self) -> None:
+        if self._engine is not None:
+            self._engine._announce(-1)
+            self._engine = None
+
+    def __enter__(self) -> Expected:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.withdraw()
+
+
 @dataclass
 class EngineStats:
     """Counters the metrics layer reads; written on the event loop only."""
@@ -104,12 +130,16 @@ class Engine:
         *,
         max_batch_size: int = 8,
         batch_wait_ms: float = 5.0,
+        expect_wait_ms: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._decoder = decoder
         self._adapters = adapters
         self._max_batch = max_batch_size
         self._wait_s = batch_wait_ms / 1000.0
+        self._expect_wait_s = expect_wait_ms / 1000.0
+        self._expected = 0  # announced rows not queued yet (event loop only)
+        self._expected_changed = asyncio.Event()
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_GenItem | _OpItem | None] = asyncio.Queue()
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -138,16 +168,36 @@ class Engine:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def expected(self) -> int:
+        """Rows announced with expect() and not queued yet."""
+        return self._expected
+
+    def expect(self) -> Expected:
+        """Announce a row that will be generated soon; pass it to generate(), or use it as a
+        context manager so that a request failing before then withdraws it."""
+        return Expected(self)
+
+    def _announce(self, delta: int) -> None:
+        self._expected += delta
+        self._expected_changed.set()
+
     # public calls --------------------------------------------------------------------------
 
     async def generate(
-        self, request: EngineRequest, *, timeout_s: float | None = None
+        self,
+        request: EngineRequest,
+        *,
+        timeout_s: float | None = None,
+        expected: Expected | None = None,
     ) -> EngineResult:
         """Queue one row and wait for its answer. Cancelling the caller drops the row."""
+        if expected is not None:
+            expected.withdraw()  # queued now (or refused): a forming batch stops waiting for it
         if not self._accepting:
             raise NotReadyError("the engine is not accepting requests (starting or stopping)")
         future: asyncio.Future[EngineResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_GenItem(request, future))
+        self._queue.put_nowait(_GenItem(request, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:
@@ -179,22 +229,51 @@ class Engine:
                 await self._run_op(loop, item)
                 continue
             batch = [item]
-            deadline = loop.time() + self._wait_s
+            started = loop.time()
             while len(batch) < self._max_batch:
-                remaining = deadline - loop.time()
-                try:
-                    nxt = (
-                        self._queue.get_nowait()
-                        if remaining <= 0
-                        else await asyncio.wait_for(self._queue.get(), remaining)
-                    )
-                except (TimeoutError, asyncio.QueueEmpty):
+                nxt = await self._next_for_batch(loop, started)
+                if nxt is None:
                     break
                 if not isinstance(nxt, _GenItem):
                     pending = nxt  # an adapter op or the stop marker waits for this batch
                     break
                 batch.append(nxt)
             await self._run_batch(loop, batch)
+
+    async def _next_for_batch(
+        self, loop: asyncio.AbstractEventLoop, started: float
+    ) -> _GenItem | _OpItem | None:
+        """The next queued item for a forming batch, or None when the batch should leave: after
+        batch_wait_ms, or while announced rows are still coming, after expect_wait_ms."""
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            limit = self._wait_s
+            if self._expected > 0:
+                limit = max(limit, self._expect_wait_s)
+            remaining = started + limit - loop.time()
+            if remaining <= 0:
+                return None
+            # wake on a new item, or when the count of announced rows changes (one failed, or
+            # all arrived: then the shorter limit applies again)
+            self._expected_changed.clear()
+            getter = asyncio.ensure_future(self._queue.get())
+            changed = asyncio.ensure_future(self._expected_changed.wait())
+            done, _ = await asyncio.wait(
+                {getter, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            changed.cancel()
+            if getter in done:
+                return getter.result()
+            getter.cancel()
+            try:
+                await getter  # the get may have taken an item while being cancelled
+            except asyncio.CancelledError:
+                pass
+            else:
+                return getter.result()
 
     async def _run_op(self, loop: asyncio.AbstractEventLoop, item: _OpItem) -> None:
         try:

@@ -2,7 +2,10 @@
 
 The vectors are computed in blocks of a few hundred passages so that one progress bar can show
 passages per second; inside each block the encoder sorts by length and batches as it likes.
-Nothing is written at `out` until every passage is embedded, and then in one atomic rename.
+Nothing is written at `out` until every passage is embedded, and then in one atomic rename,
+under the index folder's writer lock (app/retrieval/live.py), so a build never replaces an index
+in the middle of another process's update; a server that serves `out` reloads it before its next
+change.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from app.errors import InvalidInputError
+from app.retrieval.ann import AnnSpec
 from app.retrieval.chunking import chunk_document
 from app.retrieval.encoders import TextEncoder
-from app.retrieval.sources import read_sources
+from app.retrieval.live import folder_lock, remove_stale_temp
+from app.retrieval.sources import Document, read_sources
 from app.retrieval.store import IndexManifest, PassageIndex
 from app.retrieval.types import Passage
 
@@ -27,9 +32,9 @@ logger = logging.getLogger(__name__)
 BLOCK = 512  # passages per encode call: large enough for length sorting, small for a live bar
 
 
-def collect_passages(sources: Sequence[Path], *, words: int = 100) -> list[Passage]:
-    """Every passage of every source document, in source order; document ids must be unique."""
-    passages: list[Passage] = []
+def collect_documents(sources: Sequence[Path]) -> list[Document]:
+    """Every source document, in source order; document ids must be unique."""
+    documents: list[Document] = []
     seen: dict[str, str] = {}  # doc id -> where it was first seen
     for document in read_sources(sources):
         if document.id in seen:
@@ -37,8 +42,17 @@ def collect_passages(sources: Sequence[Path], *, words: int = 100) -> list[Passa
             message = f"document id {document.id!r} occurs twice: {first} and {document.source}"
             raise InvalidInputError(message)
         seen[document.id] = document.source
-        passages.extend(chunk_document(document.id, document.title, document.text, words=words))
-    return passages
+        documents.append(document)
+    return documents
+
+
+def collect_passages(sources: Sequence[Path], *, words: int = 100) -> list[Passage]:
+    """Every passage of every source document, in source order; document ids must be unique."""
+    return [
+        passage
+        for d in collect_documents(sources)
+        for passage in chunk_document(d.id, d.title, d.text, words=words)
+    ]
 
 
 def embed_passages(
@@ -62,18 +76,27 @@ def build_index(
     *,
     show_progress: bool = True,
     words: int = 100,
+    spec: AnnSpec | None = None,
 ) -> IndexManifest:
     """Index every passage of `sources` with `encoder` into the folder `out` (replacing it)."""
     started = time.perf_counter()
-    passages = collect_passages(sources, words=words)
+    documents = collect_documents(sources)
+    passages = [
+        passage for d in documents for passage in chunk_document(d.id, d.title, d.text, words=words)
+    ]
     if not passages:
         raise InvalidInputError(f"no text to index in {[str(s) for s in sources]}")
     logger.info("embedding %d passages with %s", len(passages), encoder.fingerprint)
     embed_started = time.perf_counter()
     vectors = embed_passages(passages, encoder, show_progress=show_progress)
     embed_s = time.perf_counter() - embed_started
-    index = PassageIndex.build(passages, vectors, encoder.fingerprint)
-    index.save(out)
+    metadata = {d.id: d.metadata for d in documents if d.metadata}
+    index = PassageIndex.build(
+        passages, vectors, encoder.fingerprint, spec=spec, metadata=metadata, chunk_words=words
+    )
+    with folder_lock(out):
+        remove_stale_temp(out)
+        index.save(out)
     logger.info(
         "built %s: %d passages in %.1f s (%.0f passages/s embedding)",
         out,

@@ -1,16 +1,33 @@
-"""The passage index: a FAISS inner-product index plus its docstore, kept in one folder.
+"""The passage index: a FAISS index keyed by int64 passage ids, its docstore, and its update log.
 
-    <index>/manifest.json   format version, encoder fingerprint, dim, count, type, checksums
-    <index>/index.faiss     faiss.write_index output (FAISS's own format; never pickle)
-    <index>/passages.jsonl  the docstore: line i is the passage whose FAISS id is i
+    <index>/manifest.json    format version, encoder fingerprint, dim, counts, index kind and
+                             search parameters, next passage id, last log seq, checksums
+    <index>/index.faiss      faiss.write_index of an IndexIDMap2 (app/retrieval/ann.py)
+    <index>/passages.jsonl   the docstore (app/retrieval/docstore.py) ...
+    <index>/documents.jsonl  ... passages by id, documents with their passage ids and metadata
+    <index>/updates.log      changes acknowledged since this snapshot (app/retrieval/wal.py)
 
-The index is exact (a flat inner-product index, "Flat" in FAISS's factory names): on the demo
-corpus and up to a few hundred thousand passages a brute-force scan costs milliseconds, and
-the manifest records the type so approximate indexes can be added later.
+The first four files are a snapshot, checksummed in the manifest; the log grows after it.
+`load` reads the snapshot and replays the log on top, so a loaded index holds exactly what was
+acknowledged. Format 2 (ids, documents, the log) replaced format 1 (FAISS row = passages.jsonl
+line); a format-1 folder is refused with IndexOutdated, which `lorag prepare` answers for the
+demo index by rebuilding it, and any other index needs `lorag index build` again.
+
+Passages live in FAISS under stable int64 ids, never reused, so a passage keeps its id when
+others are added or deleted. A delete removes the vectors where the index kind can (flat, IVF);
+an HNSW graph cannot drop a node, so its ids become tombstones, excluded inside every search
+(ann.search's IDSelector) and rebuilt away at compaction once they are a tenth of the index.
+Tombstones need no file: they are the ids FAISS holds that the docstore does not. The docstore
+entry goes at once either way, so a deleted passage's text cannot be returned.
+
+Readers never see half an update: `apply` changes FAISS and the docstore under one lock, which
+`search` takes too (a flat search over a few hundred thousand vectors is milliseconds; a
+snapshot copies both under it, and writes the copy outside it).
 
 Saving is atomic: the files are written and fsynced in a temporary folder beside the target,
 which is then renamed into place (on Linux an existing index is swapped out in one step with
-renameat2(RENAME_EXCHANGE)), so a reader sees the old index or the new one, never a mix.
+renameat2(RENAME_EXCHANGE)), so a reader sees the old index or the new one, never a mix; as the
+log is inside the folder, a snapshot and the truncation of the log are that same one step.
 Loading pins the folder with a directory file descriptor for the same reason, and verifies each
 file's sha256 against the manifest.
 """
@@ -27,6 +44,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,16 +56,25 @@ import faiss
 import numpy as np
 
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
+from app.retrieval import ann, wal
+from app.retrieval.ann import AnnSpec
+from app.retrieval.docstore import DocStore, StoredDocument, group_by_document
 from app.retrieval.types import Hit, Passage
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 PASSAGES_FILE = "passages.jsonl"
-DATA_FILES = (INDEX_FILE, PASSAGES_FILE)  # checksummed in the manifest
-FLAT = "Flat"  # the FAISS factory name of the exact index
+DOCUMENTS_FILE = "documents.jsonl"
+LOG_FILE = wal.LOG_FILE
+DATA_FILES = (INDEX_FILE, PASSAGES_FILE, DOCUMENTS_FILE)  # checksummed in the manifest
+REBUILD_FRACTION = 0.1  # compaction rebuilds an index whose tombstones reach this share
+
+
+class IndexOutdated(IndexInvalid):
+    """An index folder in an older format this lorag no longer reads."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +82,12 @@ class IndexManifest:
     encoder: str  # the encoder fingerprint (TextEncoder.fingerprint) the vectors came from
     dim: int
     passage_count: int
-    index_type: str = FLAT
+    document_count: int = 0
+    index_type: str = "IDMap2,Flat IP"  # ann.describe() of the FAISS index
+    ann: Mapping[str, Any] = field(default_factory=dict)  # the AnnSpec: kind, search parameters
+    next_id: int = 0  # the next passage id to hand out; ids are never reused
+    last_seq: int = 0  # the last update-log record folded into this snapshot
+    chunk_words: int = 100  # words per passage: documents added later are chunked alike
     metric: str = "inner_product"
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     checksums: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256 hex
@@ -64,6 +96,7 @@ class IndexManifest:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["checksums"] = dict(self.checksums)
+        data["ann"] = dict(self.ann)
         return data
 
     @classmethod
@@ -71,6 +104,11 @@ class IndexManifest:
         if not isinstance(data, dict):
             raise IndexInvalid(f"{source}: expected a JSON object")
         version = data.get("format_version")
+        if isinstance(version, int) and version < FORMAT_VERSION:
+            raise IndexOutdated(
+                f"{source}: index format version {version}, this lorag reads {FORMAT_VERSION} "
+                "(stable passage ids and an update log); rebuild it with `lorag index build`"
+            )
         if version != FORMAT_VERSION:
             raise IndexInvalid(
                 f"{source}: index format version {version!r}, this lorag reads {FORMAT_VERSION}"
@@ -82,26 +120,55 @@ class IndexManifest:
             manifest = cls(**{k: data[k] for k in names})
         except TypeError as exc:
             raise IndexInvalid(f"{source}: {exc}") from exc
-        if not isinstance(manifest.dim, int) or not isinstance(manifest.passage_count, int):
-            raise IndexInvalid(f"{source}: 'dim' and 'passage_count' must be integers")
+        ints = ("dim", "passage_count", "document_count", "next_id", "last_seq", "chunk_words")
+        if bad := [k for k in ints if not isinstance(getattr(manifest, k), int)]:
+            raise IndexInvalid(f"{source}: {bad} must be integers")
         return manifest
+
+    def spec(self, source: Path) -> AnnSpec:
+        try:
+            return AnnSpec(**self.ann)
+        except (TypeError, InvalidInputError) as exc:
+            raise IndexInvalid(f"{source}: bad 'ann' parameters ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Which folder generation and how much of its log an in-memory index reflects."""
+
+    device: int
+    inode: int
+    log_end: int  # bytes of updates.log applied
 
 
 class PassageIndex:
     """Passages and their vectors; search returns the top-k passages by inner product."""
 
-    def __init__(self, manifest: IndexManifest, index: faiss.Index, passages: list[Passage]):
-        if index.ntotal != len(passages) or index.d != manifest.dim:
+    def __init__(
+        self, manifest: IndexManifest, index: faiss.Index, docs: DocStore, spec: AnnSpec
+    ) -> None:
+        if index.d != manifest.dim:
+            raise IndexInvalid(f"FAISS index is {index.d}-d, the manifest says {manifest.dim}-d")
+        ids = _faiss_ids(index)  # [ntotal] int64
+        missing = set(docs.pids()) - set(ids.tolist())
+        if missing:
             raise IndexInvalid(
-                f"FAISS index holds {index.ntotal} {index.d}-d vectors, but there are "
-                f"{len(passages)} passages and the manifest says {manifest.dim}-d"
+                f"FAISS index holds {index.ntotal} vectors but lacks passage ids "
+                f"{sorted(missing)[:5]} of the docstore"
             )
         self.manifest = manifest
+        self.spec = spec
+        self.next_id = max(manifest.next_id, int(ids.max()) + 1 if len(ids) else 0)
+        self.last_seq = manifest.last_seq
+        self.origin: Origin | None = None  # set by load
         self._index = index
-        self._passages = passages
+        self._docs = docs
+        self._tombstones = set(ids.tolist()) - set(docs.pids())
+        self._excluded = np.array(sorted(self._tombstones), dtype=np.int64)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._passages)
+        return len(self._docs)
 
     @property
     def dim(self) -> int:
@@ -109,7 +176,29 @@ class PassageIndex:
 
     @property
     def passages(self) -> Sequence[Passage]:
-        return tuple(self._passages)
+        """Every passage, in id order."""
+        with self._lock:
+            return tuple(self._docs.passages_in_id_order())
+
+    @property
+    def document_count(self) -> int:
+        return self._docs.document_count
+
+    @property
+    def tombstone_count(self) -> int:
+        return len(self._tombstones)
+
+    @property
+    def kind(self) -> str:
+        return ann.kind_of(self._index)
+
+    def document(self, doc_id: str) -> StoredDocument | None:
+        with self._lock:
+            return self._docs.document(doc_id)
+
+    def documents(self) -> list[StoredDocument]:
+        with self._lock:
+            return self._docs.documents()
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k hits per query row, best first; k is capped at the number of passages."""
@@ -119,25 +208,92 @@ class PassageIndex:
             raise InvalidInputError(
                 f"queries must have shape [n, {self.dim}], got {list(queries.shape)}"
             )
-        k = min(k, len(self))
-        if k == 0:
-            return [[] for _ in range(queries.shape[0])]
-        queries = np.ascontiguousarray(queries, dtype=np.float32)  # [n, dim]
-        scores, ids = self._index.search(queries, k)  # [n, k] each; id -1 marks "no result"
-        return [
-            [
-                Hit(self._passages[int(i)], float(s))
-                for s, i in zip(row_scores, row_ids, strict=True)
-                if i >= 0
+        with self._lock:
+            k = min(k, len(self))
+            if k == 0:
+                return [[] for _ in range(queries.shape[0])]
+            # [n, k] each; id -1 marks "no result"; tombstones are excluded inside the search
+            scores, ids = ann.search(self._index, queries, k, self.spec, self._excluded)
+            passage = self._docs.passage
+            return [
+                [
+                    Hit(p, float(s))
+                    for s, i in zip(row_scores, row_ids, strict=True)
+                    if i >= 0 and (p := passage(int(i))) is not None
+                ]
+                for row_scores, row_ids in zip(scores, ids, strict=True)
             ]
-            for row_scores, row_ids in zip(scores, ids, strict=True)
-        ]
+
+    # changes ------------------------------------------------------------------------------
+
+    def apply(self, record: wal.Record) -> None:
+        """Apply one update-log record: FAISS and docstore change together, under the lock."""
+        if record.seq != self.last_seq + 1:
+            raise IndexInvalid(f"update {record.seq} does not follow {self.last_seq}")
+        with self._lock:
+            if isinstance(record, wal.Upsert):
+                self._apply_upsert(record)
+            else:
+                for doc_id in record.doc_ids:
+                    self._drop(doc_id)
+            self.last_seq = record.seq
+
+    def _apply_upsert(self, record: wal.Upsert) -> None:
+        pids = np.array([pid for d in record.documents for pid in d.pids], dtype=np.int64)
+        if record.vectors.shape != (len(pids), self.dim):
+            raise InvalidInputError(
+                f"vectors must have shape [{len(pids)}, {self.dim}], "
+                f"got {list(record.vectors.shape)}"
+            )
+        if len(pids) and int(pids.min()) < self.next_id:
+            raise InvalidInputError(f"passage ids must start at {self.next_id}, got {pids.min()}")
+        for document in record.documents:
+            self._drop(document.id)
+        if len(pids):
+            self._index.add_with_ids(np.ascontiguousarray(record.vectors, np.float32), pids)
+            self.next_id = int(pids.max()) + 1
+        for document in record.documents:
+            self._docs.put(document)
+
+    def _drop(self, doc_id: str) -> None:
+        pids = self._docs.remove(doc_id)
+        if not pids:
+            return
+        if ann.supports_remove(self._index):
+            self._index.remove_ids(faiss.IDSelectorBatch(np.array(pids, dtype=np.int64)))
+        else:
+            self._tombstones.update(pids)
+            self._excluded = np.array(sorted(self._tombstones), dtype=np.int64)
+
+    def drop_tombstones(self, *, at_least: float = REBUILD_FRACTION) -> bool:
+        """Rebuild FAISS without the tombstoned ids when they are `at_least` of it (compaction)."""
+        with self._lock:
+            if not self._tombstones or len(self._tombstones) < at_least * self._index.ntotal:
+                return False
+            drop = self._excluded
+        rebuilt = ann.rebuild_without(self._index, self.spec, drop)  # outside the lock: slow
+        with self._lock:  # deletes that came meanwhile are tombstones in the old index only
+            fresh = self._tombstones - set(drop.tolist())
+            if fresh:
+                rebuilt.remove_ids(faiss.IDSelectorBatch(np.array(sorted(fresh), np.int64)))
+            self._index, self._tombstones = rebuilt, set()
+            self._excluded = np.zeros(0, dtype=np.int64)
+        logger.info("rebuilt the index without %d deleted passages", len(drop))
+        return True
 
     @classmethod
     def build(
-        cls, passages: Sequence[Passage], vectors: np.ndarray, fingerprint: str
+        cls,
+        passages: Sequence[Passage],
+        vectors: np.ndarray,
+        fingerprint: str,
+        *,
+        spec: AnnSpec | None = None,
+        metadata: Mapping[str, Mapping[str, Any]] | None = None,
+        chunk_words: int = 100,
     ) -> PassageIndex:
-        """An exact inner-product index over `vectors` [n, dim], row i for passages[i]."""
+        """An index over `vectors` [n, dim], row i for passages[i], which gets id i;
+        `metadata` by document id; `chunk_words` is recorded for later updates."""
         if vectors.ndim != 2 or vectors.shape[0] != len(passages):
             raise InvalidInputError(
                 f"vectors must have shape [{len(passages)}, dim], got {list(vectors.shape)}"
@@ -150,14 +306,32 @@ class PassageIndex:
             if passage.id in seen:
                 raise InvalidInputError(f"passage id {passage.id!r} occurs twice")
             seen.add(passage.id)
+        spec = spec or AnnSpec()
         dim = int(vectors.shape[1])
-        index = faiss.IndexFlatIP(dim)
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        manifest = IndexManifest(fingerprint, dim, len(passages))
-        return cls(manifest, index, list(passages))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # [n, dim]
+        index = ann.new_index(dim, spec, vectors)
+        if len(passages):
+            index.add_with_ids(vectors, np.arange(len(passages), dtype=np.int64))
+        docs = DocStore()
+        for document in group_by_document(passages):
+            extra = (metadata or {}).get(document.id)
+            docs.put(dataclasses.replace(document, metadata=dict(extra)) if extra else document)
+        manifest = IndexManifest(
+            fingerprint,
+            dim,
+            len(passages),
+            docs.document_count,
+            index_type=ann.describe(index),
+            ann=dataclasses.asdict(spec),
+            next_id=len(passages),
+            chunk_words=chunk_words,
+        )
+        return cls(manifest, index, docs, spec)
+
+    # files --------------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        """Write the index to `path` atomically, replacing an index already there."""
+        """Write a snapshot to `path` atomically, replacing the index there and its log."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise InvalidInputError(f"{path} exists and is not an index folder")
@@ -171,26 +345,43 @@ class PassageIndex:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.manifest = manifest
+        st = os.stat(path)
+        self.origin = Origin(st.st_dev, st.st_ino, 0)
         logger.info("saved index of %d passages to %s", len(self), path)
 
     def _write_files(self, folder: Path) -> IndexManifest:
-        faiss.write_index(self._index, str(folder / INDEX_FILE))
-        _fsync(folder / INDEX_FILE)
-        with (folder / PASSAGES_FILE).open("w", encoding="utf-8") as handle:
-            for p in self._passages:
-                record = {"id": p.id, "doc_id": p.doc_id, "title": p.title, "text": p.text}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        _fsync(folder / PASSAGES_FILE)
-        checksums = {name: _sha256((folder / name).read_bytes()) for name in DATA_FILES}
-        manifest = dataclasses.replace(self.manifest, checksums=checksums)
-        (folder / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-        _fsync(folder / MANIFEST_FILE)
+        with self._lock:  # a consistent copy; the slow writes happen outside the lock
+            blobs = {INDEX_FILE: faiss.serialize_index(self._index).tobytes()}
+            blobs[PASSAGES_FILE], blobs[DOCUMENTS_FILE] = self._docs.to_jsonl()
+            manifest = dataclasses.replace(
+                self.manifest,
+                passage_count=len(self._docs),
+                document_count=self._docs.document_count,
+                index_type=ann.describe(self._index),
+                ann=dataclasses.asdict(self.spec),
+                next_id=self.next_id,
+                last_seq=self.last_seq,
+            )
+        for name, blob in [*blobs.items(), (LOG_FILE, b"")]:
+            _write_synced(folder / name, blob)
+        checksums = {name: _sha256(blob) for name, blob in blobs.items()}
+        manifest = dataclasses.replace(manifest, checksums=checksums)
+        _write_synced(
+            folder / MANIFEST_FILE, (json.dumps(manifest.to_json(), indent=2) + "\n").encode()
+        )
         _fsync(folder)
         return manifest
 
     @classmethod
-    def load(cls, path: Path, *, expect_fingerprint: str | None = None) -> PassageIndex:
-        """Read and verify an index folder; with expect_fingerprint, refuse another encoder's."""
+    def load(
+        cls,
+        path: Path,
+        *,
+        expect_fingerprint: str | None = None,
+        search: AnnSpec | None = None,
+    ) -> PassageIndex:
+        """Read and verify a snapshot and replay its log; with expect_fingerprint, refuse
+        another encoder's index; `search` overrides the manifest's search parameters."""
         path = Path(path)
         try:
             dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -199,6 +390,7 @@ class PassageIndex:
                 f"no index at {path} (build one with `lorag index build SOURCE... --name NAME`)"
             ) from exc
         try:
+            st = os.fstat(dir_fd)
             raw = _read(path, MANIFEST_FILE, dir_fd)
             try:
                 data = json.loads(raw)
@@ -212,43 +404,63 @@ class PassageIndex:
                     f"but the server uses encoder {expect_fingerprint!r}; rebuild the index "
                     "with this encoder or configure the one it was built with"
                 )
-            blobs = {name: _read(path, name, dir_fd) for name in DATA_FILES}
+            blobs = {name: _read(path, name, dir_fd) for name in (*DATA_FILES, LOG_FILE)}
         finally:
             os.close(dir_fd)
-        for name, blob in blobs.items():
-            if manifest.checksums.get(name) != _sha256(blob):
+        for name in DATA_FILES:
+            if manifest.checksums.get(name) != _sha256(blobs[name]):
                 raise IndexInvalid(
                     f"{path / name}: sha256 differs from {MANIFEST_FILE}; the file is corrupt "
                     "or was changed after the build"
                 )
         try:
             index = faiss.deserialize_index(np.frombuffer(blobs[INDEX_FILE], dtype=np.uint8))
-        except RuntimeError as exc:
+            ann.kind_of(index)
+        except (RuntimeError, InvalidInputError) as exc:
             raise IndexInvalid(f"{path / INDEX_FILE}: not a FAISS index ({exc})") from exc
-        passages = _parse_passages(blobs[PASSAGES_FILE], path / PASSAGES_FILE)
-        if len(passages) != manifest.passage_count:
+        docs = DocStore.from_jsonl(
+            blobs[PASSAGES_FILE], blobs[DOCUMENTS_FILE], path / PASSAGES_FILE, path / DOCUMENTS_FILE
+        )
+        if len(docs) != manifest.passage_count:
             raise IndexInvalid(
-                f"{path / PASSAGES_FILE}: {len(passages)} passages, "
+                f"{path / PASSAGES_FILE}: {len(docs)} passages, "
                 f"{MANIFEST_FILE} says {manifest.passage_count}"
             )
+        spec = manifest.spec(path / MANIFEST_FILE)
+        if search is not None:
+            spec = dataclasses.replace(spec, ef_search=search.ef_search, nprobe=search.nprobe)
         try:
-            loaded = cls(manifest, index, passages)
+            loaded = cls(manifest, index, docs, spec)
         except IndexInvalid as exc:
             raise IndexInvalid(f"{path / INDEX_FILE}: {exc}") from exc
-        logger.info("loaded index %s: %d passages, %s", path, len(loaded), manifest.index_type)
+        tail = wal.parse(
+            blobs[LOG_FILE], path / LOG_FILE, dim=manifest.dim, after_seq=manifest.last_seq
+        )
+        for record in tail.records:
+            loaded.apply(record)
+        loaded.origin = Origin(st.st_dev, st.st_ino, tail.end)
+        logger.info(
+            "loaded index %s: %d passages, %s, %d updates replayed",
+            path,
+            len(loaded),
+            manifest.index_type,
+            len(tail.records),
+        )
         return loaded
 
 
-def _parse_passages(blob: bytes, source: Path) -> list[Passage]:
-    passages = []
-    for line_no, line in enumerate(blob.splitlines(), start=1):
-        try:
-            record = json.loads(line)
-            passage = Passage(record["id"], record["doc_id"], record["title"], record["text"])
-            passages.append(passage)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise IndexInvalid(f"{source}:{line_no}: not a passage record ({exc})") from exc
-    return passages
+def _faiss_ids(index: faiss.Index) -> np.ndarray:
+    wrapped = faiss.downcast_index(index)
+    if not isinstance(wrapped, faiss.IndexIDMap2):
+        raise IndexInvalid(f"expected an IndexIDMap2, got {type(wrapped).__name__}")
+    return faiss.vector_to_array(wrapped.id_map).astype(np.int64)  # [ntotal]
+
+
+def _write_synced(path: Path, blob: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(blob)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _read(path: Path, name: str, dir_fd: int) -> bytes:

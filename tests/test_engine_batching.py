@@ -1,0 +1,160 @@
+"""Scheduling: the engine's admission-aware batch forming and the retrieval coalescer.
+
+The decoder here echoes each row's question (what is generated is checked elsewhere, against
+PEFT and transformers); these tests are about which rows run together, and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from app.engine.coalesce import Coalescer
+from app.engine.engine import Engine, EngineRequest
+from app.errors import InvalidInputError
+from app.generation.decoding import Answer
+from app.generation.types import GenRow
+
+
+class EchoDecoder:
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def run(self, rows: Sequence[GenRow]) -> list[Answer]:
+        self.batches.append([r.question for r in rows])
+        return [Answer(r.question.upper(), None, 1) for r in rows]
+
+
+class NoAdapters:
+    def begin_batch(self, names: Sequence[str | None]) -> None:
+        pass
+
+    def peft_name(self, name: str) -> str | None:
+        raise AssertionError("no adapters in these tests")
+
+    def get(self, name: str) -> object:
+        raise AssertionError("no adapters in these tests")
+
+
+def request(q: str) -> EngineRequest:
+    return EngineRequest(question=q, passages=[], adapter=None, max_new_tokens=4)
+
+
+async def staggered(engine: Engine, n: int, gap_s: float, *, announce: bool) -> list[str]:
+    """n requests announced together (as the service does when retrieval starts), whose rows
+    reach the engine gap_s apart (as their retrievals finish one after another)."""
+
+    async def one(i: int) -> str:
+        expected = engine.expect() if announce else None
+        await asyncio.sleep(i * gap_s)
+        result = await engine.generate(request(f"q{i}"), expected=expected)
+        return result.answer.text
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_a_batch_waits_for_announced_rows(announce: bool) -> None:
+    decoder = EchoDecoder()
+
+    async def run() -> list[str]:
+        engine = Engine(
+            decoder, NoAdapters(), max_batch_size=8, batch_wait_ms=1, expect_wait_ms=2000
+        )
+        engine.start()
+        try:
+            return await staggered(engine, 4, 0.05, announce=announce)
+        finally:
+            await engine.stop()
+
+    answers = asyncio.run(run())
+    assert answers == ["Q0", "Q1", "Q2", "Q3"]
+    if announce:
+        assert [len(b) for b in decoder.batches] == [4]  # the first row waited for the rest
+    else:
+        assert len(decoder.batches) >= 3  # 50 ms apart, a 1 ms wait: (nearly) one row each
+
+
+def test_a_lone_request_or_a_withdrawn_one_is_not_held() -> None:
+    decoder = EchoDecoder()
+
+    async def run() -> tuple[float, float]:
+        engine = Engine(
+            decoder, NoAdapters(), max_batch_size=8, batch_wait_ms=1, expect_wait_ms=5000
+        )
+        engine.start()
+        try:
+            t = time.perf_counter()
+            with engine.expect() as mine:
+                await engine.generate(request("alone"), expected=mine)
+            alone = time.perf_counter() - t
+            # another request announced, then failing before its row (say, a bad question)
+            t = time.perf_counter()
+
+            async def fails() -> None:
+                with engine.expect():
+                    await asyncio.sleep(0.1)
+                    raise InvalidInputError("question is empty")
+
+            failing = asyncio.create_task(fails())
+            with engine.expect() as mine:
+                await engine.generate(request("waits for the other"), expected=mine)
+            waited = time.perf_counter() - t
+            with pytest.raises(InvalidInputError):
+                await failing
+            assert engine.expected == 0
+            return alone, waited
+        finally:
+            await engine.stop()
+
+    alone, waited = asyncio.run(run())
+    assert alone < 1.0  # not the 5 s expect_wait: nothing else was announced
+    assert 0.09 < waited < 1.0  # waited for the other until it withdrew, not 5 s
+
+
+def test_coalescer_batches_what_arrives_while_busy_and_groups_by_key() -> None:
+    gate = threading.Event()
+    calls: list[tuple[str, list[int]]] = []
+
+    def square(key: str, items: Sequence[int]) -> list[int]:
+        calls.append((key, list(items)))
+        if items == [0]:
+            gate.wait(5)  # the first batch is slow: the rest arrive meanwhile
+        return [i * i for i in items]
+
+    async def run() -> list[int]:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            co: Coalescer[str, int, int] = Coalescer(square, pool)
+            first = asyncio.create_task(co.submit("a", 0))
+            await asyncio.sleep(0.05)
+            rest = [asyncio.create_task(co.submit("ab"[i % 2], i)) for i in range(1, 7)]
+            await asyncio.sleep(0.05)
+            gate.set()
+            out = await asyncio.gather(first, *rest)
+            assert co.batches == [1, 6]
+            return out
+
+    assert asyncio.run(run()) == [i * i for i in range(7)]
+    assert calls == [("a", [0]), ("b", [1, 3, 5]), ("a", [2, 4, 6])]
+
+
+def test_coalescer_fails_a_bad_item_alone() -> None:
+    def check(key: None, items: Sequence[str]) -> list[str]:
+        if "bad" in items:
+            raise InvalidInputError("item 'bad' is bad")
+        return [i.upper() for i in items]
+
+    async def run() -> list[str | BaseException]:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            co: Coalescer[None, str, str] = Coalescer(check, pool)
+            calls = [co.submit(None, i) for i in ("x", "bad", "y")]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    x, bad, y = asyncio.run(run())
+    assert (x, y) == ("X", "Y")
+    assert isinstance(bad, InvalidInputError) and "'bad'" in str(bad)
