@@ -14,6 +14,7 @@ from typing import Any
 
 from app.errors import LoragError
 from app.logs import configure_logging
+from app.retrieval.cli import add_index_parsers
 from app.settings import Settings
 from app.training.cli import add_train_parser
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", dest="index_name", default="demo", help="index folder name")
     s.add_argument("--words", type=int, default=100, help="words per passage")
     s.set_defaults(func=cmd_index_build)
+    add_index_parsers(idx)  # add, delete, compact: live changes through the update log
 
     ad = sub.add_parser("adapter", help="manage adapters on a running server")
     ad.add_argument("--url", default="http://127.0.0.1:8000")

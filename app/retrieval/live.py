@@ -228,12 +228,12 @@ class LiveIndex:
         """Fold the log into a new snapshot (and drop tombstones if there are many); False if
         there was nothing to fold."""
         with self._writing():
+            remove_stale_temp(self.path)
             rebuilt = self._index.drop_tombstones()
             if not rebuilt and self.pending_records == 0:
                 return False
             started = time.perf_counter()
             records = self.pending_records
-            remove_stale_temp(self.path)
             self._index.save(self.path)
         logger.info(
             "compacted %s: %d log records folded into a snapshot of %d passages in %.2f s",
