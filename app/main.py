@@ -23,6 +23,7 @@ from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.bootstrap import load_components
 from app.engine.engine import Engine
 from app.generation.decoding import RagDecoder
+from app.lora.tasks import TaskBundles
 from app.metrics import Metrics
 from app.retrieval.manager import IndexManager
 from app.service import RagService
@@ -110,6 +111,9 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
         engine,
         components.registry,
         request_timeout_s=settings.request_timeout_s,
+        tasks=TaskBundles.for_encoder(settings.adapters_dir, components.encoder),
+        default_top_k=settings.top_k,
+        default_mode=settings.mode,
     )
     state.indexes = IndexManager.from_settings(
         components.catalog, components.encoder, state.service.in_retrieval_thread, settings

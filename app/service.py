@@ -11,10 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+import numpy as np
+
 from app.engine.engine import Engine, EngineRequest
 from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError
 from app.generation.types import Decoding, Mode
+from app.lora.bundle import PreparedTask
 from app.lora.registry import AdapterInfo, AdapterRegistry
+from app.lora.tasks import TaskBundles
 from app.retrieval.types import Hit
 
 T = TypeVar("T")
@@ -25,14 +29,20 @@ class Retrieves(Protocol):
         self, questions: Sequence[str], k: int, *, index: str | None = None
     ) -> list[list[Hit]]: ...
 
+    def resolve(self, name: str | None) -> SearchesVectors: ...
+
+
+class SearchesVectors(Protocol):
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class AskParams:
     question: str
     adapter: str | None
-    top_k: int
+    top_k: int | None  # None: the adapter's task default, else the service's
     max_new_tokens: int
-    mode: Mode = "concat"
+    mode: Mode | None = None  # None: the adapter's task default, else the service's
     decoding: Decoding = "thorough"
     index: str | None = None  # a named index; None: the active one
 
@@ -69,11 +79,18 @@ class RagService:
         registry: AdapterRegistry,
         *,
         request_timeout_s: float,
+        tasks: TaskBundles | None = None,
+        default_top_k: int = 5,
+        default_mode: Mode = "concat",
     ) -> None:
         self.retriever = retriever
         self.engine = engine
         self.registry = registry
         self._timeout_s = request_timeout_s
+        # bundle parts beside the registry's generator adapters: request defaults, question
+        # adapters (applied and used on the retrieval thread below)
+        self.tasks = tasks or TaskBundles(registry.root, None)
+        self._defaults: tuple[int, Mode] = (default_top_k, default_mode)
         # One retrieval thread: the encoder's fast tokenizer is not safe to call from two
         # threads at once ("Already borrowed"), and on a CPU the encoder's own matmuls already
         # use every core. It runs beside the model thread, so retrieval and generation overlap.
@@ -111,27 +128,31 @@ class RagService:
             prepared = await asyncio.to_thread(self.registry.prepare, name)
         except AdapterPathNotFound:
             raise AdapterNotFound(name) from None
-        return await self.engine.run_exclusive(lambda: self.registry.ensure(name, prepared))
+        task = await asyncio.to_thread(self.tasks.prepare, name)
+        info = await self.engine.run_exclusive(lambda: self.registry.ensure(name, prepared))
+        if info.path == name and info.version == prepared.version:  # this folder is what serves
+            await self._apply_task(name, task)
+        return info
 
     async def _ask(self, params: AskParams) -> AskResult:
         t0 = time.perf_counter()
         if not params.question.strip():
             raise InvalidInputError("question is empty")
+        task = self.tasks.manifest(params.adapter)
+        top_k = params.top_k or (task.top_k if task else None) or self._defaults[0]
+        mode: Mode = params.mode or (task.mode if task else None) or self._defaults[1]
         # the encoder is not the generator: it runs in the thread pool, beside the model thread
-        found = await asyncio.get_running_loop().run_in_executor(
+        hits = await asyncio.get_running_loop().run_in_executor(
             self._retrieval,
-            functools.partial(
-                self.retriever.retrieve, [params.question], params.top_k, index=params.index
-            ),
+            functools.partial(self._retrieve, params.question, top_k, params.adapter, params.index),
         )
-        hits = found[0]
         t1 = time.perf_counter()
         request = EngineRequest(
             question=params.question,
             passages=[h.passage for h in hits],
             adapter=params.adapter,
             max_new_tokens=params.max_new_tokens,
-            mode=params.mode,
+            mode=mode,
             decoding=params.decoding,
             scores=[h.score for h in hits],
         )
@@ -150,7 +171,7 @@ class RagService:
             answer=result.answer.text.strip(),
             adapter=params.adapter,
             adapter_version=result.adapter_version,
-            mode=params.mode,
+            mode=mode,
             hits=hits,
             weights=(
                 result.answer.weights
@@ -163,6 +184,21 @@ class RagService:
                 "total": (t2 - t0) * 1000,
             },
             generated_tokens=result.answer.tokens,
+        )
+
+    def _retrieve(self, question: str, k: int, adapter: str | None, index: str | None) -> list[Hit]:
+        """On the retrieval thread. An adapter with a question-encoder part encodes the question
+        itself (per call: no adapter switch is shared between requests), then searches the same
+        index; every other request goes through the server's encoder."""
+        vectors = self.tasks.question_vectors([question], adapter)  # [1, dim] or None
+        if vectors is None:
+            return self.retriever.retrieve([question], k, index=index)[0]
+        return self.retriever.resolve(index).search(vectors, k)[0]
+
+    async def _apply_task(self, name: str, task: PreparedTask) -> None:
+        # on the retrieval thread, so a question adapter never changes under an encode
+        await asyncio.get_running_loop().run_in_executor(
+            self._retrieval, self.tasks.apply, name, task
         )
 
     # adapters: validation off the model thread, the swap on it, in queue order ----------------
@@ -178,10 +214,14 @@ class RagService:
         self, name: str, rel_path: str, *, pinned: bool = False
     ) -> tuple[AdapterInfo, bool]:
         prepared = await asyncio.to_thread(self.registry.prepare, rel_path)
-        return await self.engine.run_exclusive(
+        task = await asyncio.to_thread(self.tasks.prepare, rel_path)  # a bundle: validated too
+        loaded = await self.engine.run_exclusive(
             lambda: self.registry.install(name, prepared, pinned=pinned)
         )
+        await self._apply_task(name, task)
+        return loaded
 
     async def unload_adapter(self, name: str) -> None:
         self.registry.get(name)  # 404 before queueing
         await self.engine.run_exclusive(lambda: self.registry.unload(name))
+        await asyncio.get_running_loop().run_in_executor(self._retrieval, self.tasks.remove, name)

@@ -5,14 +5,41 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Response, status
 
 from app.api.deps import AdminDep, ServiceDep, StateDep
-from app.api.schemas import ADAPTER_NAME, AdapterList, AdapterLoad, AdapterOut
+from app.api.schemas import (
+    ADAPTER_NAME,
+    AdapterList,
+    AdapterLoad,
+    AdapterOut,
+    QuestionEncoderOut,
+    TaskOut,
+)
 from app.lora.registry import AdapterInfo
+from app.lora.tasks import TaskView
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 NamePath = Path(..., pattern=ADAPTER_NAME, description="Adapter name.")
 
 
-def _out(info: AdapterInfo) -> AdapterOut:
+def _task(view: TaskView | None) -> TaskOut | None:
+    if view is None:
+        return None
+    q = view.question
+    return TaskOut(
+        mode=view.manifest.mode,
+        top_k=view.manifest.top_k,
+        question_encoder=None
+        if q is None
+        else QuestionEncoderOut(
+            path=q.path,
+            version=q.version,
+            rank=q.rank,
+            target_modules=list(q.target_modules),
+            bytes=q.bytes,
+        ),
+    )
+
+
+def _out(info: AdapterInfo, task: TaskView | None = None) -> AdapterOut:
     return AdapterOut(
         name=info.name,
         path=info.path,
@@ -27,6 +54,7 @@ def _out(info: AdapterInfo) -> AdapterOut:
         pinned=info.pinned,
         last_used=info.last_used,
         requests_served=info.requests_served,
+        task=_task(task),
     )
 
 
@@ -37,12 +65,14 @@ def _record_resident(state: StateDep, service: ServiceDep) -> None:
 @router.get("", response_model=AdapterList)
 async def list_adapters(service: ServiceDep, state: StateDep) -> AdapterList:
     _record_resident(state, service)  # lazy loads in /ask may have loaded or evicted some
-    return AdapterList(adapters=[_out(i) for i in service.registry.list()])
+    return AdapterList(
+        adapters=[_out(i, service.tasks.view(i.name)) for i in service.registry.list()]
+    )
 
 
 @router.get("/{name}", response_model=AdapterOut)
 async def get_adapter(service: ServiceDep, name: str = NamePath) -> AdapterOut:
-    return _out(service.registry.get(name))
+    return _out(service.registry.get(name), service.tasks.view(name))
 
 
 @router.put(
@@ -73,7 +103,7 @@ async def put_adapter(
     state.metrics.adapter_ops.labels("replace" if replaced else "load", "ok").inc()
     _record_resident(state, service)
     response.status_code = status.HTTP_200_OK if replaced else status.HTTP_201_CREATED
-    return _out(info)
+    return _out(info, service.tasks.view(name))
 
 
 @router.delete(

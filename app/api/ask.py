@@ -20,9 +20,9 @@ async def ask(
         AskParams(
             question=body.question,
             adapter=body.adapter,
-            top_k=body.top_k or settings.top_k,
+            top_k=body.top_k,  # None: the adapter's task default, else settings.top_k
             max_new_tokens=body.max_new_tokens or settings.max_new_tokens,
-            mode=body.mode or settings.mode,
+            mode=body.mode,  # None: the adapter's task default, else settings.mode
             decoding=body.decoding,
             index=body.index,
         )

@@ -83,6 +83,22 @@ class AskResponse(BaseModel):
     request_id: str
 
 
+class QuestionEncoderOut(BaseModel):
+    path: str = Field(description="The question-encoder adapter folder, under the adapters root.")
+    version: str = Field(description="Content hash of its weights.")
+    rank: int
+    target_modules: list[str]
+    bytes: int
+
+
+class TaskOut(BaseModel):
+    mode: str | None = Field(description="Decoding mode used when a request names none.")
+    top_k: int | None = Field(description="Passages retrieved when a request names no top_k.")
+    question_encoder: QuestionEncoderOut | None = Field(
+        description="The question-encoder adapter /ask encodes questions with, if any."
+    )
+
+
 class AdapterOut(BaseModel):
     name: str
     path: str
@@ -99,6 +115,9 @@ class AdapterOut(BaseModel):
     pinned: bool = Field(description="Pinned adapters are never evicted.")
     last_used: datetime | None = Field(description="When a batch last ran a request with it.")
     requests_served: int = Field(description="Requests that ran with it since it was loaded.")
+    task: TaskOut | None = Field(
+        None, description="Present when the folder is a task bundle (it has lorag_task.json)."
+    )
 
 
 class AdapterList(BaseModel):

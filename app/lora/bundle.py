@@ -23,11 +23,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from app import __version__
-from app.errors import AdapterInvalid
+from app.errors import AdapterInvalid, AdapterPathNotFound
 from app.lora.paths import resolve_under
 from app.lora.validate import BaseLayout, ValidatedAdapter, validate_adapter
 
@@ -74,6 +74,13 @@ class TaskManifest:
             value = getattr(m, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise AdapterInvalid(f"{where}: {key} must be a non-empty string, got {value!r}")
+        for key in ("generator_adapter", "question_encoder"):
+            value = getattr(m, key)
+            if value is not None and (PurePosixPath(value).is_absolute() or ".." in value):
+                raise AdapterInvalid(
+                    f"{where}: {key} {value!r} must be a path inside the bundle folder "
+                    "(relative, no '..')"
+                )
         if m.mode is not None and m.mode not in MODES:
             raise AdapterInvalid(f"{where}: mode {m.mode!r} is not one of {MODES}")
         top_k = m.top_k
@@ -152,7 +159,13 @@ def prepare_task(
     assert question_layout is not None  # an encoder is configured, so is its layout
     layout = question_layout() if callable(question_layout) else question_layout
     q_rel = f"{rel.rstrip('/')}/{manifest.question_encoder}"
-    q_folder = resolve_under(root, q_rel)  # refuses '..', absolute paths, links out of root
+    try:
+        q_folder = resolve_under(root, q_rel)  # refuses links out of the root
+    except AdapterPathNotFound:
+        raise AdapterInvalid(
+            f"{MANIFEST_NAME} of adapter {rel!r} names question_encoder "
+            f"{manifest.question_encoder!r}, which is not in the bundle"
+        ) from None
     if folder not in q_folder.parents:
         raise AdapterInvalid(
             f"question_encoder {manifest.question_encoder!r} of adapter {rel!r} is not a "
