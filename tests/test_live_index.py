@@ -142,6 +142,7 @@ def test_validation_names_the_bad_document() -> None:
         ([ok] * 4, "4 documents in one request, at most 3"),
         ([Document("", "", "x")], "document 0: id is empty"),
         ([Document("a\nb", "", "x")], "control character"),
+        ([Document("s", "", "half \ud800 pair")], "text holds '\\\\ud800' at 5, not a character"),
     ]
     for documents, message in cases:
         with pytest.raises(InvalidInputError, match=message):

@@ -1,7 +1,8 @@
 """Property-based run of the OpenAPI schema (schemathesis) against the real app: no 5xx.
 
 Every operation in /openapi.json is covered: POST /ask, GET /adapters, GET, PUT and DELETE
-/adapters/{name}, GET /health, /ready and /metrics. Schemathesis generates requests from the
+/adapters/{name}, POST /documents, GET and DELETE /documents/{doc_id}, GET and PUT /index, POST
+/index/{name}/compact, GET /health, /ready and /metrics. Schemathesis generates requests from the
 schema the app serves, valid ones and (for operations that take input) invalid ones; each
 must be answered without a server error. The app is the real one (real lifespan, encoder and
 index, the tiny T5 generator), one instance for the module, called in-process through
@@ -45,6 +46,12 @@ OPERATIONS = {
     "GET /adapters/{name}": (POSITIVE, NEGATIVE),
     "PUT /adapters/{name}": (POSITIVE, NEGATIVE),
     "DELETE /adapters/{name}": (POSITIVE, NEGATIVE),
+    "POST /documents": (POSITIVE, NEGATIVE),
+    "GET /documents/{doc_id}": (POSITIVE, NEGATIVE),
+    "DELETE /documents/{doc_id}": (POSITIVE, NEGATIVE),
+    "GET /index": (POSITIVE,),
+    "PUT /index": (POSITIVE, NEGATIVE),
+    "POST /index/{name}/compact": (POSITIVE, NEGATIVE),
     "GET /health": (POSITIVE,),
     "GET /ready": (POSITIVE,),
     "GET /metrics": (POSITIVE,),
@@ -60,9 +67,14 @@ def served(
 ) -> Iterator[TestClient]:
     from app.main import create_app
 
+    import shutil
+
     root = tmp_path_factory.mktemp("fuzz") / "adapters"
     save_lora_adapter(tiny_generators["t5"], root / GOOD, seed=1)
-    app = create_app(make_settings(tiny_generators["t5"], index_root, root))
+    # a private copy: fuzzed POST/DELETE /documents change the index they are sent to
+    indexes = root.parent / "index"
+    shutil.copytree(index_root / "facts", indexes / "facts")
+    app = create_app(make_settings(tiny_generators["t5"], indexes, root))
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_loaded(client)
         assert client.get("/ready").status_code == 200

@@ -10,6 +10,7 @@ hands the result to LiveIndex.upsert, which logs and applies it under the writer
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,19 @@ def validate(documents: Sequence[Document], limits: UpdateLimits) -> None:
             raise InvalidInputError(
                 f"{where}: text has {len(doc.text)} characters, at most {limits.max_chars}"
             )
+        for part, value in (("id", doc.id), ("title", doc.title), ("text", doc.text)):
+            _check_encodable(where, part, value)
+        _check_encodable(where, "metadata", json.dumps(dict(doc.metadata), ensure_ascii=False))
+
+
+def _check_encodable(where: str, part: str, value: str) -> None:
+    """JSON lets a lone surrogate (half a UTF-16 pair) through; UTF-8 files cannot hold one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{where}: {part} holds {value[exc.start]!r} at {exc.start}, not a character"
+        ) from None
 
 
 def prepare(documents: Sequence[Document], encoder: TextEncoder, *, words: int) -> Prepared:
