@@ -14,11 +14,13 @@ line); a format-1 folder is refused with IndexOutdated, which `lorag prepare` an
 demo index by rebuilding it, and any other index needs `lorag index build` again.
 
 Passages live in FAISS under stable int64 ids, never reused, so a passage keeps its id when
-others are added or deleted. A delete removes the vectors where the index kind can (flat, IVF);
-an HNSW graph cannot drop a node, so its ids become tombstones, excluded inside every search
-(ann.search's IDSelector) and rebuilt away at compaction once they are a tenth of the index.
-Tombstones need no file: they are the ids FAISS holds that the docstore does not. The docstore
-entry goes at once either way, so a deleted passage's text cannot be returned.
+others are added or deleted. A delete drops the docstore entry at once (so a deleted passage's
+text cannot be returned) and makes its ids tombstones, excluded inside every search (ann.search's
+IDSelector). Removing vectors from a flat index right away would cost a pass over all of them
+per delete (33 ms at 100k passages, bench/RESULTS.md), and an HNSW graph cannot drop a node at
+all; so compaction removes the tombstones from flat and IVF indexes in one batched pass, and
+rebuilds an HNSW graph once they are a tenth of it. Tombstones need no file: they are the ids
+FAISS holds that the docstore does not.
 
 Readers never see half an update: `apply` changes FAISS and the docstore under one lock, which
 `search` takes too (a flat search over a few hundred thousand vectors is milliseconds; a
@@ -164,7 +166,7 @@ class PassageIndex:
         self._index = index
         self._docs = docs
         self._tombstones = set(ids.tolist()) - set(docs.pids())
-        self._excluded = np.array(sorted(self._tombstones), dtype=np.int64)
+        self._excluded: np.ndarray | None = None  # sorted tombstones, made at the next search
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -212,6 +214,8 @@ class PassageIndex:
             k = min(k, len(self))
             if k == 0:
                 return [[] for _ in range(queries.shape[0])]
+            if self._excluded is None:  # deletes since the last search (a replay makes many)
+                self._excluded = np.array(sorted(self._tombstones), dtype=np.int64)
             # [n, k] each; id -1 marks "no result"; tombstones are excluded inside the search
             scores, ids = ann.search(self._index, queries, k, self.spec, self._excluded)
             passage = self._docs.passage
@@ -257,27 +261,29 @@ class PassageIndex:
 
     def _drop(self, doc_id: str) -> None:
         pids = self._docs.remove(doc_id)
-        if not pids:
-            return
-        if ann.supports_remove(self._index):
-            self._index.remove_ids(faiss.IDSelectorBatch(np.array(pids, dtype=np.int64)))
-        else:
+        if pids:
             self._tombstones.update(pids)
-            self._excluded = np.array(sorted(self._tombstones), dtype=np.int64)
+            self._excluded = None
 
     def drop_tombstones(self, *, at_least: float = REBUILD_FRACTION) -> bool:
-        """Rebuild FAISS without the tombstoned ids when they are `at_least` of it (compaction)."""
+        """Take the tombstoned vectors out of FAISS (compaction): flat and IVF in one batched
+        removal; HNSW by a rebuild, once the tombstones are `at_least` of the graph."""
         with self._lock:
-            if not self._tombstones or len(self._tombstones) < at_least * self._index.ntotal:
+            if not self._tombstones:
                 return False
-            drop = self._excluded
+            drop = np.array(sorted(self._tombstones), dtype=np.int64)
+            if ann.supports_remove(self._index):  # one pass over the vectors, under the lock
+                self._index.remove_ids(faiss.IDSelectorBatch(drop))
+                self._tombstones, self._excluded = set(), None
+                return True
+            if len(drop) < at_least * self._index.ntotal:
+                return False
         rebuilt = ann.rebuild_without(self._index, self.spec, drop)  # outside the lock: slow
         with self._lock:  # deletes that came meanwhile are tombstones in the old index only
             fresh = self._tombstones - set(drop.tolist())
             if fresh:
                 rebuilt.remove_ids(faiss.IDSelectorBatch(np.array(sorted(fresh), np.int64)))
-            self._index, self._tombstones = rebuilt, set()
-            self._excluded = np.zeros(0, dtype=np.int64)
+            self._index, self._tombstones, self._excluded = rebuilt, set(), None
         logger.info("rebuilt the index without %d deleted passages", len(drop))
         return True
 
