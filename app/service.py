@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -14,14 +15,16 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from app.engine.engine import Engine, EngineRequest
-from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError
+from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError, NotReadyError
 from app.generation.types import Decoding, Mode
 from app.lora.bundle import PreparedTask
-from app.lora.registry import AdapterInfo, AdapterRegistry
+from app.lora.registry import AdapterInfo, AdapterRegistry, Lease
 from app.lora.tasks import TaskBundles
 from app.retrieval.types import Hit
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class Retrieves(Protocol):
@@ -100,15 +103,47 @@ class RagService:
         # lazy loads in flight, by adapter name: concurrent asks for one unloaded adapter share
         # one load (touched on the event loop only)
         self._loading: dict[str, asyncio.Future[AdapterInfo]] = {}
+        self._background: set[asyncio.Future[None]] = set()  # tasks nobody awaits
 
     async def ask(self, params: AskParams) -> AskResult:
         if params.adapter is None:
-            return await self._ask(params)
+            return await self._ask(params, None)
         # held from before the (lazy) load until the answer: eviction leaves it alone meanwhile
         with self.registry.hold(params.adapter):
-            if params.adapter not in self.registry:
-                await self._lazy_load(params.adapter)  # 404 before any work if it cannot
-            return await self._ask(params)
+            lease = await self._acquire(params.adapter)  # 404 before any work if it cannot
+            try:
+                return await self._ask(params, lease)
+            finally:
+                if self.registry.release(lease):  # the last request on a retired version
+                    self._collect_soon()
+
+    def _collect_soon(self) -> None:
+        """Free retired adapter weights on the model thread, in queue order, without waiting."""
+
+        async def collect() -> None:
+            try:
+                await self.engine.run_exclusive(self.registry.collect)
+            except NotReadyError:  # stopping: the weights go with the process
+                pass
+            except Exception:
+                log.exception("freeing retired adapter weights failed")
+
+        task = asyncio.ensure_future(collect())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _acquire(self, name: str) -> Lease:
+        """A lease on the version of `name` loaded now (loading it first, with lazy loading):
+        the request runs on that version even if a swap or an unload comes before its batch."""
+        for _ in range(3):  # unloaded again between its lazy load and here: load it once more
+            if name not in self.registry:
+                await self._lazy_load(name)
+            try:
+                return self.registry.acquire(name)
+            except AdapterNotFound:
+                if not self.registry.policy.lazy_load:
+                    raise
+        raise AdapterNotFound(name)
 
     async def _lazy_load(self, name: str) -> AdapterInfo:
         """Load adapters_dir/<name> as name, once however many asks wait for it."""
@@ -134,7 +169,7 @@ class RagService:
             await self._apply_task(name, task)
         return info
 
-    async def _ask(self, params: AskParams) -> AskResult:
+    async def _ask(self, params: AskParams, lease: Lease | None) -> AskResult:
         t0 = time.perf_counter()
         if not params.question.strip():
             raise InvalidInputError("question is empty")
@@ -155,17 +190,9 @@ class RagService:
             mode=mode,
             decoding=params.decoding,
             scores=[h.score for h in hits],
+            lease=lease,
         )
-        try:
-            result = await self.engine.generate(request, timeout_s=self._timeout_s)
-        except AdapterNotFound:
-            # unloaded after this request was admitted, by a DELETE queued ahead of its batch:
-            # with lazy loading its folder is loaded again and the row runs once more
-            if params.adapter is None or not self.registry.policy.lazy_load:
-                raise
-            await self._lazy_load(params.adapter)
-            left = self._timeout_s - (time.perf_counter() - t1)
-            result = await self.engine.generate(request, timeout_s=max(left, 0.001))
+        result = await self.engine.generate(request, timeout_s=self._timeout_s)
         t2 = time.perf_counter()
         return AskResult(
             answer=result.answer.text.strip(),

@@ -37,6 +37,9 @@ class NoAdapters:
     def peft_name(self, name: str) -> str | None:
         raise AssertionError("no adapters in these tests")
 
+    def peft_name_of(self, lease: object) -> str | None:
+        raise AssertionError("no adapters in these tests")
+
     def get(self, name: str) -> object:
         raise AssertionError("no adapters in these tests")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from app.errors import AdapterNotFound
 from app.generation.backends import Generator
 from app.generation.loading import load_generator
 from app.generation.types import GenRow
@@ -286,3 +287,62 @@ def test_lazy_loading_off_keeps_unloaded_names_404(
     resp = ask(client, "a")
     assert resp.status_code == 404 and "'a'" in resp.json()["detail"]
     assert client.get("/adapters").json()["adapters"] == []
+
+
+# ---- leases: a request runs on the version it was admitted with ------------------------------
+
+
+def answer(reg: AdapterRegistry, peft: str | None) -> str:
+    return reg.generator.generate([GenRow(QUESTION, [P], peft, 6)])[0]
+
+
+def test_a_leased_version_survives_a_swap_and_is_freed_with_its_last_lease(world, tmp_path):
+    reg = make(world, tmp_path)
+    reg.install("task", reg.prepare("a"))
+    alone_a = answer(reg, reg.peft_name("task"))
+    lease = reg.acquire("task")
+    reg.install("task", reg.prepare("b"))  # the swap: later requests get b
+    alone_b = answer(reg, reg.peft_name("task"))
+    assert alone_a != alone_b  # the two versions really differ
+    assert reg.retired == 1 and reg.get("task").version == reg.prepare("b").version
+    # the admitted request still runs on a, the version it leased
+    assert lease.version == reg.prepare("a").version
+    assert answer(reg, reg.peft_name_of(lease)) == alone_a
+    assert len(reg.generator.model.peft_config) == 2
+    reg.begin_batch(["task"])  # a batch while a is still leased frees nothing
+    assert reg.retired == 1
+    assert reg.release(lease) is True  # the last lease on a retired version
+    reg.collect()
+    assert reg.retired == 0
+    assert list(reg.generator.model.peft_config) == [reg.peft_name("task")]
+    assert answer(reg, reg.peft_name("task")) == alone_b
+
+
+def test_unload_of_a_leased_adapter_waits_for_its_requests(world, tmp_path):
+    reg = make(world, tmp_path, merge_single=True)
+    reg.install("task", reg.prepare("a"))
+    expected = answer(reg, reg.peft_name("task"))
+    with reg.lease("task") as lease:
+        reg.unload("task")
+        assert "task" not in reg and reg.list() == []
+        reg.begin_batch(["task"])  # with a retired version installed, nothing merges
+        assert reg.merged is None
+        assert answer(reg, reg.peft_name_of(lease)) == expected
+    reg.collect()
+    assert not isinstance(reg.generator.model, PeftModel)  # the base alone, unwrapped
+    with pytest.raises(AdapterNotFound):
+        reg.peft_name_of(lease)  # a lease given back does not resolve any more
+    with pytest.raises(AdapterNotFound):
+        reg.acquire("task")
+
+
+def test_a_leased_adapter_is_not_evicted(world, tmp_path) -> None:
+    probe = make(world, tmp_path)
+    size = probe.resident_bytes(probe.prepare("a"))
+    reg = make(world, tmp_path, memory_budget=2 * size)
+    reg.install("a", reg.prepare("a"))
+    reg.install("b", reg.prepare("b"))
+    reg.begin_batch(["b"])  # a is the least recently used
+    with reg.lease("a"):
+        reg.install("c", reg.prepare("c"))  # evicts b, not the leased a
+    assert [i.name for i in reg.list()] == ["a", "c"]

@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 from app.errors import GenerationTimeout, LoragError, NotReadyError
 from app.generation.decoding import Answer
 from app.generation.types import Decoding, GenRow, Mode
+from app.lora.registry import Lease
 from app.retrieval.types import Passage
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class HasVersion(Protocol):
 class AdapterResolver(Protocol):
     def begin_batch(self, names: Sequence[str | None]) -> None: ...
     def peft_name(self, name: str) -> str | None: ...
+    def peft_name_of(self, lease: Lease) -> str | None: ...
     def get(self, name: str) -> HasVersion: ...
 
 
@@ -69,7 +71,9 @@ _Outcome = EngineResult | BaseException
 
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
-    """One row to generate; `adapter` is the public adapter name, resolved on the model thread."""
+    """One row to generate. `adapter` is the public adapter name; with a `lease` (taken when
+    the request was admitted) the row runs on that leased version, otherwise on whatever
+    version the name has when its batch forms."""
 
     question: str
     passages: Sequence[Passage]
@@ -78,6 +82,7 @@ class EngineRequest:
     mode: Mode = "concat"
     decoding: Decoding = "thorough"
     scores: Sequence[float] = ()
+    lease: Lease | None = None
 
 
 @dataclass
@@ -317,7 +322,10 @@ class Engine:
             # adapters change only on this thread, so name and version are read consistently
             try:
                 peft = None
-                if req.adapter is not None:
+                if req.lease is not None:
+                    peft = self._adapters.peft_name_of(req.lease)
+                    versions[i] = req.lease.version
+                elif req.adapter is not None:
                     peft = self._adapters.peft_name(req.adapter)
                     versions[i] = self._adapters.get(req.adapter).version
             except LoragError as exc:

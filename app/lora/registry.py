@@ -18,7 +18,15 @@ unmerged before any batch with a base row, and before any install or unload. Whi
 generator serves the plain transformers model (its LoRA layers merged), and peft_name() says
 None: rows must not pass PEFT adapter_names, which merged layers refuse.
 
-Threads: prepare/get/list/peft_name/hold may run anywhere; install, unload and begin_batch
+Leases: a request admitted with an adapter takes a lease on the version installed at that
+moment (`lease()`), and its row runs on exactly those weights. Replacing or unloading the
+name takes it out of the name map at once (later requests get the new version, or a 404 or a
+lazy load), but weights still leased stay installed, "retired", until the last lease is
+returned; the next call on the model thread then deletes them. So a request is never failed,
+nor moved to other weights, by a swap or an unload that came after it was admitted, however
+long it waits for its batch (what LoRAX and S-LoRA do with reference-counted adapters).
+
+Threads: prepare/get/list/peft_name/hold/lease may run anywhere; install, unload and begin_batch
 mutate the model and must run on the thread that runs generation (the engine serializes them
 with batches). A lock guards only the name map and the usage counters, so readers on other
 threads never see them half-updated.
@@ -89,6 +97,15 @@ class _Entry:
         )
 
 
+@dataclass(frozen=True)
+class Lease:
+    """The adapter version a request runs with (see the module docstring)."""
+
+    name: str
+    internal: str
+    version: str
+
+
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidInputError(
@@ -121,6 +138,9 @@ class AdapterRegistry:
         self._on_change = on_change
         self.policy = policy or ResidencyPolicy()
         self._held: Counter[str] = Counter()  # name -> requests admitted that name it
+        self._leases: Counter[str] = Counter()  # internal name -> requests bound to it
+        self._retired: dict[str, _Entry] = {}  # internal -> replaced/unloaded, still leased
+        self._doomed: list[str] = []  # retired internals no longer leased: delete on model thread
         self._ticks = itertools.count(1)
         self._elem = next(generator.model.parameters()).element_size()
         self._peft: PeftModel | None = None  # the wrapped model while merged
@@ -181,11 +201,77 @@ class AdapterRegistry:
                 if self._held[name] <= 0:
                     del self._held[name]
 
+    def acquire(self, name: str) -> Lease:
+        """Bind a request to the version of `name` installed now; give it back with release().
+        Raises AdapterNotFound if `name` is not loaded."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise AdapterNotFound(name)
+            lease = Lease(name, entry.internal, entry.info.version)
+            self._leases[lease.internal] += 1
+        return lease
+
+    def release(self, lease: Lease) -> bool:
+        """Give a lease back; True when that left retired weights to delete with collect()."""
+        with self._lock:
+            self._leases[lease.internal] -= 1
+            if self._leases[lease.internal] > 0:
+                return False
+            del self._leases[lease.internal]
+            if lease.internal not in self._retired:
+                return False
+            self._doomed.append(lease.internal)
+            return True
+
+    @contextmanager
+    def lease(self, name: str) -> Iterator[Lease]:
+        """acquire() and release() around a block."""
+        lease = self.acquire(name)
+        try:
+            yield lease
+        finally:
+            self.release(lease)
+
+    def peft_name_of(self, lease: Lease) -> str | None:
+        """The PEFT adapter name a row under `lease` passes (None while merged, as peft_name)."""
+        with self._lock:
+            installed = (
+                self._entries.get(lease.name, None) is not None
+                and self._entries[lease.name].internal == lease.internal
+            ) or lease.internal in self._retired
+        if not installed:  # only if the lease was returned before its row ran
+            raise AdapterNotFound(lease.name)
+        return None if lease.internal == self._merged else lease.internal
+
+    @property
+    def retired(self) -> int:
+        """Replaced or unloaded versions kept installed for the requests still using them."""
+        with self._lock:
+            return len(self._retired)
+
     # ---- model thread -------------------------------------------------------------------
+
+    def collect(self) -> None:
+        """Delete retired versions whose last lease is gone (model thread)."""
+        with self._lock:
+            doomed = [i for i in self._doomed if i in self._retired and not self._leases[i]]
+            self._doomed.clear()
+            for internal in doomed:
+                del self._retired[internal]
+        if not doomed:
+            return
+        self._unmerge()
+        for internal in doomed:
+            self._delete(internal)
+            log.info("deleted retired adapter weights %s (no request uses them now)", internal)
+        self._changed()
 
     def begin_batch(self, names: Sequence[str | None]) -> None:
         """Called by the engine before it resolves a batch's rows (public names, None = base):
-        counts usage, then merges or unmerges as the merge policy says."""
+        deletes unleased retired versions, counts usage, then merges or unmerges as the merge
+        policy says."""
+        self.collect()
         now = datetime.now(UTC)
         with self._lock:
             tick = next(self._ticks)
@@ -195,7 +281,8 @@ class AdapterRegistry:
                     entry.served += 1
                     entry.last_used = now
                     entry.tick = tick
-            only = next(iter(self._entries.values())) if len(self._entries) == 1 else None
+            alone = len(self._entries) == 1 and not self._retired
+            only = next(iter(self._entries.values())) if alone else None
         if not self.policy.merge_single:
             return
         try:
@@ -214,10 +301,17 @@ class AdapterRegistry:
         Over the memory budget, evicts least recently used idle adapters after the install
         succeeds; raises AdapterBudgetExceeded (evicting nothing) when they cannot make room."""
         check_name(name)
+        self.collect()
         need = self.resident_bytes(prepared)
         with self._lock:
             residents = [
-                Resident(n, e.info.resident_bytes, e.tick, e.pinned, self._held[n] > 0)
+                Resident(
+                    n,
+                    e.info.resident_bytes,
+                    e.tick,
+                    e.pinned,
+                    self._held[n] > 0 or self._leases[e.internal] > 0,
+                )
                 for n, e in self._entries.items()
             ]
         evict = plan_eviction(residents, name, need, self.policy.memory_budget)
@@ -238,6 +332,10 @@ class AdapterRegistry:
             self._entries[name] = _Entry(info, internal, pinned, next(self._ticks))
             gone = [self._entries.pop(n) for n in evict]
             self.evictions += len(gone)
+            replaced = old is not None
+            if old is not None and self._leases[old.internal] > 0:
+                self._retired[old.internal] = old  # admitted requests finish on it
+                old = None
         if old is not None:
             self._delete(old.internal)
         for entry in gone:
@@ -253,14 +351,14 @@ class AdapterRegistry:
         self._changed()
         log.info(
             "%s adapter %r (%s, r=%d, version %s) as %s",
-            "replaced" if old else "installed",
+            "replaced" if replaced else "installed",
             name,
             info.path,
             info.rank,
             info.version,
             internal,
         )
-        return self.get(name), old is not None
+        return self.get(name), replaced
 
     def ensure(self, name: str, prepared: PreparedAdapter) -> AdapterInfo:
         """Install prepared as name unless name is loaded by now (a lazy load that raced a PUT
@@ -273,14 +371,21 @@ class AdapterRegistry:
 
     def unload(self, name: str) -> None:
         """Remove the adapter and free its weights; the base serves alone after the last."""
+        self.collect()
         with self._lock:
-            entry = self._entries.get(name)
-        if entry is None:
-            raise AdapterNotFound(name)
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                raise AdapterNotFound(name)
+            leased = self._leases[entry.internal] > 0
+            if leased:
+                self._retired[entry.internal] = entry  # admitted requests finish on it
+        if leased:
+            log.info(
+                "unloaded adapter %r; %s stays until its requests finish", name, entry.internal
+            )
+            return
         self._unmerge()
         self._delete(entry.internal)
-        with self._lock:
-            del self._entries[name]
         self._changed()
         log.info("unloaded adapter %r (%s)", name, entry.internal)
 
