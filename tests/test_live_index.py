@@ -17,7 +17,7 @@ import pytest
 from app.errors import IndexInvalid, InvalidInputError
 from app.retrieval import ann
 from app.retrieval.chunking import chunk_document
-from app.retrieval.live import DocumentNotFound, IndexBusy, LiveIndex, folder_lock
+from app.retrieval.live import DocumentNotFound, IndexBusy, IndexWriteError, LiveIndex, folder_lock
 from app.retrieval.store import LOG_FILE, PassageIndex
 from app.retrieval.updates import Document, UpdateLimits, prepare, validate
 from tests.hash_encoder import HashEncoder
@@ -205,3 +205,30 @@ def test_a_writer_waits_for_the_lock_and_then_gives_up_naming_it(tmp_path: Path)
         before = live.index
         live.refresh()  # a reader never waits for the lock
         assert live.index is before
+
+
+def test_a_failed_append_is_taken_back_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    import app.retrieval.wal as wal
+
+    live = new_index(tmp_path / "idx")
+    upsert(live, {"a": text(1)})
+    size = (tmp_path / "idx" / LOG_FILE).stat().st_size
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes | memoryview) -> int:
+        real_write(fd, bytes(data)[: len(data) // 2])  # half the record reaches the file ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
+
+    monkeypatch.setattr(wal.os, "write", half_then_full)
+    with pytest.raises(IndexWriteError, match=r"idx: .*No space left on device.*not made"):
+        upsert(live, {"b": text(2)})
+    monkeypatch.setattr(wal.os, "write", real_write)
+    assert (tmp_path / "idx" / LOG_FILE).stat().st_size == size  # the half record is gone
+    assert state(live.index) == {"a": text(1)}
+    upsert(live, {"c": text(3)})
+    assert state(PassageIndex.load(tmp_path / "idx")) == {"a": text(1), "c": text(3)}

@@ -49,9 +49,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         Document(d.id, d.title, d.text, d.metadata)
         for d in read_sources([Path(s) for s in args.sources])
     ]
-    limits = UpdateLimits(max_documents=BATCH, max_chars=settings.max_document_chars)
-    for start in range(0, len(documents), BATCH):
-        validate(documents[start : start + BATCH], limits)  # every batch before any is written
+    # the whole input before any batch is written (an id twice across files is refused too)
+    validate(documents, UpdateLimits(len(documents) or 1, settings.max_document_chars))
     added = replaced = passages = 0
     words = live.index.manifest.chunk_words
     for start in range(0, len(documents), BATCH):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.errors import IndexInvalid, IndexNotFound, NotFoundError, NotReadyError
+from app.errors import IndexInvalid, IndexNotFound, LoragError, NotFoundError, NotReadyError
 from app.retrieval import wal
 from app.retrieval.ann import AnnSpec
 from app.retrieval.docstore import StoredDocument
@@ -51,6 +51,10 @@ LOCK_WAIT_S = 30.0  # how long a writer waits for another process's change to fi
 
 class IndexBusy(NotReadyError):
     """Another process holds the index's writer lock for longer than we wait."""
+
+
+class IndexWriteError(LoragError):
+    """The folder could not be written (disk full, read-only, permissions): nothing changed."""
 
 
 class DocumentNotFound(NotFoundError):
@@ -256,9 +260,14 @@ class LiveIndex:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        with self._lock, folder_lock(self.path):
-            self._catch_up()
-            yield
+        try:
+            with self._lock, folder_lock(self.path):
+                self._catch_up()
+                yield
+        except OSError as exc:  # an append is taken back, a snapshot is not swapped in
+            raise IndexWriteError(
+                f"cannot write index {self.path}: {exc}; the change was not made"
+            ) from exc
 
     def _origin(self) -> Origin:
         origin = self._index.origin
