@@ -189,3 +189,40 @@ def test_question_encoder_with_concat_is_refused(tmp_path: Path) -> None:
 
 def test_manifest_file_name() -> None:
     assert MANIFEST_NAME == "lorag_task.json"
+
+
+def test_tower_without_adapter_equals_the_servers_encoder(st_dir: Path, tmp_path: Path) -> None:
+    """Both encoder kinds: the tower's three steps reproduce encode_questions exactly, and a
+    question adapter served by QuestionAdapters equals plain PEFT on the same transformer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DPRContextEncoder, DPRQuestionEncoder
+
+    from app.lora.validate import validate_adapter
+    from tests.test_retrieval_encoders import dpr_folder
+
+    q_dir = dpr_folder(tmp_path, DPRQuestionEncoder, 1, projection_dim=16)
+    c_dir = dpr_folder(tmp_path, DPRContextEncoder, 2, projection_dim=16)
+    encoders = {
+        "st": load_encoder(str(st_dir), "sentence-transformers"),
+        "dpr": load_encoder(str(q_dir), "dpr", context_spec=str(c_dir)),
+    }
+    questions = [q for q, _ in QUESTIONS]
+    for kind, encoder in encoders.items():
+        tower = tower_of(encoder)
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                tower.encode(questions).numpy(), encoder.encode_questions(questions), atol=1e-5
+            )
+        torch.manual_seed(0)
+        config = LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False)
+        folder = tmp_path / f"{kind}-adapter"
+        get_peft_model(tower.copy_transformer(), config).save_pretrained(str(folder))
+        adapters = QuestionAdapters(encoder)
+        adapters.install("a", validate_adapter(folder, tmp_path, adapters.layout(), rel=kind))
+        reference = PeftModel.from_pretrained(tower.copy_transformer(), str(folder)).eval()
+        with torch.no_grad():
+            want = tower.encode(questions, reference).numpy()
+        got = adapters.encode(questions, "a")
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert not np.allclose(got, encoder.encode_questions(questions), atol=1e-3)
+        assert adapters.discard("a") and adapters.names() == []
