@@ -102,6 +102,7 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
         components.registry,
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
+        expect_wait_ms=settings.expect_wait_ms,
         on_batch=state.metrics.observe_batch,
     )
     engine.start()

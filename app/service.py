@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import math
 import time
@@ -14,7 +13,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from app.engine.engine import Engine, EngineRequest
+from app.engine.coalesce import Coalescer
+from app.engine.engine import Engine, EngineRequest, Expected
 from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError, NotReadyError
 from app.generation.types import Decoding, Mode
 from app.lora.bundle import PreparedTask
@@ -37,6 +37,9 @@ class Retrieves(Protocol):
 
 class SearchesVectors(Protocol):
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]: ...
+
+
+RetrievalKey = tuple[int, str | None, str | None]  # top_k, index name, question-adapter name
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,11 @@ class RagService:
         # use every core. It runs beside the model thread, so retrieval and generation overlap.
         self._retrieval = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="lorag-retrieval"
+        )
+        # questions that arrive while it encodes are encoded together next: one encoder call
+        # for a burst of asks instead of a convoy of single ones (app/engine/coalesce.py)
+        self._retrievals: Coalescer[RetrievalKey, str, list[Hit]] = Coalescer(
+            self._retrieve_batch, self._retrieval
         )
         # lazy loads in flight, by adapter name: concurrent asks for one unloaded adapter share
         # one load (touched on the event loop only)
@@ -176,12 +184,24 @@ class RagService:
         task = self.tasks.manifest(params.adapter)
         top_k = params.top_k or (task.top_k if task else None) or self._defaults[0]
         mode: Mode = params.mode or (task.mode if task else None) or self._defaults[1]
-        # the encoder is not the generator: it runs in the thread pool, beside the model thread
-        hits = await asyncio.get_running_loop().run_in_executor(
-            self._retrieval,
-            functools.partial(self._retrieve, params.question, top_k, params.adapter, params.index),
-        )
-        t1 = time.perf_counter()
+        # announced now, so a batch forming meanwhile waits for this row (app/engine/engine.py)
+        with self.engine.expect() as expected:
+            # a bundle with a question-encoder part encodes its own questions: its own group
+            asker = params.adapter if task is not None else None
+            hits = await self._retrievals.submit((top_k, params.index, asker), params.question)
+            t1 = time.perf_counter()
+            return await self._generate(params, lease, mode, hits, expected, t0, t1)
+
+    async def _generate(
+        self,
+        params: AskParams,
+        lease: Lease | None,
+        mode: Mode,
+        hits: list[Hit],
+        expected: Expected,
+        t0: float,
+        t1: float,
+    ) -> AskResult:
         request = EngineRequest(
             question=params.question,
             passages=[h.passage for h in hits],
@@ -192,7 +212,7 @@ class RagService:
             scores=[h.score for h in hits],
             lease=lease,
         )
-        result = await self.engine.generate(request, timeout_s=self._timeout_s)
+        result = await self.engine.generate(request, timeout_s=self._timeout_s, expected=expected)
         t2 = time.perf_counter()
         return AskResult(
             answer=result.answer.text.strip(),
@@ -213,14 +233,16 @@ class RagService:
             generated_tokens=result.answer.tokens,
         )
 
-    def _retrieve(self, question: str, k: int, adapter: str | None, index: str | None) -> list[Hit]:
-        """On the retrieval thread. An adapter with a question-encoder part encodes the question
-        itself (per call: no adapter switch is shared between requests), then searches the same
-        index; every other request goes through the server's encoder."""
-        vectors = self.tasks.question_vectors([question], adapter)  # [1, dim] or None
+    def _retrieve_batch(self, key: RetrievalKey, questions: Sequence[str]) -> list[list[Hit]]:
+        """On the retrieval thread, for the questions that arrived together with one key. An
+        adapter with a question-encoder part encodes them itself (per call: no adapter switch
+        is shared between requests), then searches the same index; every other request goes
+        through the server's encoder."""
+        k, index, adapter = key
+        vectors = self.tasks.question_vectors(list(questions), adapter)  # [n, dim] or None
         if vectors is None:
-            return self.retriever.retrieve([question], k, index=index)[0]
-        return self.retriever.resolve(index).search(vectors, k)[0]
+            return self.retriever.retrieve(questions, k, index=index)
+        return self.retriever.resolve(index).search(vectors, k)
 
     async def _apply_task(self, name: str, task: PreparedTask) -> None:
         # on the retrieval thread, so a question adapter never changes under an encode

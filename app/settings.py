@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     # engine
     max_batch_size: int = Field(8, ge=1, description="Most requests decoded together.")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill.")
+    expect_wait_ms: float = Field(
+        200.0,
+        ge=0,
+        description="How long a forming batch may wait for requests already admitted and still "
+        "retrieving their passages (never for requests not yet sent).",
+    )
 
     # security
     admin_token: SecretStr | None = Field(

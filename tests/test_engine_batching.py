@@ -161,3 +161,41 @@ def test_coalescer_fails_a_bad_item_alone() -> None:
     x, bad, y = asyncio.run(run())
     assert (x, y) == ("X", "Y")
     assert isinstance(bad, InvalidInputError) and "'bad'" in str(bad)
+
+
+def test_concurrent_asks_share_one_encoder_call_and_one_batch_and_answer_as_alone(
+    client_factory, tiny_generators, adapters_root
+) -> None:
+    """Through the real app: 8 asks sent together are encoded in at most two encoder calls
+    (the first starts alone; the rest arrive while it runs), generated in one batch (the
+    first row waits for the announced others), and answered exactly as one at a time."""
+    import httpx
+
+    from tests.tiny import save_lora_adapter
+
+    save_lora_adapter(tiny_generators["t5"], adapters_root / "task", seed=1)
+    client = client_factory("t5", max_new_tokens=4, expect_wait_ms=10_000, max_batch_size=8)
+    questions = [f"Where was the tidal clock number {i} built?" for i in range(8)]
+    bodies = [
+        {"question": q, "top_k": 2, "adapter": "task" if i % 2 else None}
+        for i, q in enumerate(questions)
+    ]
+    alone = [client.post("/ask", json=b).json() for b in bodies]
+    service = client.app.state.lorag.service
+    sizes_before = list(service.engine.stats.batch_sizes)
+
+    async def together() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            return list(await asyncio.gather(*(ac.post("/ask", json=b) for b in bodies)))
+
+    resps = client.portal.call(together)
+    assert [r.status_code for r in resps] == [200] * 8
+    for got, want in zip(resps, alone, strict=True):
+        data = got.json()
+        assert data["answer"] == want["answer"]
+        assert [p["id"] for p in data["passages"]] == [p["id"] for p in want["passages"]]
+    assert len(set(a["answer"] for a in alone)) > 1  # the rows really differ
+    assert list(service.engine.stats.batch_sizes)[len(sizes_before) :] == [8]
+    # base rows and adapter rows are one retrieval group (a plain adapter has no question part)
+    assert sum(service._retrievals.batches[-2:]) == 8 and service._retrievals.batches[-1] >= 7
