@@ -154,9 +154,7 @@ class Generator(ABC):
                 answers[i] = decoded
         return answers
 
-    def _generate_batch(
-        self, ids: Sequence[list[int]], rows: Sequence[GenRow]
-    ) -> list[Decoded]:
+    def _generate_batch(self, ids: Sequence[list[int]], rows: Sequence[GenRow]) -> list[Decoded]:
         longest = max(r.max_new_tokens for r in rows)
         enc = self._pad(ids)  # [B, L]
         extra = self.adapter_kwargs([r.adapter for r in rows])
