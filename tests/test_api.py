@@ -218,6 +218,28 @@ def test_admin_token_guards_mutating_routes(client_factory, tiny_generators, ada
     assert ask(client).status_code == 200  # reading stays open
 
 
+def test_every_mutating_route_requires_the_admin_token(client_factory):
+    """Enumerated from the app's OpenAPI paths, so a route added later cannot be left open:
+    every PUT, POST and DELETE except /ask answers 401 without the token, and changes nothing."""
+    client = client_factory(admin_token="s3cret")
+    before = (client.get("/adapters").json(), client.get("/index").json())
+    paths = client.get("/openapi.json").json()["paths"]
+    mutating = [
+        (method.upper(), path)
+        for path, ops in paths.items()
+        for method in sorted(ops)
+        if method in {"put", "post", "delete", "patch"} and path != "/ask"
+    ]
+    # adapters, documents and indexes at least; the test must not pass on an empty list
+    assert {"/adapters/{name}", "/documents", "/index"} <= {path for _, path in mutating}
+    for method, path in mutating:
+        url = path.replace("{name}", "demo").replace("{doc_id}", "doc")
+        resp = client.request(method, url, json={})
+        assert resp.status_code == 401, (method, url, resp.text)
+        assert "LORAG_ADMIN_TOKEN" in resp.json()["detail"]
+    assert (client.get("/adapters").json(), client.get("/index").json()) == before
+
+
 def test_index_from_another_encoder_is_refused_with_the_reason(
     client_factory, index_root, tmp_path
 ):
