@@ -48,6 +48,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from app.retrieval.ann import spec_from_settings
     from app.retrieval.builder import build_index
     from app.retrieval.encoders import load_encoder
 
@@ -59,8 +62,15 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         context_spec=settings.dpr_context_encoder,
     )
     out = settings.index_path
-    manifest = build_index([Path(s) for s in args.sources], encoder, out, words=args.words)
-    print(f"built {out}: {manifest.passage_count} passages, encoder {manifest.encoder}")
+    spec = spec_from_settings(settings)
+    if args.index_type is not None:
+        spec = replace(spec, kind=args.index_type)
+    sources = [Path(s) for s in args.sources]
+    manifest = build_index(sources, encoder, out, words=args.words, spec=spec)
+    print(
+        f"built {out}: {manifest.passage_count} passages, {manifest.index_type}, "
+        f"encoder {manifest.encoder}"
+    )
     return 0
 
 
@@ -149,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sources", nargs="+")
     s.add_argument("--name", dest="index_name", default="demo", help="index folder name")
     s.add_argument("--words", type=int, default=100, help="words per passage")
+    s.add_argument(
+        "--type",
+        dest="index_type",
+        choices=["auto", "flat", "hnsw", "ivf_pq", "ivf_sq"],
+        help="FAISS index kind (default: LORAG_INDEX_TYPE, auto: by passage count)",
+    )
     s.set_defaults(func=cmd_index_build)
     add_index_parsers(idx)  # add, delete, compact: live changes through the update log
 

@@ -195,3 +195,14 @@ def test_spec_from_settings() -> None:
     settings = Settings(index_type="hnsw", hnsw_m=16, hnsw_ef_search=99, ivf_nprobe=7)
     spec = ann.spec_from_settings(settings)
     assert (spec.kind, spec.hnsw_m, spec.ef_search, spec.nprobe) == ("hnsw", 16, 99, 7)
+
+
+def test_cli_index_build_takes_a_type() -> None:
+    from app.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["index", "build", "src", "--type", "ivf_sq"])
+    assert args.index_type == "ivf_sq"
+    assert parser.parse_args(["index", "build", "src"]).index_type is None  # the setting decides
+    with pytest.raises(SystemExit):
+        parser.parse_args(["index", "build", "src", "--type", "annoy"])
