@@ -6,7 +6,9 @@ meanwhile waits for the whole batch. Step-level scheduling would hand the finish
 to waiting requests at once. This measures the first effect on the real default generator
 (SmolLM2-135M-Instruct) answering demo questions in concat mode with top_k passages, the way
 the server does: batches of --batch questions, each row's generated tokens (end token
-included, app.generation.backends.Decoded.tokens) against the steps its batch ran.
+included, app.generation.backends.Decoded.tokens) against the steps its batch ran. The
+questions: the 5 of index/sources/demo_questions.json, then "What is <title>?" for the demo
+corpus's articles in order.
 
     .venv/bin/python -m bench.decode_waste [--batch 16] [--batches 2] [--max-new-tokens 64]
 """
@@ -36,14 +38,17 @@ def main() -> None:
     torch.set_num_threads(1)
     settings = Settings()
     parts = load_components(settings)
-    questions = json.loads(Path("index/sources/demo_questions.json").read_text())["questions"]
+    demo = json.loads(Path("index/sources/demo_questions.json").read_text())["questions"]
+    questions = [q["question"] for q in demo]
+    with Path("index/sources/demo.jsonl").open(encoding="utf-8") as source:
+        questions += [f"What is {json.loads(line)['title']}?" for line in source]
     used, run = 0, 0
     lengths: list[int] = []
     for b in range(args.batches):
         chunk = questions[b * args.batch : (b + 1) * args.batch]
-        hits = parts.retriever.retrieve([q["question"] for q in chunk], args.top_k)
+        hits = parts.retriever.retrieve(chunk, args.top_k)
         rows = [
-            GenRow(q["question"], [h.passage for h in hs], None, args.max_new_tokens)
+            GenRow(q, [h.passage for h in hs], None, args.max_new_tokens)
             for q, hs in zip(chunk, hits, strict=True)
         ]
         t = time.perf_counter()
