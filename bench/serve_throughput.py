@@ -16,6 +16,11 @@ uninitialized, which loading an adapter never reads) through the registry: prepa
 hash, validate; off the model thread) and install (on the model thread, blocking batches)
 timed separately, p50 over --loads loads, unloading between loads.
 
+Part 4 (--ceiling): what batching can give this workload at most, in one process with no
+server: --clients rows (demo passages, top_k 1, the same generator and --max-new-tokens) in one
+Generator.generate call vs one call per row, alternating for --rounds rounds; the ratio of the
+two times is the throughput the server could reach with perfect batches.
+
 Part 3 (--cycles N): N load/unload cycles of one adapter through the registry on a tiny T5
 (d_model 32, 2+2 layers); prints RSS and the model's parameter count before and after (the test
 suite runs 200 cycles; this is the 1,000-cycle version).
@@ -23,6 +28,7 @@ suite runs 200 cycles; this is the 1,000-cycle version).
     .venv/bin/python -m bench.serve_throughput [--requests 64] [--rounds 2]
     .venv/bin/python -m bench.serve_throughput --load-latency [--loads 5]
     .venv/bin/python -m bench.serve_throughput --cycles 1000
+    .venv/bin/python -m bench.serve_throughput --ceiling [--clients 12] [--max-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -201,6 +207,49 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"throughput ratio batched/unbatched: {statistics.median(per_round):.2f}x")
 
 
+def ceiling(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from app.generation.loading import load_generator
+    from app.generation.types import GenRow
+    from app.retrieval.types import Passage
+
+    torch.set_num_threads(int(os.environ.get("LORAG_TORCH_THREADS", "0")) or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.generator or str(t5_small_shaped(Path(tmp) / "t5-small-shaped"))
+        gen = load_generator(model, cache_dir=Path(tmp))
+        with Path("index/sources/demo.jsonl").open(encoding="utf-8") as source:
+            docs = [json.loads(line) for _, line in zip(range(args.clients), source, strict=False)]
+        rows = [
+            GenRow(
+                QUESTIONS[i % len(QUESTIONS)],
+                [Passage(f"{d['id']}#0", d["id"], d["title"], d["text"][:600])],
+                None,
+                args.max_new_tokens,
+            )
+            for i, d in enumerate(docs)
+        ]
+        gen.generate(rows[:2])  # warm-up
+        ratios = []
+        for rnd in range(args.rounds):
+            t = time.perf_counter()
+            gen.generate(rows)
+            batched = time.perf_counter() - t
+            t = time.perf_counter()
+            for row in rows:
+                gen.generate([row])
+            single = time.perf_counter() - t
+            ratios.append(single / batched)
+            print(
+                f"round {rnd}: {len(rows)} rows in one call {batched:.1f} s, "
+                f"one by one {single:.1f} s",
+                flush=True,
+            )
+    print(f"batching ceiling (one call / one by one): {statistics.median(ratios):.2f}x")
+
+
 def load_latency(args: argparse.Namespace) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -336,9 +385,12 @@ def main() -> None:
     ap.add_argument("--load-latency", action="store_true", help="only the adapter load part")
     ap.add_argument("--loads", type=int, default=5)
     ap.add_argument("--cycles", type=int, default=0, help="only the load/unload memory part")
+    ap.add_argument("--ceiling", action="store_true", help="only the in-process batching ceiling")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.cycles:
+    if args.ceiling:
+        ceiling(args)
+    elif args.cycles:
         cycle_memory(args)
     elif args.load_latency:
         load_latency(args)
