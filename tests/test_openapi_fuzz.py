@@ -65,9 +65,9 @@ def served(
     index_root: Path,
     tiny_generators: dict[str, Path],
 ) -> Iterator[TestClient]:
-    from app.main import create_app
-
     import shutil
+
+    from app.main import create_app
 
     root = tmp_path_factory.mktemp("fuzz") / "adapters"
     save_lora_adapter(tiny_generators["t5"], root / GOOD, seed=1)
