@@ -226,3 +226,15 @@ def test_tower_without_adapter_equals_the_servers_encoder(st_dir: Path, tmp_path
         np.testing.assert_allclose(got, want, atol=1e-5)
         assert not np.allclose(got, encoder.encode_questions(questions), atol=1e-3)
         assert adapters.discard("a") and adapters.names() == []
+
+
+def test_cli_refuses_question_encoder_with_concat(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.training.cli import main
+
+    monkeypatch.setenv("LORAG_ADAPTERS_DIR", str(tmp_path / "adapters"))
+    data = _data(tmp_path / "d.jsonl")
+    assert main(["--data", str(data), "--name", "x", "--question-encoder"]) == 2
+    assert "--question-encoder needs --objective token or sequence" in capsys.readouterr().err
+    assert not (tmp_path / "adapters").exists()
