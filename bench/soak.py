@@ -163,6 +163,8 @@ def report(soak: Soak, args: argparse.Namespace, load: tuple[float, float, float
         f"RSS after {args.warmup} s warm-up {base / 2**20:.0f} MiB, end {end / 2**20:.0f} MiB, "
         f"peak {peak / 2**20:.0f} MiB"
     )
+    series = [f"{t:.0f}s {rss / 2**20:.0f}" for t, rss in soak.rss[::6]]
+    print(f"RSS every 30 s (MiB): {', '.join(series)}")
     print(f"RSS growth after warm-up: {100 * (end - base) / base:+.2f}%")
 
 
