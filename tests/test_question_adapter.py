@@ -238,3 +238,16 @@ def test_cli_refuses_question_encoder_with_concat(
     assert main(["--data", str(data), "--name", "x", "--question-encoder"]) == 2
     assert "--question-encoder needs --objective token or sequence" in capsys.readouterr().err
     assert not (tmp_path / "adapters").exists()
+
+
+def test_candidate_vectors_are_the_encoders_passage_vectors(st_dir: Path) -> None:
+    from app.training.question import candidate_vectors
+
+    encoder = load_encoder(str(st_dir), "sentence-transformers")
+    samples = [  # shared candidates are embedded once but land in every row that has them
+        Sample("q0", "a", (PASSAGES[0], PASSAGES[2]), None),
+        Sample("q1", "a", (PASSAGES[2], PASSAGES[1], PASSAGES[3]), None),
+    ]
+    got = candidate_vectors(encoder, samples)
+    for s, v in zip(samples, got, strict=True):
+        np.testing.assert_allclose(v.numpy(), encoder.encode_passages(s.passages), atol=1e-6)

@@ -11,8 +11,9 @@ frozen encoder (the index's top `candidates`, 20 by default) or given in the dat
 the top k are re-picked *within* it by the current q(x). This is the paper's "retrieve with the
 current question encoder" restricted to what the base encoder already ranks near the top:
   - d(z) of 20 candidates per question is computed once (the frozen passage encoder re-embeds
-    them: the same vectors the index holds, as the fingerprints agree, and no dependence on the
-    index's storage), and re-picking costs a [C, dim] product per question, not a search;
+    them: the vectors an exact index holds, as the fingerprints agree, whatever the index's
+    storage, which may be approximate), and re-picking costs a [C, dim] product per question,
+    not a search;
   - a passage the base ranks below 20 cannot enter training; the RAG paper's questions, like
     the ones here, mostly have their gold passage in the base top 20 (94% on the demo corpus).
 Scores use the encoder's own scale: MiniLM's vectors are normalized, so scores are cosines and
@@ -79,14 +80,15 @@ def add_question_lora(tower: QuestionTower, opts: TrainOptions) -> PeftModel:
 
 
 def candidate_vectors(encoder: TextEncoder, samples: Sequence[Sample]) -> list[Tensor]:
-    """d(z) of every sample's candidate passages, [C_i, dim] each, from the frozen encoder."""
-    flat = [p for s in samples for p in s.passages]
-    vectors = torch.from_numpy(encoder.encode_passages(flat))  # [sum C_i, dim]
-    out, start = [], 0
-    for s in samples:
-        out.append(vectors[start : start + len(s.passages)])
-        start += len(s.passages)
-    return out
+    """d(z) of every sample's candidate passages, [C_i, dim] each, from the frozen encoder.
+
+    Re-embedded rather than read from the index: the index may store them approximately
+    (IVF-PQ), and an exact flat index gives these same vectors (equal encoder fingerprints).
+    Questions share many candidates, so each distinct passage is embedded once."""
+    unique = list({p.id: p for s in samples for p in s.passages}.values())
+    row = {p.id: i for i, p in enumerate(unique)}
+    vectors = torch.from_numpy(encoder.encode_passages(unique))  # [distinct passages, dim]
+    return [vectors[[row[p.id] for p in s.passages]] for s in samples]  # [C_i, dim] each
 
 
 def pick_top_k(
