@@ -251,3 +251,40 @@ def test_candidate_vectors_are_the_encoders_passage_vectors(st_dir: Path) -> Non
     got = candidate_vectors(encoder, samples)
     for s, v in zip(samples, got, strict=True):
         np.testing.assert_allclose(v.numpy(), encoder.encode_passages(s.passages), atol=1e-6)
+
+
+def test_heldout_evaluation_uses_the_trained_question_encoder(st_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(
+        adapters_dir=tmp_path / "adapters", cache_dir=tmp_path / "cache", encoder=str(st_dir)
+    )
+    opts = TrainOptions(
+        data=_data(tmp_path / "d.jsonl"),
+        name="held",
+        base=str(tiny_llama(tmp_path)),
+        objective="token",
+        question_encoder=True,
+        question_lr=5e-2,
+        top_k=2,
+        candidates=4,
+        heldout=0.25,
+        max_steps=2,
+        eval_max_new_tokens=0,
+    )
+    summary = train_adapter(opts, settings).summary
+    metrics: dict[str, dict[str, float]] = summary["metrics"]  # type: ignore[assignment]
+    assert metrics["before"]["examples"] == 2 and metrics["after"]["examples"] == 2
+    changed = summary["question_encoder"]["heldout_top1_changed"]  # type: ignore[index]
+    # the reference: the held-out split, top-1 among its passages by base vs saved adapter
+    from app.training.data import load_examples, split_heldout
+
+    _, held = split_heldout(load_examples(opts.data), opts.heldout, opts.seed)
+    encoder = load_encoder(str(st_dir), "sentence-transformers")
+    tower = tower_of(encoder)
+    bert = BertModel.from_pretrained(st_dir.parent / "bert").eval()
+    peft = PeftModel.from_pretrained(bert, str(settings.adapters_dir / "held" / QUESTION_DIR))
+    d = encoder.encode_passages(PASSAGES)  # [4, H]
+    with torch.no_grad():
+        qs = [e.question for e in held]
+        base_top = (encoder.encode_questions(qs) @ d.T).argmax(1)
+        tuned_top = (tower.encode(qs, peft.eval()).numpy() @ d.T).argmax(1)
+    assert changed == pytest.approx(float(np.mean(base_top != tuned_top)))
