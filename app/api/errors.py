@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.disconnect import CLIENT_CLOSED, ClientDisconnected
 from app.errors import (
     GenerationTimeout,
     InvalidInputError,
@@ -66,6 +67,11 @@ def install_error_handlers(app: FastAPI) -> None:
                 status_code=422,
             )
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> JSONResponse:
+        # nobody reads it; the request log and metrics record the status
+        return JSONResponse({"detail": "client closed request"}, status_code=CLIENT_CLOSED)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
