@@ -47,8 +47,8 @@ class Settings(BaseSettings):
     # FAISS index kind and search parameters (app/retrieval/ann.py; measured in bench/RESULTS.md)
     index_type: Literal["auto", "flat", "hnsw", "ivf_pq", "ivf_sq"] = Field(
         "auto",
-        description="Index kind of `lorag index build`; auto: flat up to 200k passages, HNSW up "
-        "to 5M, IVF-SQ8 beyond.",
+        description="Index kind of `lorag index build`; auto: flat (exact) up to 200k passages, "
+        "IVF-SQ8 beyond (bench/RESULTS.md).",
     )
     hnsw_m: int = Field(32, ge=2, le=256, description="HNSW graph neighbours per node (build).")
     hnsw_ef_construction: int = Field(

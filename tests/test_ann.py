@@ -147,8 +147,9 @@ def test_rebuild_without_drops_exactly_those_ids(kind, data, indexes) -> None:
 def test_auto_kind_by_corpus_size() -> None:
     auto = ann.AnnSpec()
     assert ann.resolve_kind(auto, 1000) == "flat"
-    assert ann.resolve_kind(auto, ann.FLAT_MAX + 1) == "hnsw"
-    assert ann.resolve_kind(auto, ann.HNSW_MAX + 1) == "ivf_sq"
+    assert ann.resolve_kind(auto, ann.FLAT_MAX) == "flat"
+    assert ann.resolve_kind(auto, ann.FLAT_MAX + 1) == "ivf_sq"
+    assert ann.resolve_kind(ann.AnnSpec(kind="hnsw"), 10**7) == "hnsw"
     assert ann.resolve_kind(ann.AnnSpec(kind="ivf_pq"), 10) == "ivf_pq"
     index = ann.new_index(DIM, auto, np.zeros((0, DIM), np.float32))
     assert ann.kind_of(index) == "flat"

@@ -7,13 +7,16 @@ passage is filtered and removed by id, not by position. Flat and HNSW indexes nu
 and must not be wrapped: IndexIDMap compacts its id table after `remove_ids` as if the inner index
 renumbered its vectors, which IVF does not, so removal through the wrapper scrambles the ids.
 
-The trade-off, measured on 1M clustered 384-d vectors in bench/RESULTS.md:
+The trade-off, measured on clustered 384-d vectors on 2 shared cores (bench/RESULTS.md):
 
-    flat    exact; memory 4*d bytes/vector; a query scans everything (cost linear in n)
-    hnsw    a graph over the full vectors; best recall per millisecond, most memory, slowest build,
-            cannot remove a vector (deletes are filtered, then compacted by a rebuild)
-    ivf_sq  k-means buckets, 1 byte per dimension (SQ8); a quarter of flat's memory
-    ivf_pq  k-means buckets, pq_m bytes per vector; the smallest, and the lowest recall
+    flat    exact; 1544 bytes/vector; a query scans everything (~0.5 µs per vector there)
+    hnsw    a graph over the full vectors; recall@10 0.996 at ef_search=32 (200k), 1816
+            bytes/vector, slowest build (~120 vectors/s there), cannot remove a vector
+            (deletes are filtered, then compacted by a rebuild)
+    ivf_sq  k-means buckets, 1 byte per dimension (SQ8); 398 bytes/vector, recall@10 0.974 at
+            nprobe=32 (1M), removes in place
+    ivf_pq  k-means buckets, dim/8 bytes per vector; 63 bytes/vector, recall@10 ~0.73 (1M):
+            for memory, not for quality
 
 Search parameters (efSearch, nprobe) and the exclusion of deleted ids go in per call through
 `faiss.SearchParameters*`, never by setting fields on the shared index, so concurrent searches
@@ -53,7 +56,6 @@ MAX_NLIST = 65536
 
 # automatic choice by corpus size (bench/index_types.py; the reasons are in resolve_kind)
 FLAT_MAX = 200_000
-HNSW_MAX = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -111,21 +113,20 @@ def spec_from_settings(settings: Settings) -> AnnSpec:
 def resolve_kind(spec: AnnSpec, n: int) -> IndexKind:
     """The kind to build for n vectors: spec.kind, or for "auto" the choice by size.
 
-    Up to FLAT_MAX an exact scan answers a query in a few milliseconds on 2 cores, costs nothing
-    to build, and is exact, so there is nothing to win. Up to HNSW_MAX, HNSW: the fastest at
-    recall@10 >= 0.95, at ~1.9 KB per 384-d vector (9 GB at 5M). Beyond that its memory and its
-    build time (linear in n, single-digit thousands of vectors/s on 2 cores) stop fitting one
-    ordinary machine, and IVF-SQ8 holds 4x less at recall >= 0.95 with more nprobe.
+    Measured by bench/index_types.py on 2 shared cores (bench/RESULTS.md). Up to FLAT_MAX the
+    exact scan costs at most ~0.1 s per query (0.4-0.5 µs per vector there), nothing to build,
+    and deletes remove in place, so there is nothing to win. Beyond it IVF-SQ8: at 1M it kept
+    recall@10 0.974 at nprobe=32, 58x faster than exact for one query, at 398 bytes per vector,
+    built in 401 s, and compaction removes deleted ids in place. HNSW reached higher recall
+    (0.996 at ef_search=32, 200k) but took 1816 bytes per vector, built at ~120 vectors/s here
+    (27 min for 200k) and cannot remove a vector (compaction is a rebuild), so it is chosen
+    only by name, where cores and memory are plentiful and the corpus changes little.
     """
     if spec.kind != "auto":
         return spec.kind
     if n < 0:
         raise InvalidInputError(f"corpus size must be non-negative, got {n}")
-    if n <= FLAT_MAX:
-        return "flat"
-    if n <= HNSW_MAX:
-        return "hnsw"
-    return "ivf_sq"
+    return "flat" if n <= FLAT_MAX else "ivf_sq"
 
 
 def default_nlist(n: int) -> int:
