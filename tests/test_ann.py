@@ -204,6 +204,8 @@ def test_cli_index_build_takes_a_type() -> None:
     parser = build_parser()
     args = parser.parse_args(["index", "build", "src", "--type", "ivf_sq"])
     assert args.index_type == "ivf_sq"
-    assert parser.parse_args(["index", "build", "src"]).index_type is None  # the setting decides
+    defaults = parser.parse_args(["index", "build", "src"])
+    assert defaults.index_type is None and not defaults.bf16  # the setting decides; float32
+    assert parser.parse_args(["index", "build", "src", "--bf16"]).bf16
     with pytest.raises(SystemExit):
         parser.parse_args(["index", "build", "src", "--type", "annoy"])
