@@ -232,3 +232,63 @@ def test_a_failed_append_is_taken_back_and_named(
     assert state(live.index) == {"a": text(1)}
     upsert(live, {"c": text(3)})
     assert state(PassageIndex.load(tmp_path / "idx")) == {"a": text(1), "c": text(3)}
+
+
+@pytest.mark.parametrize("kind", ["ivf_sq", "ivf_pq"])
+def test_an_ivf_index_deletes_compacts_and_reloads(tmp_path: Path, kind: str) -> None:
+    """IVF kinds keep passage ids in their inverted lists (no IDMap): build, delete, compact
+    and reload keep the ids, and a deleted document never comes back."""
+    docs = {f"d{i}": text(i, 40) for i in range(140)}  # 280 passages: PQ trains on 256+
+    passages = [p for d, t in sorted(docs.items()) for p in chunk_document(d, f"title {d}", t, 20)]
+    spec = ann.AnnSpec(kind=kind, nlist=4, nprobe=4, pq_m=4)  # nprobe = nlist: every list
+    PassageIndex.build(
+        passages, ENC.encode_passages(passages), ENC.fingerprint, spec=spec, chunk_words=20
+    ).save(tmp_path / "idx")
+    live = LiveIndex.open(tmp_path / "idx")
+    assert ann.kind_of(live.index._index) == kind
+    gone = [f"d{i}" for i in range(0, 140, 5)]
+    live.delete(gone)
+    del_text = {docs[d] for d in gone}
+    queries = [docs[d][:60] for d in gone[:6]]  # queries that would find the deleted ones
+
+    def returned() -> set[str]:
+        found = live.index.search(ENC.encode_questions(queries), 10)
+        return {h.passage.doc_id for row in found for h in row}
+
+    assert returned() and not returned() & set(gone)
+    assert live.compact()
+    assert (
+        live.index._index.ntotal
+        == len(live.index)
+        == len(passages) - sum(1 for p in passages if p.doc_id in gone)
+    )
+    reloaded = PassageIndex.load(tmp_path / "idx")
+    assert state(reloaded) == {d: " ".join(t.split()) for d, t in docs.items() if t not in del_text}
+    found = reloaded.search(ENC.encode_questions(queries), 10)
+    assert {h.passage.doc_id for row in found for h in row} == returned()
+
+
+def test_a_graph_rebuild_keeps_deletes_that_land_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HNSW cannot remove a node: a delete that lands while the graph is rebuilt (outside the
+    lock) stays a tombstone of the new graph, and its text is still never returned."""
+    live = new_index(tmp_path / "idx", "hnsw", ef_search=256)
+    docs = {f"d{i}": text(i, 40) for i in range(20)}
+    upsert(live, docs)
+    live.delete([f"d{i}" for i in range(10)])  # half the graph: past the rebuild fraction
+    index = live.index
+    real = ann.rebuild_without
+
+    def rebuild_while_a_delete_lands(*args: object, **kwargs: object) -> object:
+        rebuilt = real(*args, **kwargs)  # type: ignore[arg-type]
+        with index._lock:
+            index._drop("d15")
+        return rebuilt
+
+    monkeypatch.setattr(ann, "rebuild_without", rebuild_while_a_delete_lands)
+    assert index.drop_tombstones()
+    assert index.tombstone_count == 2  # d15's two passages, now tombstones of the new graph
+    found = index.search(ENC.encode_questions([docs["d15"][:60]]), 10)
+    assert "d15" not in {h.passage.doc_id for row in found for h in row}
+    assert index._index.ntotal == 20  # d0-d9 gone from the graph: 10 documents x 2 passages

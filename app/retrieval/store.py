@@ -2,7 +2,7 @@
 
     <index>/manifest.json    format version, encoder fingerprint, dim, counts, index kind and
                              search parameters, next passage id, last log seq, checksums
-    <index>/index.faiss      faiss.write_index of an IndexIDMap2 (app/retrieval/ann.py)
+    <index>/index.faiss      faiss.write_index output, passage ids inside (app/retrieval/ann.py)
     <index>/passages.jsonl   the docstore (app/retrieval/docstore.py) ...
     <index>/documents.jsonl  ... passages by id, documents with their passage ids and metadata
     <index>/updates.log      changes acknowledged since this snapshot (app/retrieval/wal.py)
@@ -278,12 +278,19 @@ class PassageIndex:
                 return True
             if len(drop) < at_least * self._index.ntotal:
                 return False
-        rebuilt = ann.rebuild_without(self._index, self.spec, drop)  # outside the lock: slow
-        with self._lock:  # deletes that came meanwhile are tombstones in the old index only
+            next_id = self.next_id
+        # outside the lock, so searches go on meanwhile (a graph rebuild is slow); callers keep
+        # writers out (LiveIndex.compact holds its writer lock), and if one got in anyway its
+        # passages are not in `rebuilt`, which is then thrown away
+        rebuilt = ann.rebuild_without(self._index, self.spec, drop)
+        with self._lock:
+            if self.next_id != next_id:
+                logger.warning("passages were added during the rebuild; kept the old index")
+                return False
+            # deletes that came meanwhile stay tombstones, now of the rebuilt index (a graph
+            # cannot remove a node)
             fresh = self._tombstones - set(drop.tolist())
-            if fresh:
-                rebuilt.remove_ids(faiss.IDSelectorBatch(np.array(sorted(fresh), np.int64)))
-            self._index, self._tombstones, self._excluded = rebuilt, set(), None
+            self._index, self._tombstones, self._excluded = rebuilt, fresh, None
         logger.info("rebuilt the index without %d deleted passages", len(drop))
         return True
 
@@ -456,10 +463,12 @@ class PassageIndex:
 
 
 def _faiss_ids(index: faiss.Index) -> np.ndarray:
-    wrapped = faiss.downcast_index(index)
-    if not isinstance(wrapped, faiss.IndexIDMap2):
-        raise IndexInvalid(f"expected an IndexIDMap2, got {type(wrapped).__name__}")
-    return faiss.vector_to_array(wrapped.id_map).astype(np.int64)  # [ntotal]
+    # flat and HNSW keep ids in an IndexIDMap2; IVF kinds store them in their inverted lists
+    # (an IDMap over IVF would scramble ids after remove_ids: app/retrieval/ann.py)
+    try:
+        return ann.ids_of(index)  # [ntotal]
+    except (AttributeError, RuntimeError) as exc:
+        raise IndexInvalid(f"a FAISS index without passage ids ({exc})") from exc
 
 
 def _write_synced(path: Path, blob: bytes) -> None:
