@@ -202,3 +202,19 @@ def test_concurrent_asks_share_one_encoder_call_and_one_batch_and_answer_as_alon
     # how many arrive before the first encoder call starts depends on the machine's load
     encodes = service._retrievals.batches[encodes_before:]
     assert sum(encodes) == 8 and len(encodes) <= 3, encodes
+
+
+def test_coalescer_fails_its_callers_when_its_executor_is_gone() -> None:
+    """At shutdown nothing waits forever: a call after the executor stopped gets its error."""
+
+    async def run() -> BaseException:
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        pool.shutdown()
+        co: Coalescer[None, int, int] = Coalescer(lambda key, items: list(items), pool)
+        try:
+            await asyncio.wait_for(co.submit(None, 1), timeout=5)
+        except RuntimeError as exc:
+            return exc
+        raise AssertionError("the call did not fail")
+
+    assert "shutdown" in str(asyncio.run(run()))

@@ -70,7 +70,17 @@ class Coalescer(Generic[K, I, O]):
             groups: dict[K, list[_Call[K, I, O]]] = defaultdict(list)
             for call in calls:
                 groups[call.key].append(call)
-            outcomes = await loop.run_in_executor(self._executor, self._run, list(groups.items()))
+            try:
+                outcomes = await loop.run_in_executor(
+                    self._executor, self._run, list(groups.items())
+                )
+            except BaseException as exc:  # the executor is shut down, or this task cancelled
+                for call in calls:
+                    if not call.future.done():
+                        call.future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue  # the callers have their error; the rest of the queue gets its own
             for call, outcome in zip(
                 [c for _, group in groups.items() for c in group], outcomes, strict=True
             ):
