@@ -4,14 +4,11 @@ tiny generator. Each test works on its own copy of the facts index."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-
-from app.main import create_app
-from tests.conftest import make_settings, wait_loaded
 
 ADMIN = {"authorization": "Bearer s3cret"}
 NEW_DOC = {
@@ -35,23 +32,14 @@ def root(index_root: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def app_factory(
-    root: Path, adapters_root: Path, tiny_generators: dict[str, Path]
-) -> Iterator[Factory]:
-    clients: list[TestClient] = []
+def app_factory(root: Path, client_factory: Factory) -> Factory:
+    """conftest's client_factory on the private index root, with an admin token."""
 
     def make(**extra: object) -> TestClient:
         extra.setdefault("admin_token", "s3cret")
-        settings = make_settings(tiny_generators["t5"], root, adapters_root, **extra)
-        client = TestClient(create_app(settings))
-        client.__enter__()
-        clients.append(client)
-        wait_loaded(client)
-        return client
+        return client_factory("t5", index_dir=root, **extra)
 
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+    return make
 
 
 def retrieved(client: TestClient, question: str = QUESTION, **body: object) -> list[dict]:
