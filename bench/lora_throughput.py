@@ -58,6 +58,17 @@ def build(n_adapters: int, seed: int = 0) -> tuple[T5ForConditionalGeneration, P
     return plain, peft_model.eval()
 
 
+def fixed_length(ids: torch.Tensor) -> dict[str, object]:
+    """generate() kwargs for greedy decoding of exactly NEW_TOKENS tokens after `ids` [B, L]."""
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": NEW_TOKENS,
+        "min_new_tokens": NEW_TOKENS,
+        "do_sample": False,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -76,13 +87,7 @@ def main() -> None:
 
     def run(batch: int, names: list[str] | None, mode: str) -> Callable[[], torch.Tensor]:
         ids = prompts[batch]  # the same prompts for every variant of a batch size
-        kw = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": NEW_TOKENS,
-            "min_new_tokens": NEW_TOKENS,
-            "do_sample": False,
-        }
+        kw = fixed_length(ids)
 
         def call() -> torch.Tensor:
             with torch.inference_mode():

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from app.lora.batched import BatchedLora
-from bench.lora_throughput import NEW_TOKENS, build
+from bench.lora_throughput import build, fixed_length
 
 
 def main() -> None:
@@ -41,13 +41,7 @@ def main() -> None:
 
     def call(batch: int, mode: str) -> Callable[[], torch.Tensor]:
         ids = torch.randint(2, 32000, (batch, args.prompt_len), generator=gen)
-        kw = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": NEW_TOKENS,
-            "min_new_tokens": NEW_TOKENS,
-            "do_sample": False,
-        }
+        kw = fixed_length(ids)
 
         def run() -> torch.Tensor:
             with torch.inference_mode():
