@@ -433,15 +433,7 @@ class AdapterRegistry:
             else:
                 # wraps in place: the base's target layers become LoRA layers
                 model = PEFT_CLASSES[self.generator.kind](model, config, adapter_name=internal)
-            result: Any = set_peft_model_state_dict(
-                model, prepared.state_dict, adapter_name=internal
-            )
-            missing = [k for k in result.missing_keys if "lora_" in k and f".{internal}." in k]
-            if missing or result.unexpected_keys:
-                raise AdapterInvalid(
-                    f"adapter {prepared.rel!r} did not fit the model: missing "
-                    f"{missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}"
-                )
+            load_lora_weights(model, prepared, internal, f"adapter {prepared.rel!r}", "the model")
         except Exception:
             if isinstance(model, PeftModel):
                 if wrapped_here:
@@ -459,6 +451,20 @@ class AdapterRegistry:
             self.generator.model = _tuner(model).unload().eval()
         else:
             model.eval()
+
+
+def load_lora_weights(
+    model: PeftModel, prepared: PreparedAdapter, internal: str, what: str, into: str
+) -> None:
+    """Copy prepared's LoRA weights into the adapter slot `internal` that `model` already has;
+    AdapterInvalid ("<what> did not fit <into>: ...") when a key is missing or unexpected."""
+    result: Any = set_peft_model_state_dict(model, prepared.state_dict, adapter_name=internal)
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{internal}." in k]
+    if missing or result.unexpected_keys:
+        raise AdapterInvalid(
+            f"{what} did not fit {into}: missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
+        )
 
 
 def _tuner(model: PeftModel) -> Any:

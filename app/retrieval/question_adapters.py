@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
-from peft.utils import set_peft_model_state_dict
 from torch import Tensor, nn
 
-from app.errors import AdapterInvalid, AdapterNotFound, InvalidInputError
+from app.errors import AdapterNotFound, InvalidInputError
+from app.lora.registry import load_lora_weights
 from app.lora.validate import BaseLayout, ValidatedAdapter, describe
 from app.retrieval.encoders import DPREncoder, SentenceTransformerEncoder, TextEncoder
 
@@ -208,16 +208,13 @@ class QuestionAdapters:
         try:
             if not created:
                 model.add_adapter(internal, config)
-            result: Any = set_peft_model_state_dict(
-                model, prepared.state_dict, adapter_name=internal
+            load_lora_weights(
+                model,
+                prepared,
+                internal,
+                f"question-encoder adapter {prepared.rel!r}",
+                f"the encoder {self.fingerprint!r}",
             )
-            missing = [k for k in result.missing_keys if "lora_" in k and f".{internal}." in k]
-            if missing or result.unexpected_keys:
-                raise AdapterInvalid(
-                    f"question-encoder adapter {prepared.rel!r} did not fit the encoder "
-                    f"{self.fingerprint!r}: missing {missing[:3]}, "
-                    f"unexpected {list(result.unexpected_keys)[:3]}"
-                )
         except Exception:
             if not created:
                 model.delete_adapter(internal)
