@@ -48,16 +48,9 @@ class BatchDecoder(Protocol):
     def run(self, rows: Sequence[GenRow]) -> list[Answer]: ...
 
 
-class HasVersion(Protocol):
-    @property
-    def version(self) -> str: ...
-
-
 class AdapterResolver(Protocol):
     def begin_batch(self, names: Sequence[str | None]) -> None: ...
-    def peft_name(self, name: str) -> str | None: ...
     def peft_name_of(self, lease: Lease) -> str | None: ...
-    def get(self, name: str) -> HasVersion: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +64,9 @@ _Outcome = EngineResult | BaseException
 
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
-    """One row to generate. `adapter` is the public adapter name; with a `lease` (taken when
-    the request was admitted) the row runs on that leased version, otherwise on whatever
-    version the name has when its batch forms."""
+    """One row to generate. `adapter` is the public adapter name (usage counts, the merge
+    policy); the row runs on the version its `lease` names, taken when the request was
+    admitted (AdapterRegistry.acquire), so an adapter comes with its lease."""
 
     question: str
     passages: Sequence[Passage]
@@ -83,6 +76,10 @@ class EngineRequest:
     decoding: Decoding = "thorough"
     scores: Sequence[float] = ()
     lease: Lease | None = None
+
+    def __post_init__(self) -> None:
+        if (self.adapter is None) != (self.lease is None):
+            raise ValueError(f"adapter {self.adapter!r} and its lease go together")
 
 
 @dataclass
@@ -325,9 +322,6 @@ class Engine:
                 if req.lease is not None:
                     peft = self._adapters.peft_name_of(req.lease)
                     versions[i] = req.lease.version
-                elif req.adapter is not None:
-                    peft = self._adapters.peft_name(req.adapter)
-                    versions[i] = self._adapters.get(req.adapter).version
             except LoragError as exc:
                 results[i] = exc
                 continue
