@@ -79,6 +79,7 @@ class _Batch:
     stacks: list[LayerStack | None]
     alphas: list[float | None]
     cache_gathers: bool
+    epoch: int = 0  # BatchedLora.epoch when planned: a refresh makes the plan stale
     _index: dict[int, torch.Tensor] = field(default_factory=dict)
     _names: dict[int, list[str]] = field(default_factory=dict)
     _gathered: dict[tuple[int, int], Gathered] = field(default_factory=dict)
@@ -125,6 +126,9 @@ class _Batch:
         return got
 
 
+RowPlan = _Batch  # a plan() for rows(): opaque to callers
+
+
 class BatchedLora:
     """Per-row LoRA adapters for a PeftModel, applied as stacked, batched matmuls.
 
@@ -150,6 +154,7 @@ class BatchedLora:
         self._config_names: frozenset[str] = frozenset()
         self._slot_bytes = 0  # bytes of one slot's A and B over all stacks
         self._batch: _Batch | None = None
+        self.epoch = 0  # bumped by every refresh(): plans made before it are stale
         self.refresh()
 
     # ---- public API ------------------------------------------------------------------------
@@ -167,6 +172,7 @@ class BatchedLora:
         """
         if self._batch is not None:
             raise RuntimeError("BatchedLora.refresh() inside rows()")
+        self.epoch += 1
         found = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         alive = {id(m) for m in found}
         for key in [k for k in self._layers if k not in alive]:  # gone (e.g. after unload)
@@ -202,19 +208,36 @@ class BatchedLora:
             sorted(known),
         )
 
+    def plan(self, adapter_names: Sequence[str | None]) -> RowPlan:
+        """What rows() does for these rows, computed once: a decoding loop whose rows stay
+        the same for many model calls passes the plan to rows() at each call, and the rows'
+        gathered A and B are kept between the calls. A plan is stale after refresh().
+        Raises as rows() does."""
+        if frozenset(self.model.peft_config) != self._config_names:
+            self.refresh()
+        return self._plan(adapter_names)
+
+    def fresh(self, plan: RowPlan) -> bool:
+        """Whether plan still matches the stacks (no refresh() since it was made)."""
+        return plan.epoch == self.epoch and frozenset(self.model.peft_config) == self._config_names
+
     @contextmanager
-    def rows(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
-        """Give row i of the model calls inside adapter_names[i] (None or BASE: the base model).
+    def rows(self, adapter_names: Sequence[str | None] | RowPlan) -> Iterator[None]:
+        """Give row i of the model calls inside adapter_names[i] (None or BASE: the base model),
+        or the rows of a plan().
 
         Do not also pass PEFT's `adapter_names` to those calls. Raises AdapterNotFound for a
-        name no LoRA layer holds, ValueError for an empty batch, a model in training mode or
-        merged adapters (as PEFT does).
+        name no LoRA layer holds, ValueError for an empty batch, a model in training mode,
+        merged adapters (as PEFT does) or a stale plan.
         """
         if self._batch is not None:
             raise RuntimeError("BatchedLora.rows() does not nest")
-        if frozenset(self.model.peft_config) != self._config_names:
-            self.refresh()
-        self._batch = self._plan(adapter_names)
+        if isinstance(adapter_names, _Batch):
+            if not self.fresh(adapter_names):
+                raise ValueError("a BatchedLora plan made before the adapters changed")
+            self._batch = adapter_names
+        else:
+            self._batch = self.plan(adapter_names)
         try:
             yield
         finally:
@@ -287,7 +310,9 @@ class BatchedLora:
                 alphas[layer.i] = scalings.pop() if len(scalings) == 1 else None
         slots = torch.tensor(slot_list, dtype=torch.long, device=device)
         cache = len(names) * self._slot_bytes <= self.gather_cache_bytes
-        return _Batch(names, slots, mode, pairs, stacks, alphas, cache_gathers=cache)
+        return _Batch(
+            names, slots, mode, pairs, stacks, alphas, cache_gathers=cache, epoch=self.epoch
+        )
 
 
 def _apply(
