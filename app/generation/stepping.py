@@ -1,0 +1,474 @@
+"""Step-level (continuous) greedy decoding: rows join a running batch between two decoding
+steps and leave the step they finish.
+
+`Generator.generate_decoded` runs a batch to the end of its longest answer: a row that ended
+early is carried along (31 % of row-steps on the default model, bench/RESULTS.md "What
+step-level batching could add"), and a request that arrives meanwhile waits for the whole
+batch. Here the engine keeps one `StepBatch` on its model thread and, at every step boundary,
+drops the rows that finished (their KV cache rows go: `index_select` on the batch dimension),
+prefills the rows that arrived (together, in one call) and merges their caches in.
+
+Rows of different lengths share one cache by left padding: every row's self-attention keys
+end at the same column, and the padding columns are masked. What each model needs for that to
+be exact, per row, as if the row were decoded alone:
+- decoder-only models: the positions of the new token, per row (`position_ids`, the count of
+  the row's real tokens), as generate() derives them from the mask;
+- T5 (relative position bias): nothing; a bias that depends on key - query distance does not
+  see a shift of both;
+- BART (learned absolute positions, counted from the cache length for the whole batch): the
+  decoder's position embedding is shifted per row for the step (`_bart_positions`).
+The encoder side of a seq2seq row (its encoder states, cross-attention keys and values, mask)
+is padded on the right, as generate() pads a batch's prompts.
+
+Greedy decoding is exact here: tokens equal `generate_decoded` on the row alone
+(tests/test_stepping.py, every backend, rows joining at different steps, mixed adapters).
+Models this does not know how to pad exactly (other seq2seq position schemes, caches that are
+not plain dynamic layers: sliding windows) or whose generation config adds logits processors
+(BART checkpoints' forced BOS/EOS, n-gram blocking) are refused by `step_support`; the engine
+then batches whole requests, as before.
+
+transformers' own continuous batching (generation/continuous_batching) is decoder-only and
+packs the rows into one sequence for paged attention, which per-row LoRA indexed by batch row
+(app/lora/batched.py) cannot follow; and it has no encoder-decoder path, which is what lorag
+serves first.
+
+Threads: the model thread only (the engine's).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from app.generation.backends import Decoded, Generator
+from app.generation.types import GenRow
+from app.lora.batched import RowPlan
+
+log = logging.getLogger(__name__)
+
+RELATIVE_POSITIONS = frozenset({"t5", "mt5"})  # left padding is exact as it is
+SHIFTED_POSITIONS = frozenset({"bart"})  # exact with the decoder's positions shifted per row
+
+Finished = tuple[Hashable, Decoded]  # a row's key and its answer
+
+
+def step_support(generator: Generator) -> str | None:
+    """None when `generator` can decode step by step exactly; otherwise why it cannot."""
+    model = generator._hf
+    config = model.config
+    if generator.kind == "seq2seq":
+        kind = getattr(config, "model_type", "?")
+        if kind not in RELATIVE_POSITIONS | SHIFTED_POSITIONS:
+            return f"seq2seq model type {kind!r}: per-row decoder positions not known"
+    else:
+        params = inspect.signature(_core(model).forward).parameters
+        if "position_ids" not in params:
+            return "the model's forward takes no position_ids"
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers}
+        if kinds != {"DynamicLayer"}:
+            return f"cache layers {sorted(kinds)} (sliding windows) cannot be padded per row"
+    try:
+        processors = model._get_logits_processor(
+            generator._greedy(1), input_ids_seq_length=1, device="cpu", model_kwargs={}
+        )
+    except Exception as exc:  # a transformers without this private helper: be safe
+        return f"cannot tell the generation config's logits processors ({exc})"
+    if len(processors):
+        names = ", ".join(type(p).__name__ for p in processors)
+        return f"the generation config adds logits processors ({names})"
+    return None
+
+
+def _core(model: Any) -> Any:
+    """The transformers model under a PeftModel (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+@dataclass
+class _Row:
+    key: Hashable
+    adapter: str | None  # PEFT name (None: the base, or the adapter merged into the weights)
+    limit: int
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _State:
+    """The running rows' tensors, row i of each for _Row i. Self-attention caches are padded
+    on the left (the mask says which columns are real); encoder-side tensors on the right."""
+
+    cache: Cache
+    mask: torch.Tensor  # [B, T] self-attention mask (causal: prompt + answer; seq2seq: answer)
+    last: torch.Tensor  # [B] the token each row feeds next
+    enc_hidden: torch.Tensor | None = None  # [B, S, d] seq2seq encoder output
+    enc_mask: torch.Tensor | None = None  # [B, S]
+
+    def self_layers(self) -> list[DynamicLayer]:
+        cache = self.cache
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        return _dynamic_layers(cache)
+
+    def cross_layers(self) -> list[DynamicLayer]:
+        if isinstance(self.cache, EncoderDecoderCache):
+            return _dynamic_layers(self.cache.cross_attention_cache)
+        return []
+
+
+def _check_cache(state: _State) -> None:
+    for layer in state.self_layers() + state.cross_layers():
+        _kv(layer)
+
+
+def _dynamic_layers(cache: Cache) -> list[DynamicLayer]:
+    layers = list(getattr(cache, "layers", []))
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise TypeError(f"step-level decoding needs plain DynamicLayer caches, got {kinds}")
+    return layers
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = layer.keys, layer.values
+    if keys is None or values is None:
+        raise TypeError("a cache layer the prefill did not fill")
+    return keys, values
+
+
+def _set(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+
+
+def _merge_layer(a: DynamicLayer, b: DynamicLayer, size: int, *, left: bool) -> None:
+    """Layer a's keys and values followed by b's (new rows), both padded to size columns."""
+    (ak, av), (bk, bv) = _kv(a), _kv(b)
+    _set(a, _cat_padded(ak, bk, size, left=left), _cat_padded(av, bv, size, left=left))
+
+
+def _cat_padded(
+    a: torch.Tensor, b: torch.Tensor, size: int, *, left: bool, dim: int = -2
+) -> torch.Tensor:
+    """a and b padded along dim to size, stacked along the batch dimension."""
+    if a.dim() == 2:
+        dim = -1
+    return torch.cat([_pad_to(a, dim, size, left=left), _pad_to(b, dim, size, left=left)])
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int, *, left: bool) -> torch.Tensor:
+    """t zero-padded along dim (counted from the end, negative) to size."""
+    gap = size - t.shape[dim]
+    if gap == 0:
+        return t
+    pad = [0, 0] * (-dim - 1) + ([gap, 0] if left else [0, gap])
+    return F.pad(t, pad)
+
+
+class StepBatch:
+    """The running batch of greedy rows on the model thread.
+
+        batch = StepBatch(generator)
+        done = batch.join(rows, keys)   # prefill new rows; rows done at once come back
+        while len(batch):
+            done += batch.step()        # one token for every row; finished rows leave
+        batch.drop({key})               # a row whose client left
+
+    Adapters: row i runs under its PEFT adapter name, as in `Generator.generate_decoded`; the
+    caller re-sets names with `rename` when the registry changes what a row's version is called
+    (a merge or an unmerge). The generator's model is read at every call, since the registry
+    may swap it (merged, unmerged) between two steps.
+    """
+
+    def __init__(self, generator: Generator) -> None:
+        why = step_support(generator)
+        if why is not None:
+            raise ValueError(f"step-level decoding is not supported: {why}")
+        self.g = generator
+        self._rows: list[_Row] = []
+        self._state: _State | None = None
+        self._plan: tuple[tuple[str | None, ...], Any, RowPlan] | None = None
+        self._keep_logits = (
+            "logits_to_keep" in inspect.signature(_core(generator._hf).forward).parameters
+        )
+        self._seq2seq = generator.kind == "seq2seq"
+        self._shift_positions = (
+            self._seq2seq and getattr(generator._hf.config, "model_type", "") in SHIFTED_POSITIONS
+        )
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [r.key for r in self._rows]
+
+    @property
+    def adapters(self) -> list[str | None]:
+        return [r.adapter for r in self._rows]
+
+    def rename(self, adapters: dict[Hashable, str | None]) -> None:
+        """Set the PEFT adapter name of the rows named by key."""
+        for row in self._rows:
+            if row.key in adapters:
+                row.adapter = adapters[row.key]
+
+    def clear(self) -> list[Hashable]:
+        """Drop every row (after a failed step); returns their keys."""
+        keys = self.keys
+        self._rows, self._state, self._plan = [], None, None
+        return keys
+
+    def drop(self, keys: set[Hashable]) -> None:
+        """Take the rows with these keys out (their clients left)."""
+        keep = [i for i, r in enumerate(self._rows) if r.key not in keys]
+        if len(keep) < len(self._rows):
+            self._select(keep)
+
+    def join(self, rows: Sequence[GenRow], keys: Sequence[Hashable]) -> list[Finished]:
+        """Prefill rows (together) and add them to the batch. Each row's first token comes
+        from the prefill; a row that is finished by it (an end token, or max_new_tokens 1) is
+        returned and not added. Raises (and adds nothing) when the prefill fails."""
+        if not rows:
+            return []
+        g = self.g
+        ids = [
+            g._tokenize(
+                g.prompt(r.question, r.passages, r.max_new_tokens),
+                g.max_input_tokens(r.max_new_tokens),
+            )
+            for r in rows
+        ]
+        joined = [_Row(key, r.adapter, r.max_new_tokens) for key, r in zip(keys, rows, strict=True)]
+        ctx, extra = self._adapters([r.adapter for r in joined], keep=False)
+        enc = g._pad(ids)
+        with torch.inference_mode(), ctx:
+            if self._seq2seq:
+                state, logits = self._prefill_seq2seq(enc, extra)
+            else:
+                state, logits = self._prefill_causal(enc, extra)
+        _check_cache(state)  # refuse caches we cannot pad, before merging
+        finished = self._advance(joined, state, logits)
+        alive = [i for i, r in enumerate(joined) if r.key not in {k for k, _ in finished}]
+        if alive:
+            if len(alive) < len(joined):
+                state = _select_state(state, alive)
+            self._merge([joined[i] for i in alive], state)
+        return finished
+
+    def step(self) -> list[Finished]:
+        """One decoding step for every row; returns the rows that finished (they leave)."""
+        state = self._state
+        if state is None:
+            return []
+        ctx, extra = self._adapters(self.adapters, keep=True)
+        with torch.inference_mode(), ctx:
+            if self._seq2seq:
+                logits = self._decode_seq2seq(state, extra)
+            else:
+                logits = self._decode_causal(state, extra)
+        finished = self._advance(self._rows, state, logits)
+        if finished:
+            done = {k for k, _ in finished}
+            self._select([i for i, r in enumerate(self._rows) if r.key not in done])
+        return finished
+
+    # ---- model calls ----------------------------------------------------------------------
+
+    def _prefill_causal(self, enc: Any, extra: dict[str, Any]) -> tuple[_State, torch.Tensor]:
+        mask = enc["attention_mask"]  # [J, L], left padded
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() derives them
+        if self._keep_logits:
+            extra = {**extra, "logits_to_keep": 1}
+        out = self.g._hf(
+            input_ids=enc["input_ids"],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **extra,
+        )
+        return _State(out.past_key_values, mask.long(), mask.new_zeros(0)), out.logits[:, -1]
+
+    def _decode_causal(self, state: _State, extra: dict[str, Any]) -> torch.Tensor:
+        positions = state.mask.sum(1, keepdim=True)  # [B, 1] the row's real tokens so far
+        state.mask = F.pad(state.mask, (0, 1), value=1)
+        out = self.g._hf(
+            input_ids=state.last[:, None],
+            attention_mask=state.mask,
+            position_ids=positions,
+            past_key_values=state.cache,
+            use_cache=True,
+            **extra,
+        )
+        logits: torch.Tensor = out.logits[:, -1]
+        return logits
+
+    def _prefill_seq2seq(self, enc: Any, extra: dict[str, Any]) -> tuple[_State, torch.Tensor]:
+        model = self.g._hf
+        n = enc["input_ids"].shape[0]
+        start = _decoder_start(model)
+        out = model(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            decoder_input_ids=torch.full((n, 1), start, dtype=torch.long, device=self.g.device),
+            use_cache=True,
+            **extra,
+        )
+        state = _State(
+            out.past_key_values,
+            torch.ones(n, 1, dtype=torch.long, device=self.g.device),
+            torch.zeros(0, dtype=torch.long),
+            out.encoder_last_hidden_state,
+            enc["attention_mask"].long(),
+        )
+        return state, out.logits[:, -1]
+
+    def _decode_seq2seq(self, state: _State, extra: dict[str, Any]) -> torch.Tensor:
+        assert state.enc_hidden is not None
+        width = state.mask.shape[1]
+        shift = width - state.mask.sum(1)  # [B] left padding of each row's decoder cache
+        state.mask = F.pad(state.mask, (0, 1), value=1)
+        positions = _bart_positions(self.g._hf, shift) if self._shift_positions else nullcontext()
+        with positions:
+            out = self.g._hf(
+                encoder_outputs=BaseModelOutput(last_hidden_state=state.enc_hidden),
+                attention_mask=state.enc_mask,
+                decoder_input_ids=state.last[:, None],
+                decoder_attention_mask=state.mask,
+                past_key_values=state.cache,
+                use_cache=True,
+                **extra,
+            )
+        logits: torch.Tensor = out.logits[:, -1]
+        return logits
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+
+    def _adapters(
+        self, names: Sequence[str | None], *, keep: bool
+    ) -> tuple[AbstractContextManager[None], dict[str, Any]]:
+        """The context and kwargs that give row i adapter names[i], as generate_decoded does:
+        the stacked per-row LoRA when attached (its plan kept across steps while the rows and
+        the stacks stay the same), else PEFT's adapter_names."""
+        g = self.g
+        extra = g.adapter_kwargs(names)
+        batched = g.batched
+        if batched is None or "adapter_names" not in extra:
+            return nullcontext(), extra
+        extra.pop("adapter_names")
+        if not keep:
+            return batched.rows(names), extra
+        key = tuple(names)
+        cached = self._plan
+        if (
+            cached is None
+            or cached[0] != key
+            or cached[1] is not batched
+            or not batched.fresh(cached[2])
+        ):
+            cached = (key, batched, batched.plan(names))
+            self._plan = cached
+        return batched.rows(cached[2]), extra
+
+    def _advance(self, rows: Sequence[_Row], state: _State, logits: torch.Tensor) -> list[Finished]:
+        """Append each row's greedy token; the rows that end here, with their answers."""
+        chosen = logits.float().argmax(-1)  # [B], as generate()'s greedy search
+        state.last = chosen
+        eos = self.g.eos_ids
+        finished: list[Finished] = []
+        for row, token in zip(rows, chosen.tolist(), strict=True):
+            row.tokens.append(token)
+            if token in eos or len(row.tokens) >= row.limit:
+                finished.append((row.key, self.g.decode_answer(torch.tensor(row.tokens))))
+        return finished
+
+    def _merge(self, rows: list[_Row], new: _State) -> None:
+        old = self._state
+        self._rows += rows
+        if old is None:
+            self._state = new
+            return
+        width = max(old.mask.shape[1], new.mask.shape[1])
+        for a, b in zip(old.self_layers(), new.self_layers(), strict=True):
+            _merge_layer(a, b, width, left=True)
+        old.mask = _cat_padded(old.mask, new.mask, width, left=True)
+        old.last = torch.cat([old.last, new.last])
+        if old.enc_hidden is not None and new.enc_hidden is not None:
+            assert old.enc_mask is not None and new.enc_mask is not None
+            span = max(old.enc_mask.shape[1], new.enc_mask.shape[1])
+            for a, b in zip(old.cross_layers(), new.cross_layers(), strict=True):
+                _merge_layer(a, b, span, left=False)
+            old.enc_hidden = _cat_padded(old.enc_hidden, new.enc_hidden, span, left=False, dim=-2)
+            old.enc_mask = _cat_padded(old.enc_mask, new.enc_mask, span, left=False)
+
+    def _select(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        if not keep or self._state is None:
+            self._state = None
+            return
+        self._state = _select_state(self._state, keep)
+
+
+def _select_state(state: _State, keep: list[int]) -> _State:
+    """Rows `keep` of state (in place), with the padding columns no row needs any more cut."""
+    idx = torch.tensor(keep, dtype=torch.long, device=state.mask.device)
+    mask = state.mask.index_select(0, idx)
+    real = mask.any(0)
+    first = int(real.nonzero()[0]) if bool(real.any()) else 0  # leading columns all padding
+    state.mask = mask[:, first:]
+    for layer in state.self_layers():
+        _set(layer, *(t.index_select(0, idx)[:, :, first:] for t in _kv(layer)))
+    state.last = state.last.index_select(0, idx)
+    if state.enc_hidden is not None and state.enc_mask is not None:
+        enc_mask = state.enc_mask.index_select(0, idx)
+        used = enc_mask.any(0)
+        end = int(used.nonzero()[-1]) + 1 if bool(used.any()) else enc_mask.shape[1]
+        state.enc_mask = enc_mask[:, :end]
+        state.enc_hidden = state.enc_hidden.index_select(0, idx)[:, :end]
+        for layer in state.cross_layers():
+            _set(layer, *(t.index_select(0, idx)[:, :, :end] for t in _kv(layer)))
+    return state
+
+
+def _decoder_start(model: Any) -> int:
+    start = getattr(model.generation_config, "decoder_start_token_id", None)
+    if start is None:
+        start = model.config.decoder_start_token_id
+    return int(start)
+
+
+@contextmanager
+def _bart_positions(model: Any, shift: torch.Tensor) -> Iterator[None]:
+    """BART's decoder position embedding for one step, with row i's positions moved back by
+    shift[i] (its left padding): BartDecoder numbers the new token by the cache length, which
+    is the batch's, not the row's."""
+    emb = model.get_decoder().embed_positions
+    offset = emb.offset
+
+    def forward(
+        input_ids: torch.Tensor,
+        past_key_values_length: int = 0,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if position_ids is None:
+            seq = input_ids.shape[1]
+            position_ids = torch.arange(
+                past_key_values_length, past_key_values_length + seq, device=emb.weight.device
+            )
+        rows = position_ids.view(1, -1) - shift.view(-1, 1).to(position_ids.device)  # [B, seq]
+        out: torch.Tensor = torch.nn.Embedding.forward(emb, rows + offset)
+        return out
+
+    emb.forward = forward
+    try:
+        yield
+    finally:
+        del emb.forward

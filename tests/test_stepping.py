@@ -1,0 +1,214 @@
+"""Step-level decoding (app/generation/stepping.py) on tiny T5, BART, llama and GPT-2 models.
+
+The reference for every row is the same row generated alone with `generate_decoded` (whose
+greedy decode is checked against transformers' generate in test_generation.py): rows that
+join a running batch at different steps, leave it as they finish, and run under different
+adapters (stacked per-row LoRA and PEFT's adapter_names) must give exactly those tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.generation.backends import Decoded, Generator, sync_batched_lora
+from app.generation.loading import load_generator
+from app.generation.stepping import StepBatch, step_support
+from app.generation.types import GenRow
+from app.lora.registry import AdapterRegistry
+from app.lora.residency import ResidencyPolicy
+from app.retrieval.types import Passage
+from tests.test_generation import BUILDERS
+from tests.tiny import save_lora_adapter
+
+P1 = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")
+P2 = Passage("b#0", "b", "Beta", "Beta was founded in 1204 by monks who brewed dark beer there.")
+P3 = Passage("c#0", "c", "", "An untitled passage about gamma rays and their long wavelength.")
+
+
+@dataclass
+class World:
+    gen: Generator
+    registry: AdapterRegistry
+    names: list[str]  # PEFT names of the installed adapters
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> World:
+    tmp = tmp_path_factory.mktemp(request.param)
+    model_dir = BUILDERS[request.param](tmp)
+    root = tmp / "adapters"
+    save_lora_adapter(model_dir, root / "a1", seed=1)
+    save_lora_adapter(model_dir, root / "a2", seed=2, r=4)
+    gen = load_generator(str(model_dir), cache_dir=tmp)
+    registry = AdapterRegistry(gen, root, on_change=lambda m: sync_batched_lora(gen, m))
+    names = []
+    for name in ("a1", "a2"):
+        registry.install(name, registry.prepare(name))
+        peft = registry.peft_name(name)
+        assert peft is not None
+        names.append(peft)
+    return World(gen, registry, names)
+
+
+def workload(names: list[str]) -> list[GenRow]:
+    a1, a2 = names
+    return [
+        GenRow("Where is Alpha?", [P1, P2], None, 12),
+        GenRow("Who founded Beta and when was it?", [P2], a1, 5),
+        GenRow("gamma?", [P3, P1, P2], a2, 9),
+        GenRow("What?", [], None, 1),
+        GenRow("Tell me about cheese and beer.", [P1, P2, P3], a1, 16),
+        GenRow("Lek?", [P1], a2, 7),
+    ]
+
+
+def alone(gen: Generator, rows: list[GenRow]) -> list[Decoded]:
+    return [gen.generate_decoded([r])[0] for r in rows]
+
+
+def run(batch: StepBatch, rows: list[GenRow], join_at: list[int]) -> dict[Hashable, Decoded]:
+    """Row i joins before step join_at[i]; step until every row is done."""
+    done: dict[Hashable, Decoded] = {}
+    step = 0
+    while len(done) < len(rows):
+        joining = [i for i, t in enumerate(join_at) if t == step]
+        done.update(batch.join([rows[i] for i in joining], joining))
+        done.update(batch.step())
+        step += 1
+        assert step < 100
+    assert len(batch) == 0
+    return done
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "peft"])
+def test_rows_joining_and_leaving_answer_as_alone(world: World, stacked: bool) -> None:
+    gen = world.gen
+    assert step_support(gen) is None
+    batched = gen.batched
+    if not stacked:
+        gen.batched = None  # PEFT's own adapter_names path
+    try:
+        rows = workload(world.names)
+        want = alone(gen, rows)
+        assert len({d.text for d in want}) >= 4  # adapters and questions really differ
+        done = run(StepBatch(gen), rows, join_at=[0, 0, 2, 3, 3, 7])
+    finally:
+        gen.batched = batched
+    assert [done[i] for i in range(len(rows))] == want
+
+
+def test_rows_that_end_early_leave_and_their_slots_are_reused(world: World) -> None:
+    gen = world.gen
+    rows = workload(world.names)
+    batch = StepBatch(gen)
+    sizes = []
+    done: dict[Hashable, Decoded] = {}
+    done.update(batch.join(rows[:3], [0, 1, 2]))
+    while len(batch):
+        sizes.append(len(batch))
+        if len(sizes) == 3:
+            done.update(batch.join(rows[3:], [3, 4, 5]))
+        done.update(batch.step())
+    assert sizes[0] == 3 and sizes[-1] == 1  # rows left as they finished
+    assert [done[i] for i in range(len(rows))] == alone(gen, rows)
+
+
+def test_a_dropped_row_leaves_and_the_others_are_unchanged(world: World) -> None:
+    gen = world.gen
+    rows = workload(world.names)
+    batch = StepBatch(gen)
+    done: dict[Hashable, Decoded] = {}
+    done.update(batch.join(rows, list(range(len(rows)))))
+    done.update(batch.step())
+    batch.drop({4})  # the longest answer's client left
+    while len(batch):
+        done.update(batch.step())
+    assert 4 not in done
+    want = alone(gen, rows)
+    assert {i: done[i] for i in done} == {i: want[i] for i in done}
+
+
+def test_a_long_prompt_joining_pads_the_running_rows(world: World) -> None:
+    """The joiner's prompt is longer than the running rows' prompt + answer so far: the running
+    cache is padded on the left, and nothing changes for anyone."""
+    gen = world.gen
+    a1, a2 = world.names
+    long_q = "Explain everything about " + "Alpha and Beta and gamma " * 8 + "?"
+    rows = [
+        GenRow("Lek?", [P1], a1, 10),
+        GenRow(long_q, [P1, P2, P3], a2, 6),
+        GenRow("Beer?", [], None, 8),
+    ]
+    done = run(StepBatch(gen), rows, join_at=[0, 2, 4])
+    assert [done[i] for i in range(3)] == alone(gen, rows)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_rows_keep_their_answers_through_a_merge_and_an_unmerge(kind: str, tmp_path: Path) -> None:
+    """The merge policy may merge the one adapter into the weights between two steps (rows
+    then run as the base, renamed None) and unmerge it again: the answers stay those of the
+    unmerged adapter alone."""
+    model_dir = BUILDERS[kind](tmp_path)
+    save_lora_adapter(model_dir, tmp_path / "adapters" / "a", seed=1)
+    gen = load_generator(str(model_dir), cache_dir=tmp_path)
+    reg = AdapterRegistry(
+        gen,
+        tmp_path / "adapters",
+        policy=ResidencyPolicy(merge_single=True),
+        on_change=lambda m: sync_batched_lora(gen, m),
+    )
+    reg.install("a", reg.prepare("a"))
+    peft = reg.peft_name("a")
+    rows = [GenRow(q, [P1, P2], peft, 12) for q in ("Where is Alpha?", "Who founded Beta?")]
+    want = alone(gen, rows)
+    assert want != alone(gen, [GenRow(r.question, r.passages, None, 12) for r in rows])
+    batch = StepBatch(gen)
+    done = dict(batch.join(rows, [0, 1]))
+    done.update(batch.step())
+    reg.begin_batch(["a"])  # merged: the plain model serves, rows pass no adapter
+    assert reg.merged == "a" and reg.peft_name("a") is None
+    batch.rename({0: None, 1: None})
+    for _ in range(3):
+        done.update(batch.step())
+    reg.begin_batch(["a", None])  # a base row arrives: unmerged again
+    assert reg.merged is None
+    batch.rename({0: peft, 1: peft})
+    while len(batch):
+        done.update(batch.step())
+    assert [done[0], done[1]] == want
+
+
+def test_unsupported_models_are_named(tmp_path: Path) -> None:
+    from tests.tiny import tiny_t5
+
+    gen = load_generator(str(tiny_t5(tmp_path)), cache_dir=tmp_path)
+    gen.model.generation_config.no_repeat_ngram_size = 3
+    why = step_support(gen)
+    assert why is not None and "NoRepeatNGram" in why
+    with pytest.raises(ValueError, match="not supported"):
+        StepBatch(gen)
+    gen.model.generation_config.no_repeat_ngram_size = 0
+    gen.model.config.model_type = "pegasus"
+    assert "pegasus" in (step_support(gen) or "")
+
+
+def test_decode_state_shrinks_as_rows_leave(world: World) -> None:
+    gen = world.gen
+    rows = workload(world.names)
+    batch = StepBatch(gen)
+    batch.join(rows, list(range(len(rows))))
+    while len(batch) > 1:
+        batch.step()
+    state = batch._state
+    assert state is not None
+    # one row left: no padding column is kept for rows that are gone
+    assert bool(state.mask.all())
+    assert state.self_layers()[0].keys.shape[0] == 1
+    if state.enc_mask is not None:
+        assert bool(state.enc_mask[:, -1].all())
+    torch.testing.assert_close(state.mask.sum(), torch.tensor(state.mask.numel()))
