@@ -22,7 +22,9 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.bootstrap import load_components
 from app.engine.engine import Engine
+from app.generation.backends import Generator
 from app.generation.decoding import RagDecoder
+from app.generation.stepping import StepBatch, step_support
 from app.lora.tasks import TaskBundles
 from app.metrics import Metrics
 from app.retrieval.manager import IndexManager
@@ -82,6 +84,15 @@ def create_app(
     return app
 
 
+def _step_batch(generator: Generator) -> StepBatch | None:
+    """The step batch for generator, or None (whole batches) where it cannot step exactly."""
+    why = step_support(generator)
+    if why is not None:
+        log.warning("step-level batching off for %s: %s", generator.model_id, why)
+        return None
+    return StepBatch(generator)
+
+
 async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> None:
     settings = state.settings
     try:
@@ -104,6 +115,7 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
         batch_wait_ms=settings.batch_wait_ms,
         expect_wait_ms=settings.expect_wait_ms,
         on_batch=state.metrics.observe_batch,
+        stepper=_step_batch(components.generator) if settings.step_batching else None,
     )
     engine.start()
     state.components = components

@@ -49,6 +49,9 @@ class Metrics:
             "lorag_batch_seconds", "Generation time per batch", buckets=LATENCY_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("lorag_queue_depth", "Items waiting for the model", registry=r)
+        self.running_rows = Gauge(
+            "lorag_running_rows", "Rows in the step batch (decoding now)", registry=r
+        )
         self.adapter_ops = Counter(
             "lorag_adapter_operations", "Adapter loads and unloads", ["op", "outcome"], registry=r
         )

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         description="How long a forming batch may wait for requests already admitted and still "
         "retrieving their passages (never for requests not yet sent).",
     )
+    step_batching: bool = Field(
+        True,
+        description="Step-level batching: concat requests join a running batch between decoding "
+        "steps and leave when their answer ends (off: every batch decodes to its longest answer).",
+    )
 
     # security
     admin_token: SecretStr | None = Field(

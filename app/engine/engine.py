@@ -19,6 +19,16 @@ over their retrieval times and the batches alternate small and large (a convoy: 
 "Server batching"); a lone request is never held, since nothing else is announced.
 Adapter operations queue in the same order as requests, so a request admitted before a
 swap runs before it.
+
+Step-level scheduling (with a `StepBatch`, app/generation/stepping.py): greedy concat rows do
+not run to the end of their batch. The first rows form a batch as above and start a session on
+the model thread; from then on, rows that arrive join the running batch at the next decoding
+step boundary (prefilled together), and each row leaves the step its answer ends, its future
+answered at once. Rows the step batch does not take (RAG-Token and RAG-Sequence, which
+marginalize over passages in their own loops) and adapter operations run whole at a step
+boundary, in queue order, while the running rows wait. The session ends when nothing runs and
+nothing waits. Without a StepBatch (`LORAG_STEP_BATCHING=false`, or a model it cannot pad
+exactly) every batch runs whole, as described first.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,7 +44,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from app.errors import GenerationTimeout, LoragError, NotReadyError
+from app.generation.backends import Decoded
 from app.generation.decoding import Answer
+from app.generation.stepping import StepBatch
 from app.generation.types import Decoding, GenRow, Mode
 from app.lora.registry import Lease
 from app.retrieval.types import Passage
@@ -49,7 +62,9 @@ class BatchDecoder(Protocol):
 
 
 class AdapterResolver(Protocol):
-    def begin_batch(self, names: Sequence[str | None]) -> None: ...
+    def begin_batch(
+        self, names: Sequence[str | None], running: Sequence[str | None] = ()
+    ) -> None: ...
     def peft_name_of(self, lease: Lease) -> str | None: ...
 
 
@@ -118,10 +133,13 @@ class Expected:
 class EngineStats:
     """Counters the metrics layer reads; written on the event loop only."""
 
-    batches: int = 0
+    batches: int = 0  # model calls that admitted rows: whole batches, or prefills of joiners
     rows: int = 0
     last_batch_size: int = 0
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1024))
+    steps: int = 0  # decoding steps of the step batch
+    step_rows: int = 0  # rows decoded over those steps (step_rows / steps: mean occupancy)
+    joined_running: int = 0  # rows that joined a batch already decoding
 
 
 class Engine:
@@ -134,8 +152,16 @@ class Engine:
         batch_wait_ms: float = 5.0,
         expect_wait_ms: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
+        stepper: StepBatch | None = None,
     ) -> None:
         self._decoder = decoder
+        self._stepper = stepper
+        # step-level sessions: items handed to a running session, and whether one runs
+        self._lock = threading.Lock()
+        self._inbox: deque[_GenItem | _OpItem] = deque()
+        self._session_open = False
+        self._session: asyncio.Future[None] | None = None
+        self._backlog = 0  # items a session has taken but not admitted yet (model thread)
         self._adapters = adapters
         self._max_batch = max_batch_size
         self._wait_s = batch_wait_ms / 1000.0
@@ -168,7 +194,13 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        """Items not running yet: queued, or handed to a running session and not admitted."""
+        return self._queue.qsize() + len(self._inbox) + self._backlog
+
+    @property
+    def running(self) -> int:
+        """Rows in the step batch now."""
+        return len(self._stepper) if self._stepper is not None else 0
 
     @property
     def expected(self) -> int:
@@ -226,7 +258,14 @@ class Engine:
             item = pending if pending is not None else await self._queue.get()
             pending = None
             if item is None:
+                if self._session is not None:
+                    await self._session  # it answers everything handed to it, then ends
                 return
+            if self._hand_to_session(item):
+                continue
+            if self._session is not None:
+                await self._session  # it has decided to end: let it finish
+                self._session = None
             if isinstance(item, _OpItem):
                 await self._run_op(loop, item)
                 continue
@@ -240,7 +279,27 @@ class Engine:
                     pending = nxt  # an adapter op or the stop marker waits for this batch
                     break
                 batch.append(nxt)
-            await self._run_batch(loop, batch)
+            if self._stepper is not None:
+                self._open_session(loop, batch)
+            else:
+                await self._run_batch(loop, batch)
+
+    def _hand_to_session(self, item: _GenItem | _OpItem) -> bool:
+        """Give item to the running session (it takes it at its next step boundary); False
+        when no session runs, or the one running has decided to end."""
+        with self._lock:
+            if not self._session_open:
+                return False
+            self._inbox.append(item)
+            return True
+
+    def _open_session(self, loop: asyncio.AbstractEventLoop, batch: list[_GenItem]) -> None:
+        with self._lock:
+            self._session_open = True
+            self._inbox.extend(batch)
+        self._session = asyncio.ensure_future(
+            loop.run_in_executor(self._executor, self._session_loop, loop)
+        )
 
     async def _next_for_batch(
         self, loop: asyncio.AbstractEventLoop, started: float
@@ -300,42 +359,241 @@ class Engine:
                 it.future.set_exception(result)
             else:
                 it.future.set_result(result)
+        self._count_batch(len(live), time.perf_counter() - started)
+
+    # the step-level session (model thread) --------------------------------------------------
+
+    def _session_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the step batch until nothing runs and nothing waits (model thread).
+
+        At each step boundary: take what was handed over; admit it in queue order (concat rows
+        join the step batch while it has room; other rows run whole; an adapter operation runs
+        after the rows before it are admitted); drop rows whose clients left; decode one step
+        and answer the rows that finished.
+        """
+        stepper = self._stepper
+        assert stepper is not None
+        backlog: deque[_GenItem | _OpItem] = deque()
+        running: dict[int, tuple[_GenItem, str | None]] = {}  # id(item) -> (item, version)
+        try:
+            while True:
+                with self._lock:
+                    backlog.extend(self._inbox)
+                    self._inbox.clear()
+                    if not backlog and not running:
+                        self._session_open = False
+                        self._backlog = 0
+                        return
+                self._backlog = len(backlog)
+                self._admit(loop, stepper, backlog, running)
+                self._backlog = len(backlog)
+                gone = {k for k, (it, _) in running.items() if it.future.done()}
+                if gone:  # timed out or cancelled: the row leaves the batch
+                    stepper.drop(gone)
+                    for k in gone:
+                        del running[k]
+                if running:
+                    self._step(loop, stepper, running)
+        except BaseException as exc:  # never leave a future unanswered
+            log.exception("the step-level session failed")
+            for it, _ in running.values():
+                self._settle(loop, it, exc)
+            stepper.clear()
+            with self._lock:
+                for item in [*backlog, *self._inbox]:
+                    self._settle(loop, item, exc)
+                self._inbox.clear()
+                self._session_open = False
+                self._backlog = 0
+
+    def _admit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stepper: StepBatch,
+        backlog: deque[_GenItem | _OpItem],
+        running: dict[int, tuple[_GenItem, str | None]],
+    ) -> None:
+        """Admit items from the front of backlog while the step batch has room."""
+        while backlog:
+            joiners: list[_GenItem] = []
+            whole: list[_GenItem] = []
+            while backlog and isinstance(backlog[0], _GenItem):
+                item = backlog[0]
+                if item.future.done():  # cancelled while it waited
+                    backlog.popleft()
+                    continue
+                if item.request.mode == "concat":
+                    if len(running) + len(joiners) >= self._max_batch:
+                        break  # full: it waits for a row to leave, and so does what follows
+                    joiners.append(item)
+                elif len(whole) < self._max_batch:
+                    whole.append(item)
+                else:
+                    break
+                backlog.popleft()
+            if joiners or whole:
+                self._start_rows(loop, stepper, joiners, whole, running)
+            if not backlog or isinstance(backlog[0], _GenItem):
+                return  # the batch is full, or all is admitted
+            op = backlog.popleft()
+            assert isinstance(op, _OpItem)
+            self._run_op_here(loop, op)
+            self._rename(stepper, running)  # an install or unload may have unmerged
+
+    def _start_rows(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stepper: StepBatch,
+        joiners: list[_GenItem],
+        whole: list[_GenItem],
+        running: dict[int, tuple[_GenItem, str | None]],
+    ) -> None:
+        """Run `whole` to the end and prefill `joiners` into the step batch."""
+        self._adapters.begin_batch(
+            [it.request.adapter for it in joiners + whole],
+            running=[it.request.adapter for it, _ in running.values()],
+        )
+        self._rename(stepper, running)  # the merge policy may just have merged or unmerged
+        if whole:
+            started = time.perf_counter()
+            outcomes = self._generate_resolved(whole)
+            for it, outcome in zip(whole, outcomes, strict=True):
+                self._settle(loop, it, outcome)
+            self._record(loop, len(whole), time.perf_counter() - started)
+        rows, keys, versions = [], [], []
+        for it in joiners:
+            try:
+                row, version = self._resolve(it.request)
+            except LoragError as exc:
+                self._settle(loop, it, exc)
+                continue
+            rows.append(row)
+            keys.append(id(it))
+            versions.append(version)
+        if not rows:
+            return
+        admitted = {id(it): it for it in joiners}
+        started = time.perf_counter()
+        was_running = bool(running)
+        try:
+            finished = stepper.join(rows, keys)
+        except Exception as exc:
+            log.exception("prefill failed for %d joining rows", len(rows))
+            for key in keys:
+                self._settle(loop, admitted[key], exc)
+            return
+        for key, version in zip(keys, versions, strict=True):
+            running[key] = (admitted[key], version)
+        self._finish(loop, finished, running)
+        self._record(loop, len(rows), time.perf_counter() - started, joined=was_running)
+
+    def _step(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stepper: StepBatch,
+        running: dict[int, tuple[_GenItem, str | None]],
+    ) -> None:
+        rows = len(stepper)
+        try:
+            finished = stepper.step()
+        except Exception as exc:
+            log.exception("a decoding step failed for %d rows", rows)
+            for key in stepper.clear():
+                item, _ = running.pop(key)  # type: ignore[call-overload]  # keys are ours
+                self._settle(loop, item, exc)
+            return
+        self._finish(loop, finished, running)
+        loop.call_soon_threadsafe(self._count_step, rows)
+
+    def _finish(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        finished: list[tuple[Any, Decoded]],
+        running: dict[int, tuple[_GenItem, str | None]],
+    ) -> None:
+        for key, decoded in finished:
+            item, version = running.pop(key)
+            answer = Answer(decoded.text, None, decoded.tokens)
+            self._settle(loop, item, EngineResult(answer, version))
+
+    def _rename(self, stepper: StepBatch, running: dict[int, tuple[_GenItem, str | None]]) -> None:
+        """Re-read the PEFT name of every running row's version (None while merged)."""
+        names: dict[Any, str | None] = {}
+        for key, (item, _) in running.items():
+            lease = item.request.lease
+            names[key] = self._adapters.peft_name_of(lease) if lease is not None else None
+        stepper.rename(names)
+
+    def _run_op_here(self, loop: asyncio.AbstractEventLoop, op: _OpItem) -> None:
+        try:
+            result = op.fn()
+        except Exception as exc:  # handed to the caller, who maps it
+            self._settle(loop, op, exc)
+        else:
+            loop.call_soon_threadsafe(_set_result, op.future, result)
+
+    def _settle(
+        self, loop: asyncio.AbstractEventLoop, item: _GenItem | _OpItem, outcome: object
+    ) -> None:
+        loop.call_soon_threadsafe(_set_outcome, item.future, outcome)
+
+    def _record(
+        self, loop: asyncio.AbstractEventLoop, rows: int, seconds: float, *, joined: bool = False
+    ) -> None:
+        loop.call_soon_threadsafe(self._count_batch, rows, seconds, joined)
+
+    def _count_batch(self, rows: int, seconds: float, joined: bool = False) -> None:
         self.stats.batches += 1
-        self.stats.rows += len(live)
-        self.stats.last_batch_size = len(live)
-        self.stats.batch_sizes.append(len(live))
+        self.stats.rows += rows
+        self.stats.last_batch_size = rows
+        self.stats.batch_sizes.append(rows)
+        if joined:
+            self.stats.joined_running += rows
         if self._on_batch is not None:
-            self._on_batch(len(live), time.perf_counter() - started)
+            self._on_batch(rows, seconds)
+
+    def _count_step(self, rows: int) -> None:
+        self.stats.steps += 1
+        self.stats.step_rows += rows
+
+    def _resolve(self, req: EngineRequest) -> tuple[GenRow, str | None]:
+        """The row to generate for req, under the PEFT name of its leased version (now: the
+        registry may have changed while it waited). Raises LoragError."""
+        peft, version = None, None
+        if req.lease is not None:
+            peft = self._adapters.peft_name_of(req.lease)
+            version = req.lease.version
+        row = GenRow(
+            req.question,
+            req.passages,
+            peft,
+            req.max_new_tokens,
+            req.mode,
+            req.decoding,
+            req.scores,
+        )
+        return row, version
+
+    # whole batches ------------------------------------------------------------------------------
 
     def _generate_on_model_thread(self, items: list[_GenItem]) -> list[_Outcome]:
         """Resolve adapters now (the registry may have changed while rows waited), then generate."""
+        self._adapters.begin_batch([it.request.adapter for it in items])  # usage, merge policy
+        return self._generate_resolved(items)
+
+    def _generate_resolved(self, items: list[_GenItem]) -> list[_Outcome]:
         results: list[_Outcome] = [RuntimeError("not run")] * len(items)
         versions: list[str | None] = [None] * len(items)
         rows: list[GenRow] = []
         index: list[int] = []
-        self._adapters.begin_batch([it.request.adapter for it in items])  # usage, merge policy
         for i, it in enumerate(items):
-            req = it.request
             # adapters change only on this thread, so name and version are read consistently
             try:
-                peft = None
-                if req.lease is not None:
-                    peft = self._adapters.peft_name_of(req.lease)
-                    versions[i] = req.lease.version
+                row, versions[i] = self._resolve(it.request)
             except LoragError as exc:
                 results[i] = exc
                 continue
-            rows.append(
-                GenRow(
-                    req.question,
-                    req.passages,
-                    peft,
-                    req.max_new_tokens,
-                    req.mode,
-                    req.decoding,
-                    req.scores,
-                )
-            )
+            rows.append(row)
             index.append(i)
         if rows:
             try:
@@ -348,3 +606,18 @@ class Engine:
                 for i, answer in zip(index, answers, strict=True):
                     results[i] = EngineResult(answer, versions[i])
         return results
+
+
+def _set_outcome(future: asyncio.Future[Any], outcome: object) -> None:
+    """Answer future (event loop) unless it is done already (cancelled, timed out)."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _set_result(future: asyncio.Future[Any], result: object) -> None:
+    if not future.done():
+        future.set_result(result)

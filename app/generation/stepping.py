@@ -40,6 +40,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,7 +228,7 @@ class StepBatch:
         self._rows, self._state, self._plan = [], None, None
         return keys
 
-    def drop(self, keys: set[Hashable]) -> None:
+    def drop(self, keys: AbstractSet[Hashable]) -> None:
         """Take the rows with these keys out (their clients left)."""
         keep = [i for i, r in enumerate(self._rows) if r.key not in keys]
         if len(keep) < len(self._rows):

@@ -267,10 +267,11 @@ class AdapterRegistry:
             log.info("deleted retired adapter weights %s (no request uses them now)", internal)
         self._changed()
 
-    def begin_batch(self, names: Sequence[str | None]) -> None:
+    def begin_batch(self, names: Sequence[str | None], running: Sequence[str | None] = ()) -> None:
         """Called by the engine before it resolves a batch's rows (public names, None = base):
         deletes unleased retired versions, counts usage, then merges or unmerges as the merge
-        policy says."""
+        policy says. `running`: the rows of a step batch already decoding, which the merge
+        policy must serve too (their usage was counted when they joined)."""
         self.collect()
         now = datetime.now(UTC)
         with self._lock:
@@ -286,7 +287,8 @@ class AdapterRegistry:
         if not self.policy.merge_single:
             return
         try:
-            if only is not None and names and all(n == only.info.name for n in names):
+            everyone = [*names, *running]
+            if only is not None and everyone and all(n == only.info.name for n in everyone):
                 self._merge(only.internal)
             else:
                 self._unmerge()

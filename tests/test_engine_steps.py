@@ -1,0 +1,163 @@
+"""Step-level scheduling through the real app: rows join a running batch between decoding
+steps, leave when they finish or when their client leaves, and answer exactly as alone.
+
+Tiny models decode a step in about a millisecond, faster than a test can send requests in
+between; each step is slowed here (StepBatch.step wrapped with a short sleep) so that rows
+really arrive while others decode. What is checked is scheduling; the tokens themselves are
+checked against rows alone (and those against transformers) in test_stepping.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.tiny import save_lora_adapter
+
+STEP_DELAY_S = 0.02
+
+
+def slow_steps(client: Any) -> Any:
+    engine = client.app.state.lorag.service.engine
+    stepper = engine._stepper
+    assert stepper is not None, "step-level batching is on by default"
+    step = stepper.step
+
+    def slowed() -> Any:
+        time.sleep(STEP_DELAY_S)
+        return step()
+
+    stepper.step = slowed
+    return engine
+
+
+def body(i: int, *, tokens: int, adapter: str | None = None, mode: str = "concat") -> dict:
+    return {
+        "question": f"Where was the tidal clock number {i} built?",
+        "top_k": 2,
+        "max_new_tokens": tokens,
+        "adapter": adapter,
+        "mode": mode,
+    }
+
+
+async def post_all(client: Any, sends: list[tuple[float, dict]]) -> list[tuple[float, Any]]:
+    """POST each body after its delay; (finish time, response) per body, in order."""
+    transport = httpx.ASGITransport(app=client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as ac:
+        start = time.perf_counter()
+
+        async def one(delay: float, b: dict) -> tuple[float, Any]:
+            await asyncio.sleep(delay)
+            r = await ac.post("/ask", json=b)
+            return time.perf_counter() - start, r
+
+        return list(await asyncio.gather(*(one(d, b) for d, b in sends)))
+
+
+def test_rows_join_a_running_batch_leave_when_done_and_answer_as_alone(
+    client_factory, tiny_generators, adapters_root, backend
+) -> None:
+    save_lora_adapter(tiny_generators[backend], adapters_root / "task", seed=1)
+    client = client_factory(backend, max_batch_size=8, batch_wait_ms=1, expect_wait_ms=0)
+    engine = slow_steps(client)
+    long = body(0, tokens=40)
+    short = [body(i, tokens=3, adapter="task" if i % 2 else None) for i in range(1, 6)]
+    token_mode = body(9, tokens=4, adapter="task", mode="token")
+    alone = [client.post("/ask", json=b).json() for b in [long, *short, token_mode]]
+    steps_before, joined_before = engine.stats.steps, engine.stats.joined_running
+
+    sends = [(0.0, long)] + [(0.15 + 0.05 * i, b) for i, b in enumerate(short)]
+    sends.append((0.3, token_mode))
+    done = client.portal.call(post_all, client, sends)
+
+    assert [r.status_code for _, r in done] == [200] * len(sends)
+    for (_, got), want in zip(done, alone, strict=True):
+        assert got.json()["answer"] == want["answer"]
+        assert got.json()["generated_tokens"] == want["generated_tokens"]
+    assert len({a["answer"] for a in alone}) > 2  # the rows really differ
+    # the short rows joined the long one while it decoded, and were answered before it ended
+    assert engine.stats.joined_running - joined_before >= 3
+    long_done = done[0][0]
+    assert all(t < long_done for t, _ in done[1:6])
+    # the token-mode row ran whole at a step boundary, without stopping the long row
+    assert done[-1][0] < long_done
+    # the long row's 40 tokens took about 40 steps, not 40 plus a batch per joiner
+    assert engine.stats.steps - steps_before < 40 + 10
+    assert engine.running == 0 and engine.queue_depth == 0
+
+
+def test_a_client_that_leaves_takes_its_row_out_of_the_running_batch(
+    client_factory, tiny_generators
+) -> None:
+    client = client_factory("t5", max_batch_size=8, batch_wait_ms=1)
+    engine = slow_steps(client)
+    want = client.post("/ask", json=body(2, tokens=5)).json()["answer"]
+
+    async def run() -> tuple[int, str]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            leaving = asyncio.create_task(ac.post("/ask", json=body(1, tokens=200)))
+            while engine.running < 1:
+                await asyncio.sleep(0.01)
+            staying = asyncio.create_task(ac.post("/ask", json=body(2, tokens=5)))
+            await asyncio.sleep(0.1)
+            leaving.cancel()  # the client goes away mid-answer
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+            answer = (await staying).json()["answer"]
+            steps = engine.stats.steps
+            deadline = time.monotonic() + 5
+            while engine.running and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            return engine.stats.steps - steps, answer
+
+    extra_steps, answer = client.portal.call(run)
+    assert answer == want
+    assert engine.running == 0
+    assert extra_steps < 20  # not the 200 steps the row that left asked for
+
+
+def test_a_hot_swap_between_steps_leaves_running_rows_on_their_version(
+    client_factory, tiny_generators, adapters_root
+) -> None:
+    model = tiny_generators["llama"]
+    save_lora_adapter(model, adapters_root / "v1", seed=1)
+    save_lora_adapter(model, adapters_root / "v2", seed=2)
+    client = client_factory("llama", max_batch_size=8, batch_wait_ms=1)
+    engine = slow_steps(client)
+    admin = {"path": "v2"}
+    assert client.put("/adapters/task", json={"path": "v1"}).status_code == 201
+    v1 = client.post("/ask", json=body(1, tokens=30, adapter="task")).json()
+
+    async def run() -> tuple[Any, Any, Any]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as ac:
+            running = asyncio.create_task(ac.post("/ask", json=body(1, tokens=30, adapter="task")))
+            while engine.running < 1:
+                await asyncio.sleep(0.01)
+            swap = await ac.put("/adapters/task", json=admin)  # lands between two steps
+            after = await ac.post("/ask", json=body(1, tokens=30, adapter="task"))
+            return await running, swap, after
+
+    first, swap, after = client.portal.call(run)
+    assert swap.status_code == 200
+    assert first.status_code == 200
+    assert first.json()["answer"] == v1["answer"]
+    assert first.json()["adapter_version"] == v1["adapter_version"]
+    assert after.json()["adapter_version"] != v1["adapter_version"]
+    assert after.json()["answer"] != v1["answer"]
+
+
+def test_step_batching_off_decodes_whole_batches(client_factory) -> None:
+    client = client_factory("t5", step_batching=False)
+    engine = client.app.state.lorag.service.engine
+    assert engine._stepper is None
+    assert client.post("/ask", json=body(1, tokens=4)).status_code == 200
+    assert engine.stats.steps == 0
+    assert "lorag_running_rows 0.0" in client.get("/metrics").text
