@@ -1,11 +1,14 @@
 """Server throughput with batching on vs off, and adapter load latency on a large base.
 
-Part 1: two real uvicorn processes (`lorag serve`), one with max_batch_size 16 and one with 1,
-both up at once; 16 concurrent clients send a fixed number of /ask requests to one server, then
-to the other, alternating for --rounds rounds (interleaved, so machine load drifts hit both).
-Prints throughput and p50/p99 latency per run and overall, the batched/unbatched throughput
-ratio last. The generator is a T5-small-shaped model with random weights (d_model 512, 6+6
-layers, d_ff 2048, 8 heads; ByT5's byte vocabulary, so 259 tokens instead of 32k) unless
+Part 1: real uvicorn processes (`lorag serve`), one per variant, all up at once: `step`
+(max_batch_size 16, step-level batching: rows join and leave between decoding steps), `whole`
+(max_batch_size 16, LORAG_STEP_BATCHING=false: each batch decodes to its longest answer) and
+`single` (max_batch_size 1); --variants picks some. 16 concurrent clients send a fixed number
+of /ask requests to one server, then to the next, in rotating order for --rounds rounds
+(interleaved, so machine load drifts hit all). Prints throughput and p50/p99 latency per run and
+overall, then each variant's throughput ratio to `single` and, last, step/whole.
+The generator is a T5-small-shaped model with random weights (d_model 512, 6+6 layers,
+d_ff 2048, 8 heads; ByT5's byte vocabulary, so 259 tokens instead of 32k) unless
 --generator names another (`default` = the packaged SmolLM2-135M, slow on 2 shared cores).
 The random model greedily decodes PAD at every step, never EOS: every request takes exactly
 --max-new-tokens decoding steps, and its answer is an empty string.
@@ -25,7 +28,7 @@ Part 3 (--cycles N): N load/unload cycles of one adapter through the registry on
 (d_model 32, 2+2 layers); prints RSS and the model's parameter count before and after (the test
 suite runs 200 cycles; this is the 1,000-cycle version).
 
-    .venv/bin/python -m bench.serve_throughput [--requests 64] [--rounds 2]
+    .venv/bin/python -m bench.serve_throughput [--requests 64] [--rounds 2] [--variants ...]
     .venv/bin/python -m bench.serve_throughput --load-latency [--loads 5]
     .venv/bin/python -m bench.serve_throughput --cycles 1000
     .venv/bin/python -m bench.serve_throughput --ceiling [--clients 12] [--max-new-tokens 32]
@@ -97,7 +100,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(generator: str, max_batch: int, max_new_tokens: int, wait_ms: float) -> Iterator[str]:
+def server(
+    generator: str, max_batch: int, max_new_tokens: int, wait_ms: float, *, steps: bool = True
+) -> Iterator[str]:
     port = free_port()
     env = {
         **os.environ,
@@ -108,6 +113,7 @@ def server(generator: str, max_batch: int, max_new_tokens: int, wait_ms: float) 
         "LORAG_MAX_BATCH_SIZE": str(max_batch),
         "LORAG_BATCH_WAIT_MS": str(wait_ms),
         "LORAG_MAX_NEW_TOKENS": str(max_new_tokens),
+        "LORAG_STEP_BATCHING": "true" if steps else "false",
     }
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -132,7 +138,7 @@ async def load(
     url: str, requests: int, clients: int, top_k: int
 ) -> tuple[float, list[float], list[int]]:
     """Wall seconds for `requests` /ask calls from `clients` concurrent clients, latencies ms,
-    answer lengths in characters (bytes for a ByT5 vocabulary: the decoding steps taken)."""
+    and the tokens each answer took (end token included)."""
     latencies: list[float] = []
     lengths: list[int] = []
     counter = iter(range(requests))
@@ -144,7 +150,7 @@ async def load(
             r = await ac.post(f"{url}/ask", json=body)
             r.raise_for_status()
             latencies.append((time.perf_counter() - t) * 1000)
-            lengths.append(len(r.json()["answer"]))
+            lengths.append(int(r.json()["generated_tokens"]))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as ac:
@@ -165,46 +171,64 @@ def batch_rows(url: str) -> tuple[float, float]:
     return values["lorag_batch_rows_sum"], values["lorag_batch_rows_count"]
 
 
+VARIANTS = {"step": (16, True), "whole": (16, False), "single": (1, False)}
+
+
 def throughput(args: argparse.Namespace) -> None:
+    names = [v for v in args.variants.split(",") if v]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
     with ExitStack() as stack:
         generator = args.generator
         if generator is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             generator = str(t5_small_shaped(tmp / "t5-small-shaped"))
-        urls = {
-            b: stack.enter_context(
-                server(generator, b, args.max_new_tokens, args.batch_wait_ms if b > 1 else 0)
+        urls = {}
+        for name in names:
+            b, steps = VARIANTS[name]
+            wait = args.batch_wait_ms if b > 1 else 0
+            urls[name] = stack.enter_context(
+                server(generator, b, args.max_new_tokens, wait, steps=steps)
             )
-            for b in (16, 1)
-        }
-        walls: dict[int, list[float]] = {16: [], 1: []}
-        lats: dict[int, list[float]] = {16: [], 1: []}
+        walls: dict[str, list[float]] = {n: [] for n in names}
+        lats: dict[str, list[float]] = {n: [] for n in names}
         for rnd in range(args.rounds):
-            for b in (16, 1):
-                rows0, batches0 = batch_rows(urls[b])
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]
+            for name in order:
+                rows0, batches0 = batch_rows(urls[name])
                 wall, lat, lens = asyncio.run(
-                    load(urls[b], args.requests, args.clients, args.top_k)
+                    load(urls[name], args.requests, args.clients, args.top_k)
                 )
-                rows1, batches1 = batch_rows(urls[b])
+                rows1, batches1 = batch_rows(urls[name])
                 mean_rows = (rows1 - rows0) / max(1.0, batches1 - batches0)
-                walls[b].append(wall)
-                lats[b].extend(lat)
+                walls[name].append(wall)
+                lats[name].extend(lat)
                 print(
-                    f"round {rnd} max_batch_size {b:2d}: {args.requests / wall:6.2f} req/s  "
+                    f"round {rnd} {name:6s}: {args.requests / wall:6.2f} req/s  "
                     f"p50 {pct(lat, 50):7.0f} ms  p99 {pct(lat, 99):7.0f} ms  "
-                    f"mean batch {mean_rows:4.1f} rows  "
-                    f"mean answer {statistics.mean(lens):.1f} chars",
+                    f"mean admitted together {mean_rows:4.1f} rows  "
+                    f"mean answer {statistics.mean(lens):.1f} tokens (max {max(lens)})",
                     flush=True,
                 )
-    rates = {b: [args.requests / w for w in walls[b]] for b in walls}
-    for b in (16, 1):
+    rates = {n: [args.requests / w for w in walls[n]] for n in names}
+    for name in names:
         print(
-            f"max_batch_size {b:2d}: median {statistics.median(rates[b]):6.2f} req/s  "
-            f"p50 {pct(lats[b], 50):7.0f} ms  p99 {pct(lats[b], 99):7.0f} ms"
+            f"{name:6s}: median {statistics.median(rates[name]):6.2f} req/s  "
+            f"p50 {pct(lats[name], 50):7.0f} ms  p99 {pct(lats[name], 99):7.0f} ms"
         )
-    per_round = [r16 / r1 for r16, r1 in zip(rates[16], rates[1], strict=True)]
-    print(f"per-round ratios: {', '.join(f'{r:.2f}' for r in per_round)}")
-    print(f"throughput ratio batched/unbatched: {statistics.median(per_round):.2f}x")
+
+    def ratio(a: str, b: str) -> str:
+        per_round = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+        rounds = ", ".join(f"{r:.2f}" for r in per_round)
+        return f"throughput ratio {a}/{b}: {statistics.median(per_round):.2f}x ({rounds})"
+
+    if "single" in names:
+        for name in names:
+            if name != "single":
+                print(ratio(name, "single"))
+    if "step" in names and "whole" in names:
+        print(ratio("step", "whole"))
 
 
 def ceiling(args: argparse.Namespace) -> None:
@@ -376,6 +400,7 @@ def cycle_memory(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64, help="requests per run")
+    ap.add_argument("--variants", default="step,whole,single", help="servers to compare")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=16)
