@@ -13,7 +13,7 @@ base (median of per-round ratios: the runs of one round share the machine's load
 fraction of generated tokens equal to PEFT's.
 
     .venv/bin/python -m bench.lora_throughput [--rounds 5] [--threads 1] [--prompt-len 64]
-        [--distinct 1 4 16 64]
+        [--distinct 1 4 16 64] [--rank 8]
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ NEW_TOKENS = 32
 TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 
 
-def build(n_adapters: int, seed: int = 0) -> tuple[T5ForConditionalGeneration, PeftModel]:
+def build(
+    n_adapters: int, seed: int = 0, rank: int = 8
+) -> tuple[T5ForConditionalGeneration, PeftModel]:
     """The plain model (the base figures) and a PeftModel of a copy of it with the adapters."""
     torch.manual_seed(seed)
     cfg = T5Config(
@@ -51,7 +53,7 @@ def build(n_adapters: int, seed: int = 0) -> tuple[T5ForConditionalGeneration, P
     )
     model = T5ForConditionalGeneration(cfg).eval()
     plain = copy.deepcopy(model)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
     peft_model = get_peft_model(model, lora, adapter_name="a0")
     for i in range(1, n_adapters):
         peft_model.add_adapter(f"a{i}", lora)
@@ -77,10 +79,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--distinct", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    plain, model = build(max(args.distinct))
+    plain, model = build(max(args.distinct), rank=args.rank)
     fast = BatchedLora(model)
     gen = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(2, 32000, (b, args.prompt_len), generator=gen) for b in (16, 64)}
@@ -134,7 +137,9 @@ def main() -> None:
             assert out.shape[1] == NEW_TOKENS + 1
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    print(f"threads={args.threads} rounds={args.rounds} prompt_len={args.prompt_len}")
+    print(
+        f"threads={args.threads} rounds={args.rounds} prompt_len={args.prompt_len} rank={args.rank}"
+    )
     for label, t in (("wall", wall), ("cpu", cpu)):
         print(f"-- tokens/s by {label} time (medians over rounds); ratios: median of per-round")
         print(
