@@ -1,0 +1,143 @@
+"""Step-level batching vs whole batches, in one process, on the real default generator.
+
+The workload is the server's with a full queue: --requests demo questions (concat mode, top_k
+passages retrieved from the demo index, up to --max-new-tokens answers, the default
+SmolLM2-135M-Instruct), served with room for --batch rows at a time:
+- whole: batches of --batch rows, each decoded to its longest answer (Generator.generate_decoded,
+  what the engine does with LORAG_STEP_BATCHING=false);
+- step: one StepBatch (app/generation/stepping.py); whenever rows finish, as many waiting rows
+  join at the next step (what the engine does by default);
+- closed: the StepBatch on whole's schedule (the next rows join only when the batch is empty),
+  so that step/closed is what refilling gives and closed/whole what the decoding loop itself
+  and rows leaving early give.
+The variants rotate for --rounds rounds (A B C, B C A, ...); tokens/s and the ratios to whole
+are medians of the rounds. Every answer of `step` is checked to equal `whole`'s (greedy decoding;
+exactness itself is tested in tests/test_stepping.py). Also printed: decoding steps run, and the
+mean rows per step.
+
+    .venv/bin/python -m bench.step_batching [--requests 48] [--batch 16] [--rounds 2]
+        [--variants whole,step,closed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import deque
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.bootstrap import load_components
+from app.generation.backends import Decoded, Generator
+from app.generation.stepping import StepBatch
+from app.generation.types import GenRow
+from app.settings import Settings
+
+
+def questions() -> list[str]:
+    demo = json.loads(Path("index/sources/demo_questions.json").read_text())["questions"]
+    out = [q["question"] for q in demo]
+    with Path("index/sources/demo.jsonl").open(encoding="utf-8") as source:
+        out += [f"What is {json.loads(line)['title']}?" for line in source]
+    return out
+
+
+def whole(gen: Generator, rows: list[GenRow], batch: int) -> tuple[list[Decoded], int, int]:
+    """Answers, decoding steps and row-steps, batch by batch."""
+    answers: list[Decoded] = []
+    steps = row_steps = 0
+    for i in range(0, len(rows), batch):
+        done = gen.generate_decoded(rows[i : i + batch])
+        longest = max(d.tokens for d in done)
+        steps += longest
+        row_steps += longest * len(done)
+        answers += done
+    return answers, steps, row_steps
+
+
+def stepped(
+    gen: Generator, rows: list[GenRow], batch: int, *, refill: bool = True
+) -> tuple[list[Decoded], int, int]:
+    """Answers, decoding steps (prefill counted as one) and row-steps, refilling as rows end
+    (or, without refill, only once the batch is empty: whole's schedule, finished rows leaving)."""
+    stepper = StepBatch(gen)
+    waiting = deque(range(len(rows)))
+    answers: dict[object, Decoded] = {}
+    steps = row_steps = 0
+    while waiting or len(stepper):
+        room = batch - len(stepper) if refill or not len(stepper) else 0
+        joining = [waiting.popleft() for _ in range(min(len(waiting), room))]
+        if joining:
+            answers.update(stepper.join([rows[i] for i in joining], joining))
+            steps += 1
+            row_steps += len(joining)
+        if len(stepper):
+            row_steps += len(stepper)
+            steps += 1
+            answers.update(stepper.step())
+    return [answers[i] for i in range(len(rows))], steps, row_steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--variants", default="whole,step,closed")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = load_components(Settings())
+    gen = parts.generator
+    qs = questions()[: args.requests]
+    hits = parts.retriever.retrieve(qs, args.top_k)
+    rows = [
+        GenRow(q, [h.passage for h in hs], None, args.max_new_tokens)
+        for q, hs in zip(qs, hits, strict=True)
+    ]
+    variants: dict[str, Any] = {
+        "whole": whole,
+        "step": stepped,
+        "closed": partial(stepped, refill=False),
+    }
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    reference: list[Decoded] | None = None
+    mismatches = 0
+    for rnd in range(args.rounds):
+        names = list(variants)
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for name in order:
+            t = time.perf_counter()
+            answers, steps, row_steps = variants[name](gen, rows, args.batch)
+            seconds = time.perf_counter() - t
+            tokens = sum(d.tokens for d in answers)
+            rates[name].append(tokens / seconds)
+            if reference is None:
+                reference = answers
+            else:
+                mismatches += sum(a != b for a, b in zip(answers, reference, strict=True))
+            print(
+                f"round {rnd} {name:6s}: {seconds:6.1f} s  {tokens / seconds:6.1f} tok/s  "
+                f"{tokens} tokens  {steps} steps  {row_steps / max(1, steps):4.1f} rows/step",
+                flush=True,
+            )
+    for name in variants:
+        print(f"{name:6s}: median {statistics.median(rates[name]):6.1f} tok/s")
+    print(f"answers differing between the variants: {mismatches}")
+    for name in [n for n in ("closed", "step") if n in variants and "whole" in variants]:
+        per_round = [s / w for s, w in zip(rates[name], rates["whole"], strict=True)]
+        rounds = ", ".join(f"{r:.2f}" for r in per_round)
+        print(f"throughput ratio {name}/whole: {statistics.median(per_round):.2f}x ({rounds})")
+
+
+if __name__ == "__main__":
+    main()
