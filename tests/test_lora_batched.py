@@ -27,7 +27,7 @@ from peft import PeftModel
 
 from app.errors import AdapterNotFound
 from app.lora import batched
-from app.lora.batched import BASE, BatchedLora
+from app.lora.batched import BASE, BatchedLora, RowPlan
 from tests.tiny import load_tiny, save_lora_adapter, tiny_bart, tiny_llama, tiny_t5
 
 ATOL = 1e-5  # float64
@@ -95,7 +95,7 @@ def peft_logits(model: PeftModel, kw: dict[str, Any], names: list[str]) -> torch
 
 
 def batched_logits(
-    lora: BatchedLora, kw: dict[str, Any], names: list[str | None] | list[str]
+    lora: BatchedLora, kw: dict[str, Any], names: list[str | None] | list[str] | RowPlan
 ) -> torch.Tensor:
     with torch.inference_mode(), lora.rows(names):
         logits: torch.Tensor = lora.model(**kw).logits
@@ -194,6 +194,26 @@ def test_beam_search_rows_follow_their_adapter(saved) -> None:
             got = model.generate(**kw)
     assert got.shape[0] == 6
     assert torch.equal(got, ref)
+
+
+def test_plans_reused_across_calls_keep_their_rows(saved) -> None:
+    """A plan is reused for many model calls (a decoding loop) while other plans come and go;
+    each keeps its own rows' gathered weights."""
+    model = load(saved)
+    lora = BatchedLora(model)
+    kw = inputs(model, len(MIXED), seed=12)
+    other = ["c", "b", "a", BASE, "c", "a"]
+    ref, ref_other = peft_logits(model, kw, MIXED), peft_logits(model, kw, other)
+    first = lora.plan(MIXED)
+    for _ in range(2):
+        torch.testing.assert_close(batched_logits(lora, kw, first), ref, atol=ATOL, rtol=ATOL)
+    gone = lora.plan(other)
+    batched_logits(lora, kw, gone)
+    del gone
+    second = lora.plan(other)
+    torch.testing.assert_close(batched_logits(lora, kw, second), ref_other, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(batched_logits(lora, kw, first), ref, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(batched_logits(lora, kw, second), ref_other, atol=ATOL, rtol=ATOL)
 
 
 def test_delete_and_install_then_refresh(saved) -> None:
