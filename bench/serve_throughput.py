@@ -6,7 +6,10 @@ Part 1: real uvicorn processes (`lorag serve`), one per variant, all up at once:
 `single` (max_batch_size 1); --variants picks some. 16 concurrent clients send a fixed number
 of /ask requests to one server, then to the next, in rotating order for --rounds rounds
 (interleaved, so machine load drifts hit all). Prints throughput and p50/p99 latency per run and
-overall, then each variant's throughput ratio to `single` and, last, step/whole.
+overall, then each variant's throughput ratio to `single` and, last, step/whole. With --rate,
+the requests come open loop instead (Poisson arrivals at that rate, the same arrival times for
+every variant in a round), which is where latency percentiles compare fairly: closed-loop
+clients of whole batches start and end together.
 The generator is a T5-small-shaped model with random weights (d_model 512, 6+6 layers,
 d_ff 2048, 8 heads; ByT5's byte vocabulary, so 259 tokens instead of 32k) unless
 --generator names another (`default` = the packaged SmolLM2-135M, slow on 2 shared cores).
@@ -29,6 +32,7 @@ Part 3 (--cycles N): N load/unload cycles of one adapter through the registry on
 suite runs 200 cycles; this is the 1,000-cycle version).
 
     .venv/bin/python -m bench.serve_throughput [--requests 64] [--rounds 2] [--variants ...]
+    .venv/bin/python -m bench.serve_throughput --rate 0.6 --variants step,whole ...
     .venv/bin/python -m bench.serve_throughput --load-latency [--loads 5]
     .venv/bin/python -m bench.serve_throughput --cycles 1000
     .venv/bin/python -m bench.serve_throughput --ceiling [--clients 12] [--max-new-tokens 32]
@@ -161,6 +165,37 @@ async def load(
     return wall, latencies, lengths
 
 
+async def open_loop(
+    url: str, requests: int, rate: float, top_k: int, seed: int
+) -> tuple[float, list[float], list[int]]:
+    """Requests sent at Poisson arrivals of `rate` per second whatever the answers (open loop,
+    as independent users send them); wall seconds until the last answer, latencies ms, tokens."""
+    import random
+
+    gaps = random.Random(seed)
+    latencies: list[float] = []
+    lengths: list[int] = []
+
+    async def one(ac: httpx.AsyncClient, i: int) -> None:
+        body = {"question": QUESTIONS[i % len(QUESTIONS)], "top_k": top_k}
+        t = time.perf_counter()
+        r = await ac.post(f"{url}/ask", json=body)
+        r.raise_for_status()
+        latencies.append((time.perf_counter() - t) * 1000)
+        lengths.append(int(r.json()["generated_tokens"]))
+
+    async with httpx.AsyncClient(timeout=1200, limits=httpx.Limits(max_connections=None)) as ac:
+        await ac.post(f"{url}/ask", json={"question": QUESTIONS[0], "top_k": top_k})  # warm
+        started = time.perf_counter()
+        tasks = []
+        for i in range(requests):
+            tasks.append(asyncio.create_task(one(ac, i)))
+            await asyncio.sleep(gaps.expovariate(rate))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - started
+    return wall, latencies, lengths
+
+
 def batch_rows(url: str) -> tuple[float, float]:
     """(rows, batches) the server has generated so far, from its /metrics."""
     values = {}
@@ -197,9 +232,11 @@ def throughput(args: argparse.Namespace) -> None:
             order = names[rnd % len(names) :] + names[: rnd % len(names)]
             for name in order:
                 rows0, batches0 = batch_rows(urls[name])
-                wall, lat, lens = asyncio.run(
-                    load(urls[name], args.requests, args.clients, args.top_k)
-                )
+                if args.rate:  # the same arrival times for every variant in a round
+                    run = open_loop(urls[name], args.requests, args.rate, args.top_k, seed=rnd)
+                else:
+                    run = load(urls[name], args.requests, args.clients, args.top_k)
+                wall, lat, lens = asyncio.run(run)
                 rows1, batches1 = batch_rows(urls[name])
                 mean_rows = (rows1 - rows0) / max(1.0, batches1 - batches0)
                 walls[name].append(wall)
@@ -401,6 +438,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64, help="requests per run")
     ap.add_argument("--variants", default="step,whole,single", help="servers to compare")
+    ap.add_argument(
+        "--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second"
+    )
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=16)

@@ -17,6 +17,7 @@ mean rows per step.
 
     .venv/bin/python -m bench.step_batching [--requests 48] [--batch 16] [--rounds 2]
         [--variants whole,step,closed]
+    .venv/bin/python -m bench.step_batching --split [--rounds 3]
 """
 
 from __future__ import annotations
@@ -83,6 +84,36 @@ def stepped(
     return [answers[i] for i in range(len(rows))], steps, row_steps
 
 
+def split(gen: Generator, rows: list[GenRow], batch: int, rounds: int, tokens: float) -> None:
+    """Where a request's time goes, alone and in a full batch: prefill per row, and a decoding
+    step for 1 row and for `batch` rows (medians over rounds); then the throughput that perfect
+    batching could reach over serving one request at a time, for this workload's mean answer."""
+    prefill: list[float] = []
+    step1: list[float] = []
+    step_n: list[float] = []
+    for r in range(rounds):
+        for size, times in ((1, step1), (batch, step_n)):
+            stepper = StepBatch(gen)
+            chunk = [rows[(r * batch + i) % len(rows)] for i in range(size)]
+            fixed = [GenRow(x.question, x.passages, None, 10_000) for x in chunk]
+            t = time.perf_counter()
+            stepper.join(fixed, list(range(size)))
+            if size == 1:
+                prefill.append(time.perf_counter() - t)
+            for _ in range(4):
+                t = time.perf_counter()
+                stepper.step()
+                times.append(time.perf_counter() - t)
+            stepper.clear()
+    p, d1, dn = statistics.median(prefill), statistics.median(step1), statistics.median(step_n)
+    print(f"prefill of one row: {p * 1000:.0f} ms; a decoding step: {d1 * 1000:.0f} ms for 1 row,")
+    print(f"{dn * 1000:.0f} ms for {batch} rows ({dn / batch * 1000:.1f} ms per row)")
+    alone = p + tokens * d1
+    batched = p + tokens * dn / batch
+    print(f"per request with ~{tokens:.0f} tokens: {alone:.2f} s alone, {batched:.2f} s batched")
+    print(f"batching ceiling for this workload (prefill cannot be shared): {alone / batched:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=48)
@@ -91,6 +122,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--variants", default="whole,step,closed")
+    ap.add_argument("--split", action="store_true", help="only the prefill/decode split")
+    ap.add_argument(
+        "--answer-tokens",
+        type=float,
+        default=42.2,
+        help="mean answer length for --split (the workload's: 2,027 tokens over 48 answers)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     args = ap.parse_args()
     if args.threads:
@@ -103,6 +141,9 @@ def main() -> None:
         GenRow(q, [h.passage for h in hs], None, args.max_new_tokens)
         for q, hs in zip(qs, hits, strict=True)
     ]
+    if args.split:
+        split(gen, rows, args.batch, args.rounds, args.answer_tokens)
+        return
     variants: dict[str, Any] = {
         "whole": whole,
         "step": stepped,
