@@ -212,3 +212,21 @@ def test_decode_state_shrinks_as_rows_leave(world: World) -> None:
     if state.enc_mask is not None:
         assert bool(state.enc_mask[:, -1].all())
     torch.testing.assert_close(state.mask.sum(), torch.tensor(state.mask.numel()))
+
+
+def test_decoding_steps_append_to_the_cache_in_place(world: World) -> None:
+    """A step writes its keys and values into spare columns: no copy of the whole cache (the
+    buffers stay the same) until the spare columns run out."""
+    gen = world.gen
+    batch = StepBatch(gen)
+    batch.join([GenRow("Where is Alpha?", [P1, P2], None, 40)], ["r"])
+    state = batch._state
+    assert state is not None
+    layer = state.self_layers()[0]
+    buffer = layer._k.data_ptr()  # type: ignore[attr-defined]
+    width = state.mask.shape[1]
+    for _ in range(5):
+        batch.step()
+    assert batch._state is state and state.self_layers()[0] is layer
+    assert layer._k.data_ptr() == buffer  # type: ignore[attr-defined]
+    assert layer.keys is not None and layer.keys.shape[-2] == width + 5
