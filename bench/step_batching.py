@@ -9,7 +9,9 @@ SmolLM2-135M-Instruct), served with room for --batch rows at a time:
   join at the next step (what the engine does by default);
 - closed: the StepBatch on whole's schedule (the next rows join only when the batch is empty),
   so that step/closed is what refilling gives and closed/whole what the decoding loop itself
-  and rows leaving early give.
+  and rows leaving early give;
+- step_cat: step with transformers' DynamicLayer caches, which concatenate the whole cache at
+  every step, instead of StepBatch's in-place appends.
 The variants rotate for --rounds rounds (A B C, B C A, ...); tokens/s and the ratios to whole
 are medians of the rounds. Every answer of `step` is checked to equal `whole`'s (greedy decoding;
 exactness itself is tested in tests/test_stepping.py). Also printed: decoding steps run, and the
@@ -62,11 +64,11 @@ def whole(gen: Generator, rows: list[GenRow], batch: int) -> tuple[list[Decoded]
 
 
 def stepped(
-    gen: Generator, rows: list[GenRow], batch: int, *, refill: bool = True
+    gen: Generator, rows: list[GenRow], batch: int, *, refill: bool = True, in_place: bool = True
 ) -> tuple[list[Decoded], int, int]:
     """Answers, decoding steps (prefill counted as one) and row-steps, refilling as rows end
     (or, without refill, only once the batch is empty: whole's schedule, finished rows leaving)."""
-    stepper = StepBatch(gen)
+    stepper = StepBatch(gen, in_place_cache=in_place)
     waiting = deque(range(len(rows)))
     answers: dict[object, Decoded] = {}
     steps = row_steps = 0
@@ -148,6 +150,7 @@ def main() -> None:
         "whole": whole,
         "step": stepped,
         "closed": partial(stepped, refill=False),
+        "step_cat": partial(stepped, in_place=False),
     }
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     rates: dict[str, list[float]] = {v: [] for v in variants}
@@ -174,10 +177,11 @@ def main() -> None:
     for name in variants:
         print(f"{name:6s}: median {statistics.median(rates[name]):6.1f} tok/s")
     print(f"answers differing between the variants: {mismatches}")
-    for name in [n for n in ("closed", "step") if n in variants and "whole" in variants]:
-        per_round = [s / w for s, w in zip(rates[name], rates["whole"], strict=True)]
+    pairs = [("closed", "whole"), ("step", "whole"), ("step", "step_cat")]
+    for a, b in [(a, b) for a, b in pairs if a in variants and b in variants]:
+        per_round = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
         rounds = ", ".join(f"{r:.2f}" for r in per_round)
-        print(f"throughput ratio {name}/whole: {statistics.median(per_round):.2f}x ({rounds})")
+        print(f"throughput ratio {a}/{b}: {statistics.median(per_round):.2f}x ({rounds})")
 
 
 if __name__ == "__main__":

@@ -230,3 +230,11 @@ def test_decoding_steps_append_to_the_cache_in_place(world: World) -> None:
     assert batch._state is state and state.self_layers()[0] is layer
     assert layer._k.data_ptr() == buffer  # type: ignore[attr-defined]
     assert layer.keys is not None and layer.keys.shape[-2] == width + 5
+
+
+def test_transformers_concatenating_caches_give_the_same_answers(world: World) -> None:
+    """The benchmark's comparison variant (in_place_cache=False) decodes the same tokens."""
+    gen = world.gen
+    rows = workload(world.names)
+    done = run(StepBatch(gen, in_place_cache=False), rows, join_at=[0, 1, 1, 2, 5, 5])
+    assert [done[i] for i in range(len(rows))] == alone(gen, rows)

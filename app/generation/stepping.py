@@ -18,7 +18,9 @@ be exact, per row, as if the row were decoded alone:
 - BART (learned absolute positions, counted from the cache length for the whole batch): the
   decoder's position embedding is shifted per row for the step (`_bart_positions`).
 The encoder side of a seq2seq row (its encoder states, cross-attention keys and values, mask)
-is padded on the right, as generate() pads a batch's prompts.
+is padded on the right, as generate() pads a batch's prompts. Between joins and leaves, a step
+appends its keys and values in place, into spare columns of the self-attention cache
+(`_GrowingLayer`), instead of transformers' concatenation of the whole cache at every step.
 
 Greedy decoding is exact here: tokens equal `generate_decoded` on the row alone
 (tests/test_stepping.py, every backend, rows joining at different steps, mixed adapters).
@@ -242,11 +244,12 @@ class StepBatch:
     may swap it (merged, unmerged) between two steps.
     """
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, generator: Generator, *, in_place_cache: bool = True) -> None:
         why = step_support(generator)
         if why is not None:
             raise ValueError(f"step-level decoding is not supported: {why}")
         self.g = generator
+        self._in_place = in_place_cache  # False: transformers' concatenating layers (benchmarks)
         self._rows: list[_Row] = []
         self._state: _State | None = None
         self._plan: tuple[tuple[str | None, ...], Any, RowPlan] | None = None
@@ -310,7 +313,8 @@ class StepBatch:
             else:
                 state, logits = self._prefill_causal(enc, extra)
         _check_cache(state)  # refuse caches we cannot pad, before merging
-        _grow_in_place(state)
+        if self._in_place:
+            _grow_in_place(state)
         finished = self._advance(joined, state, logits)
         alive = [i for i, r in enumerate(joined) if r.key not in {k for k, _ in finished}]
         if alive:
