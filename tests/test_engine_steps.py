@@ -161,3 +161,29 @@ def test_step_batching_off_decodes_whole_batches(client_factory) -> None:
     assert client.post("/ask", json=body(1, tokens=4)).status_code == 200
     assert engine.stats.steps == 0
     assert "lorag_running_rows 0.0" in client.get("/metrics").text
+
+
+def test_a_full_batch_makes_rows_wait_for_a_slot_and_they_join_as_rows_leave(
+    client_factory,
+) -> None:
+    client = client_factory("t5", max_batch_size=2, batch_wait_ms=1, expect_wait_ms=0)
+    engine = slow_steps(client)
+    bodies = [body(i, tokens=4 + 3 * i) for i in range(6)]
+    alone = [client.post("/ask", json=b).json()["answer"] for b in bodies]
+    joined_before = engine.stats.joined_running
+    most = 0
+
+    async def run() -> list[Any]:
+        nonlocal most
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as ac:
+            tasks = [asyncio.create_task(ac.post("/ask", json=b)) for b in bodies]
+            while not all(t.done() for t in tasks):
+                most = max(most, engine.running)
+                await asyncio.sleep(0.005)
+            return [t.result() for t in tasks]
+
+    resps = client.portal.call(run)
+    assert [r.json()["answer"] for r in resps] == alone
+    assert most == 2  # never more rows than max_batch_size, and the slots were used
+    assert engine.stats.joined_running - joined_before >= 3  # waiting rows took freed slots
