@@ -20,6 +20,12 @@ mean rows per step.
     .venv/bin/python -m bench.step_batching [--requests 48] [--batch 16] [--rounds 2]
         [--variants whole,step,closed]
     .venv/bin/python -m bench.step_batching --split [--rounds 3]
+    .venv/bin/python -m bench.step_batching --adapters [--rounds 3]
+
+--adapters: the shipped adapters (adapters/concise, adapters/cited: rank 8 on q, k, v, o) on
+the step schedule, tokens/s with every row on one adapter and with rows alternating two, as a
+ratio to the base. End tokens are ignored there, so that every row decodes exactly
+--max-new-tokens tokens in every variant (the adapters change the answers, and their lengths).
 """
 
 from __future__ import annotations
@@ -116,6 +122,46 @@ def split(gen: Generator, rows: list[GenRow], batch: int, rounds: int, tokens: f
     print(f"batching ceiling for this workload (prefill cannot be shared): {alone / batched:.2f}x")
 
 
+def adapter_ratios(parts: Any, rows: list[GenRow], batch: int, rounds: int) -> None:
+    """Per-row LoRA through the engine's path: the step schedule with every row on the base,
+    every row on the shipped `concise` adapter, and rows alternating `concise` and `cited`
+    (stacked per-row LoRA, app/lora/batched.py); tokens/s as a ratio to the base, per round."""
+    registry = parts.registry
+    names = {}
+    for name in ("concise", "cited"):
+        if name not in registry:
+            registry.install(name, registry.prepare(name))
+        names[name] = registry.peft_name(name)
+    gen = parts.generator
+    gen.eos_ids = set()  # every row decodes exactly max_new_tokens: the same work per variant
+
+    def on(adapters: list[str | None]) -> list[GenRow]:
+        return [
+            GenRow(r.question, r.passages, adapters[i % len(adapters)], r.max_new_tokens)
+            for i, r in enumerate(rows)
+        ]
+
+    variants = {
+        "base": on([None]),
+        "one": on([names["concise"]]),
+        "two": on([names["concise"], names["cited"]]),
+    }
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for rnd in range(rounds):
+        order = list(variants)[rnd % 3 :] + list(variants)[: rnd % 3]
+        for name in order:
+            t = time.perf_counter()
+            answers, steps, _ = stepped(gen, variants[name], batch)
+            seconds = time.perf_counter() - t
+            tokens = sum(d.tokens for d in answers)
+            rates[name].append(tokens / seconds)
+            print(f"round {rnd} {name:4s}: {seconds:6.1f} s  {tokens} tokens  {steps} steps")
+    for name in ("one", "two"):
+        per_round = [x / b for x, b in zip(rates[name], rates["base"], strict=True)]
+        rounds_txt = ", ".join(f"{r:.3f}" for r in per_round)
+        print(f"tokens/s {name}/base: {statistics.median(per_round):.3f} ({rounds_txt})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=48)
@@ -125,6 +171,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--variants", default="whole,step,closed")
     ap.add_argument("--split", action="store_true", help="only the prefill/decode split")
+    ap.add_argument("--adapters", action="store_true", help="only per-row LoRA vs the base")
     ap.add_argument(
         "--answer-tokens",
         type=float,
@@ -145,6 +192,9 @@ def main() -> None:
     ]
     if args.split:
         split(gen, rows, args.batch, args.rounds, args.answer_tokens)
+        return
+    if args.adapters:
+        adapter_ratios(parts, rows, args.batch, args.rounds)
         return
     variants: dict[str, Any] = {
         "whole": whole,
