@@ -16,16 +16,15 @@ corpus's articles in order.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from app.bootstrap import load_components
 from app.generation.types import GenRow
 from app.settings import Settings
+from bench.step_batching import questions as demo_questions
 
 
 def main() -> None:
@@ -38,10 +37,7 @@ def main() -> None:
     torch.set_num_threads(1)
     settings = Settings()
     parts = load_components(settings)
-    demo = json.loads(Path("index/sources/demo_questions.json").read_text())["questions"]
-    questions = [q["question"] for q in demo]
-    with Path("index/sources/demo.jsonl").open(encoding="utf-8") as source:
-        questions += [f"What is {json.loads(line)['title']}?" for line in source]
+    questions = demo_questions()
     used, run = 0, 0
     lengths: list[int] = []
     for b in range(args.batches):

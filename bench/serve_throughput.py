@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -138,23 +139,34 @@ def server(
         proc.wait(timeout=60)
 
 
+class _Asks:
+    """Latencies (ms) and answer tokens (end token included) of the /ask calls made."""
+
+    def __init__(self, url: str, top_k: int) -> None:
+        self.url, self.top_k = url, top_k
+        self.latencies: list[float] = []
+        self.lengths: list[int] = []
+
+    async def ask(self, ac: httpx.AsyncClient, i: int) -> None:
+        body = {"question": QUESTIONS[i % len(QUESTIONS)], "top_k": self.top_k}
+        t = time.perf_counter()
+        r = await ac.post(f"{self.url}/ask", json=body)
+        r.raise_for_status()
+        self.latencies.append((time.perf_counter() - t) * 1000)
+        self.lengths.append(int(r.json()["generated_tokens"]))
+
+
 async def load(
     url: str, requests: int, clients: int, top_k: int
 ) -> tuple[float, list[float], list[int]]:
     """Wall seconds for `requests` /ask calls from `clients` concurrent clients, latencies ms,
     and the tokens each answer took (end token included)."""
-    latencies: list[float] = []
-    lengths: list[int] = []
+    asks = _Asks(url, top_k)
     counter = iter(range(requests))
 
     async def client(ac: httpx.AsyncClient) -> None:
         for i in counter:
-            body = {"question": QUESTIONS[i % len(QUESTIONS)], "top_k": top_k}
-            t = time.perf_counter()
-            r = await ac.post(f"{url}/ask", json=body)
-            r.raise_for_status()
-            latencies.append((time.perf_counter() - t) * 1000)
-            lengths.append(int(r.json()["generated_tokens"]))
+            await asks.ask(ac, i)
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as ac:
@@ -162,7 +174,7 @@ async def load(
         started = time.perf_counter()
         await asyncio.gather(*(client(ac) for _ in range(clients)))
         wall = time.perf_counter() - started
-    return wall, latencies, lengths
+    return wall, asks.latencies, asks.lengths
 
 
 async def open_loop(
@@ -170,30 +182,19 @@ async def open_loop(
 ) -> tuple[float, list[float], list[int]]:
     """Requests sent at Poisson arrivals of `rate` per second whatever the answers (open loop,
     as independent users send them); wall seconds until the last answer, latencies ms, tokens."""
-    import random
-
     gaps = random.Random(seed)
-    latencies: list[float] = []
-    lengths: list[int] = []
-
-    async def one(ac: httpx.AsyncClient, i: int) -> None:
-        body = {"question": QUESTIONS[i % len(QUESTIONS)], "top_k": top_k}
-        t = time.perf_counter()
-        r = await ac.post(f"{url}/ask", json=body)
-        r.raise_for_status()
-        latencies.append((time.perf_counter() - t) * 1000)
-        lengths.append(int(r.json()["generated_tokens"]))
+    asks = _Asks(url, top_k)
 
     async with httpx.AsyncClient(timeout=1200, limits=httpx.Limits(max_connections=None)) as ac:
         await ac.post(f"{url}/ask", json={"question": QUESTIONS[0], "top_k": top_k})  # warm
         started = time.perf_counter()
         tasks = []
         for i in range(requests):
-            tasks.append(asyncio.create_task(one(ac, i)))
+            tasks.append(asyncio.create_task(asks.ask(ac, i)))
             await asyncio.sleep(gaps.expovariate(rate))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - started
-    return wall, latencies, lengths
+    return wall, asks.latencies, asks.lengths
 
 
 def batch_rows(url: str) -> tuple[float, float]:
