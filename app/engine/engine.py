@@ -138,7 +138,6 @@ class EngineStats:
     last_batch_size: int = 0
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1024))
     steps: int = 0  # decoding steps of the step batch
-    step_rows: int = 0  # rows decoded over those steps (step_rows / steps: mean occupancy)
     joined_running: int = 0  # rows that joined a batch already decoding
 
 
@@ -503,7 +502,7 @@ class Engine:
                 self._settle(loop, item, exc)
             return
         self._finish(loop, finished, running)
-        loop.call_soon_threadsafe(self._count_step, rows)
+        loop.call_soon_threadsafe(self._count_step)
 
     def _finish(
         self,
@@ -552,9 +551,8 @@ class Engine:
         if self._on_batch is not None:
             self._on_batch(rows, seconds)
 
-    def _count_step(self, rows: int) -> None:
+    def _count_step(self) -> None:
         self.stats.steps += 1
-        self.stats.step_rows += rows
 
     def _resolve(self, req: EngineRequest) -> tuple[GenRow, str | None]:
         """The row to generate for req, under the PEFT name of its leased version (now: the
