@@ -84,13 +84,14 @@ def create_app(
     return app
 
 
-def _step_batch(generator: Generator) -> StepBatch | None:
+def _step_batch(generator: Generator, settings: Settings) -> StepBatch | None:
     """The step batch for generator, or None (whole batches) where it cannot step exactly."""
     why = step_support(generator)
     if why is not None:
         log.warning("step-level batching off for %s: %s", generator.model_id, why)
         return None
-    return StepBatch(generator)
+    # RAG-Token steps greedy only; with beams it runs whole, in RagDecoder
+    return StepBatch(generator, rag_token=settings.num_beams == 1, min_prior=settings.min_prior)
 
 
 async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> None:
@@ -115,7 +116,7 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
         batch_wait_ms=settings.batch_wait_ms,
         expect_wait_ms=settings.expect_wait_ms,
         on_batch=state.metrics.observe_batch,
-        stepper=_step_batch(components.generator) if settings.step_batching else None,
+        stepper=_step_batch(components.generator, settings) if settings.step_batching else None,
     )
     engine.start()
     state.components = components

@@ -50,7 +50,9 @@ class Metrics:
         )
         self.queue_depth = Gauge("lorag_queue_depth", "Items waiting for the model", registry=r)
         self.running_rows = Gauge(
-            "lorag_running_rows", "Rows in the step batch (decoding now)", registry=r
+            "lorag_running_rows",
+            "Rows in the step batch, decoding now (RAG-Token: one per passage)",
+            registry=r,
         )
         self.adapter_ops = Counter(
             "lorag_adapter_operations", "Adapter loads and unloads", ["op", "outcome"], registry=r

@@ -81,14 +81,16 @@ def stepped(
     while waiting or len(stepper):
         room = batch - len(stepper) if refill or not len(stepper) else 0
         joining = [waiting.popleft() for _ in range(min(len(waiting), room))]
+        done = []
         if joining:
-            answers.update(stepper.join([rows[i] for i in joining], joining))
+            done += stepper.join([rows[i] for i in joining], joining)
             steps += 1
             row_steps += len(joining)
         if len(stepper):
             row_steps += len(stepper)
             steps += 1
-            answers.update(stepper.step())
+            done += stepper.step()
+        answers.update((key, Decoded(a.text, a.tokens)) for key, a in done)
     return [answers[i] for i in range(len(rows))], steps, row_steps
 
 

@@ -68,23 +68,27 @@ def test_rows_join_a_running_batch_leave_when_done_and_answer_as_alone(
     long = body(0, tokens=60)
     short = [body(i, tokens=3, adapter="task" if i % 2 else None) for i in range(1, 6)]
     token_mode = body(9, tokens=4, adapter="task", mode="token")
-    alone = [client.post("/ask", json=b).json() for b in [long, *short, token_mode]]
+    sequence_mode = body(10, tokens=4, mode="sequence")
+    alone = [client.post("/ask", json=b).json() for b in [long, *short, token_mode, sequence_mode]]
     steps_before, joined_before = engine.stats.steps, engine.stats.joined_running
 
     sends = [(0.0, long)] + [(0.15 + 0.05 * i, b) for i, b in enumerate(short)]
-    sends.append((0.3, token_mode))
+    sends += [(0.3, token_mode), (0.35, sequence_mode)]
     done = client.portal.call(post_all, client, sends)
 
     assert [r.status_code for _, r in done] == [200] * len(sends)
     for (_, got), want in zip(done, alone, strict=True):
         assert got.json()["answer"] == want["answer"]
         assert got.json()["generated_tokens"] == want["generated_tokens"]
+        weights = [p["weight"] for p in got.json()["passages"]]
+        assert weights == pytest.approx([p["weight"] for p in want["passages"]], abs=1e-6)
     assert len({a["answer"] for a in alone}) > 2  # the rows really differ
-    # the short rows joined the long one while it decoded, and were answered before it ended
-    assert engine.stats.joined_running - joined_before >= 3
+    # the short rows and the token-mode request (a row per passage) joined the long row while
+    # it decoded, and were answered before it ended
+    assert engine.stats.joined_running - joined_before == 6
     long_done = done[0][0]
-    assert all(t < long_done for t, _ in done[1:6])
-    # the token-mode row ran whole at a step boundary, without stopping the long row
+    assert all(t < long_done for t, _ in done[1:7])
+    # the sequence-mode row ran whole at a step boundary, without stopping the long row
     assert done[-1][0] < long_done
     # the long row's 60 tokens took about 60 steps, not 60 plus a batch per joiner
     assert engine.stats.steps - steps_before < 60 + 10
@@ -169,21 +173,27 @@ def test_a_full_batch_makes_rows_wait_for_a_slot_and_they_join_as_rows_leave(
     client = client_factory("t5", max_batch_size=2, batch_wait_ms=1, expect_wait_ms=0)
     engine = slow_steps(client)
     bodies = [body(i, tokens=4 + 3 * i) for i in range(6)]
+    # a RAG-Token request reads its 2 passages in 2 rows: it takes the whole batch
+    bodies.insert(3, body(3, tokens=5, mode="token"))
     alone = [client.post("/ask", json=b).json()["answer"] for b in bodies]
     joined_before = engine.stats.joined_running
     most = 0
+    alone_with_token = False
 
     async def run() -> list[Any]:
-        nonlocal most
+        nonlocal most, alone_with_token
         transport = httpx.ASGITransport(app=client.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as ac:
             tasks = [asyncio.create_task(ac.post("/ask", json=b)) for b in bodies]
             while not all(t.done() for t in tasks):
-                most = max(most, engine.running)
-                await asyncio.sleep(0.005)
+                most = max(most, engine.running_rows)
+                rows = engine._stepper._rows  # type: ignore[union-attr]
+                alone_with_token |= len(rows) == 1 and rows[0].rag is not None
+                await asyncio.sleep(0.002)
             return [t.result() for t in tasks]
 
     resps = client.portal.call(run)
     assert [r.json()["answer"] for r in resps] == alone
     assert most == 2  # never more rows than max_batch_size, and the slots were used
+    assert alone_with_token  # the token request's 2 rows filled the batch
     assert engine.stats.joined_running - joined_before >= 3  # waiting rows took freed slots

@@ -1,9 +1,11 @@
 """Step-level decoding (app/generation/stepping.py) on tiny T5, BART, llama and GPT-2 models.
 
 The reference for every row is the same row generated alone with `generate_decoded` (whose
-greedy decode is checked against transformers' generate in test_generation.py): rows that
-join a running batch at different steps, leave it as they finish, and run under different
-adapters (stacked per-row LoRA and PEFT's adapter_names) must give exactly those tokens.
+greedy decode is checked against transformers' generate in test_generation.py), and for a
+RAG-Token request the request alone through `RagDecoder` (checked against transformers'
+RagTokenForGeneration in test_rag_seq2seq.py): rows that join a running batch at different
+steps, leave it as they finish, and run under different adapters (stacked per-row LoRA and
+PEFT's adapter_names) must give exactly those tokens, and the same passage weights.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.generation.backends import Decoded, Generator, sync_batched_lora
+from app.generation.backends import Generator, sync_batched_lora
+from app.generation.decoding import Answer, RagDecoder
 from app.generation.loading import load_generator
 from app.generation.stepping import StepBatch, step_support
 from app.generation.types import GenRow
@@ -67,13 +70,17 @@ def workload(names: list[str]) -> list[GenRow]:
     ]
 
 
-def alone(gen: Generator, rows: list[GenRow]) -> list[Decoded]:
-    return [gen.generate_decoded([r])[0] for r in rows]
+def alone(gen: Generator, rows: list[GenRow]) -> list[Answer]:
+    out = []
+    for r in rows:
+        d = gen.generate_decoded([r])[0]
+        out.append(Answer(d.text, None, d.tokens))
+    return out
 
 
-def run(batch: StepBatch, rows: list[GenRow], join_at: list[int]) -> dict[Hashable, Decoded]:
+def run(batch: StepBatch, rows: list[GenRow], join_at: list[int]) -> dict[Hashable, Answer]:
     """Row i joins before step join_at[i]; step until every row is done."""
-    done: dict[Hashable, Decoded] = {}
+    done: dict[Hashable, Answer] = {}
     step = 0
     while len(done) < len(rows):
         joining = [i for i, t in enumerate(join_at) if t == step]
@@ -107,7 +114,7 @@ def test_rows_that_end_early_leave_and_their_slots_are_reused(world: World) -> N
     rows = workload(world.names)
     batch = StepBatch(gen)
     sizes = []
-    done: dict[Hashable, Decoded] = {}
+    done: dict[Hashable, Answer] = {}
     done.update(batch.join(rows[:3], [0, 1, 2]))
     while len(batch):
         sizes.append(len(batch))
@@ -122,7 +129,7 @@ def test_a_dropped_row_leaves_and_the_others_are_unchanged(world: World) -> None
     gen = world.gen
     rows = workload(world.names)
     batch = StepBatch(gen)
-    done: dict[Hashable, Decoded] = {}
+    done: dict[Hashable, Answer] = {}
     done.update(batch.join(rows, list(range(len(rows)))))
     done.update(batch.step())
     batch.drop({4})  # the longest answer's client left
@@ -238,3 +245,100 @@ def test_transformers_concatenating_caches_give_the_same_answers(world: World) -
     rows = workload(world.names)
     done = run(StepBatch(gen, in_place_cache=False), rows, join_at=[0, 1, 1, 2, 5, 5])
     assert [done[i] for i in range(len(rows))] == alone(gen, rows)
+
+
+def token_workload(names: list[str]) -> list[GenRow]:
+    """RAG-Token requests (scores: the retrieval prior's logits) mixed with concat rows."""
+    a1, a2 = names
+
+    def token(q: str, passages: list[Passage], adapter: str | None, n: int, scores: list[float]):
+        return GenRow(q, passages, adapter, n, "token", scores=scores)
+
+    return [
+        token("Where is Alpha?", [P1, P2], None, 12, [2.0, 1.0]),
+        GenRow("Who founded Beta and when was it?", [P2], a1, 5),
+        token("gamma?", [P3, P1, P2], a2, 9, [0.5, 0.4, 3.0]),
+        token("Lek?", [P1], a1, 7, [1.0]),
+        token("What?", [], None, 4, []),
+        token("Tell me about cheese and beer.", [P1, P2, P3], a1, 16, [1.0, 1.0, 1.0]),
+    ]
+
+
+def rag_alone(gen: Generator, rows: list[GenRow], min_prior: float | None = None) -> list[Answer]:
+    return [RagDecoder(gen, min_prior=min_prior).run([r])[0] for r in rows]
+
+
+def same_answers(got: list[Answer], want: list[Answer]) -> None:
+    assert [(a.text, a.tokens) for a in got] == [(a.text, a.tokens) for a in want]
+    for a, b in zip(got, want, strict=True):
+        assert (a.weights is None) == (b.weights is None)
+        if a.weights is not None and b.weights is not None:
+            assert a.weights == pytest.approx(b.weights, abs=1e-6)
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "peft"])
+def test_rag_token_requests_step_as_alone(world: World, stacked: bool) -> None:
+    """RAG-Token requests (a row per passage, marginalized at each step) join and leave a
+    running batch among concat rows, and answer exactly as RagDecoder answers each alone:
+    tokens, and p(z|x,y) over the request's own tokens."""
+    gen = world.gen
+    batched = gen.batched
+    if not stacked:
+        gen.batched = None
+    try:
+        rows = token_workload(world.names)
+        want = [rag_alone(gen, [r])[0] if r.mode == "token" else alone(gen, [r])[0] for r in rows]
+        assert len({a.text for a in want}) >= 4
+        for a, r in zip(want, rows, strict=True):
+            assert a.weights is None or len(a.weights) == len(r.passages)
+        batch = StepBatch(gen)
+        widths: list[int] = []
+        done: dict[Hashable, Answer] = {}
+        join_at = [0, 0, 2, 3, 3, 5]
+        step = 0
+        while len(done) < len(rows):
+            joining = [i for i, t in enumerate(join_at) if t == step]
+            done.update(batch.join([rows[i] for i in joining], joining))
+            widths.append(batch.width)
+            done.update(batch.step())
+            step += 1
+            assert step < 100
+    finally:
+        gen.batched = batched
+    same_answers([done[i] for i in range(len(rows))], want)
+    assert max(widths) >= 6  # token requests took a row per passage
+
+
+def test_rag_token_pruning_matches_the_decoder(world: World) -> None:
+    """With min_prior, a request decodes only its kept passages; pruned ones weigh 0."""
+    gen = world.gen
+    rows = [
+        GenRow("gamma?", [P3, P1, P2], world.names[1], 9, "token", scores=[0.0, 0.1, 6.0]),
+        GenRow("Where is Alpha?", [P1, P2, P3], None, 12, "token", scores=[3.0, 2.9, -4.0]),
+    ]
+    want = rag_alone(gen, rows, min_prior=0.05)
+    assert want[0].weights is not None and want[0].weights[:2] == [0.0, 0.0]
+    batch = StepBatch(gen, min_prior=0.05)
+    done = run(batch, rows, join_at=[0, 1])
+    same_answers([done[0], done[1]], want)
+
+
+def test_rag_token_requests_of_different_lengths_share_a_call_as_alone(world: World) -> None:
+    """RagDecoder batches greedy RAG-Token requests of any max_new_tokens in one call; each
+    gets its own tokens and its weights over its own tokens only (not the batch's longest)."""
+    gen = world.gen
+    rows = [
+        GenRow("Tell me about cheese and beer.", [P1, P2, P3], None, 3, "token", scores=[1, 1, 1]),
+        GenRow("gamma?", [P3, P1, P2], None, 16, "token", scores=[0.5, 0.4, 3.0]),
+    ]
+    together = RagDecoder(gen).run(rows)
+    same_answers(together, rag_alone(gen, rows))
+
+
+def test_rows_of_other_modes_are_refused(world: World) -> None:
+    batch = StepBatch(world.gen, rag_token=False)
+    assert batch.takes_mode("concat") and not batch.takes_mode("token")
+    assert not StepBatch(world.gen).takes_mode("sequence")
+    with pytest.raises(ValueError, match="'token'"):
+        batch.join([GenRow("Lek?", [P1], None, 3, "token", scores=[1.0])], ["k"])
+    assert len(batch) == 0

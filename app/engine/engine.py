@@ -20,13 +20,15 @@ over their retrieval times and the batches alternate small and large (a convoy: 
 Adapter operations queue in the same order as requests, so a request admitted before a
 swap runs before it.
 
-Step-level scheduling (with a `StepBatch`, app/generation/stepping.py): greedy concat rows do
-not run to the end of their batch. The first rows form a batch as above and start a session on
-the model thread; from then on, rows that arrive join the running batch at the next decoding
-step boundary (prefilled together), and each row leaves the step its answer ends, its future
-answered at once. Rows the step batch does not take (RAG-Token and RAG-Sequence, which
-marginalize over passages in their own loops) and adapter operations run whole at a step
-boundary, in queue order, while the running rows wait. The session ends when nothing runs and
+Step-level scheduling (with a `StepBatch`, app/generation/stepping.py): greedy concat and
+RAG-Token requests do not run to the end of their batch. The first rows form a batch as above
+and start a session on the model thread; from then on, requests that arrive join the running
+batch at the next decoding step boundary (prefilled together) while its rows number at most
+`max_batch_size` (a RAG-Token request takes one row per passage), and each request leaves the
+step its answer ends, its future answered at once. Requests the step batch does not take
+(RAG-Sequence, which proposes and rescores hypotheses per passage, and RAG-Token with beams)
+and adapter operations run whole at a step boundary, in queue order, while the running rows
+wait. The session ends when nothing runs and
 nothing waits. Without a StepBatch (`LORAG_STEP_BATCHING=false`, or a model it cannot pad
 exactly) every batch runs whole, as described first.
 """
@@ -44,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from app.errors import GenerationTimeout, LoragError, NotReadyError
-from app.generation.backends import Decoded
 from app.generation.decoding import Answer
 from app.generation.stepping import StepBatch
 from app.generation.types import Decoding, GenRow, Mode
@@ -198,8 +199,14 @@ class Engine:
 
     @property
     def running(self) -> int:
-        """Rows in the step batch now."""
+        """Requests decoding in the step batch now."""
         return len(self._stepper) if self._stepper is not None else 0
+
+    @property
+    def running_rows(self) -> int:
+        """Batch rows decoding in the step batch now (a RAG-Token request has one per
+        passage); at most max_batch_size, unless one request alone has more."""
+        return self._stepper.width if self._stepper is not None else 0
 
     @property
     def expected(self) -> int:
@@ -365,8 +372,8 @@ class Engine:
     def _session_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run the step batch until nothing runs and nothing waits (model thread).
 
-        At each step boundary: take what was handed over; admit it in queue order (concat rows
-        join the step batch while it has room; other rows run whole; an adapter operation runs
+        At each step boundary: take what was handed over; admit it in queue order (the requests
+        the step batch takes join it while it has room; others run whole; an adapter operation runs
         after the rows before it are admitted); drop rows whose clients left; decode one step
         and answer the rows that finished.
         """
@@ -416,15 +423,19 @@ class Engine:
         while backlog:
             joiners: list[_GenItem] = []
             whole: list[_GenItem] = []
+            width = stepper.width  # batch rows, running and joining
             while backlog and isinstance(backlog[0], _GenItem):
                 item = backlog[0]
                 if item.future.done():  # cancelled while it waited
                     backlog.popleft()
                     continue
-                if item.request.mode == "concat":
-                    if len(running) + len(joiners) >= self._max_batch:
-                        break  # full: it waits for a row to leave, and so does what follows
+                req = item.request
+                if stepper.takes_mode(req.mode):
+                    need = stepper.rows_for(req.mode, len(req.passages))
+                    if width + need > self._max_batch and (running or joiners):
+                        break  # full: it waits for rows to leave, and so does what follows
                     joiners.append(item)
+                    width += need
                 elif len(whole) < self._max_batch:
                     whole.append(item)
                 else:
@@ -507,12 +518,11 @@ class Engine:
     def _finish(
         self,
         loop: asyncio.AbstractEventLoop,
-        finished: list[tuple[Any, Decoded]],
+        finished: list[tuple[Any, Answer]],
         running: dict[int, tuple[_GenItem, str | None]],
     ) -> None:
-        for key, decoded in finished:
+        for key, answer in finished:
             item, version = running.pop(key)
-            answer = Answer(decoded.text, None, decoded.tokens)
             self._settle(loop, item, EngineResult(answer, version))
 
     def _rename(self, stepper: StepBatch, running: dict[int, tuple[_GenItem, str | None]]) -> None:

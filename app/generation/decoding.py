@@ -86,6 +86,8 @@ class RagDecoder:
         ids, mask = _stack(encodings, gen.tokenizer.pad_token_id, left=gen.kind == "causal")
         scores = torch.tensor([list(r.scores) for r in rows], dtype=torch.float32)  # [B, K]
         extra = gen.adapter_kwargs([r.adapter for r in rows for _ in range(n_docs)])
+        if rows[0].mode == "token" and self.num_beams == 1:  # rows of any length share a call
+            extra["limits"] = [r.max_new_tokens for r in rows]
         out = self._search(rows[0])(
             ids, mask, scores.to(ids.device), n_docs=n_docs, max_new_tokens=longest, **extra
         )
@@ -99,7 +101,7 @@ class RagDecoder:
         gen = self.generator
         model = gen.model
         common: dict[str, Any] = {
-            "eos_token_id": _eos_id(gen),
+            "eos_token_id": rag_eos_id(gen),
             "pad_token_id": gen.tokenizer.pad_token_id,
             "num_beams": self.num_beams,
             "min_prior": self.min_prior,
@@ -136,7 +138,7 @@ def _stack(
     return torch.cat(ids), torch.cat(masks)
 
 
-def _eos_id(gen: Generator) -> int:
+def rag_eos_id(gen: Generator) -> int:
     """The one end token the RAG search stops on: the tokenizer's (<|im_end|> for chat models)."""
     eos = gen.tokenizer.eos_token_id
     return int(eos) if eos is not None else min(gen.eos_ids)

@@ -10,6 +10,7 @@ per-passage sequence log-probs [K], so p(z|x,y) comes for free, without a second
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,17 +37,30 @@ class _Done:
     doc_logprob: Tensor  # [K]
 
 
-def _marginal(log_prior: Tensor, lp: Tensor) -> Tensor:
-    # log_prior [G, K], lp [G, n, K, V] -> [G, n, V]
+def marginal(log_prior: Tensor, lp: Tensor) -> Tensor:
+    """log p(y_t|x, y_<t): log_prior [G, K], lp [G, n, K, V] -> [G, n, V]."""
     return torch.logsumexp(lp + log_prior[:, None, :, None], dim=2)
 
 
 def greedy_search(
-    runner: Runner, log_prior: Tensor, max_new_tokens: int, eos_token_id: int, pad_token_id: int
+    runner: Runner,
+    log_prior: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    limits: Sequence[int] | None = None,
 ) -> Hypotheses:
-    """Greedy decoding; a group that emits EOS leaves the batch (its rows are dropped)."""
+    """Greedy decoding; a group that emits EOS, or reaches its own limit (limits[g], at most
+    max_new_tokens), leaves the batch (its rows are dropped). Greedy search is
+    prefix-consistent, so groups of different limits share a call and get what each gets alone,
+    its p(y|x,z) over its own tokens included."""
     groups, k = log_prior.shape
     device = log_prior.device
+    if limits is None:
+        limits = [max_new_tokens] * groups
+    if len(limits) != groups:
+        raise InvalidInputError(f"limits has {len(limits)} entries for {groups} groups")
+    limit = torch.tensor(limits, dtype=torch.long, device=device).clamp(max=max_new_tokens)
     seqs = torch.full((groups, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprob = torch.zeros(groups, device=device)
     doc_lp = torch.zeros(groups, k, device=device)
@@ -55,13 +69,13 @@ def greedy_search(
     lp = runner.start()  # [G*K, V]
     for t in range(max_new_tokens):
         lp3 = lp.view(active.shape[0], k, -1)  # [A, K, V]
-        marg = _marginal(log_prior[active], lp3[:, None])[:, 0]  # [A, V]
+        marg = marginal(log_prior[active], lp3[:, None])[:, 0]  # [A, V]
         tok = marg.argmax(dim=-1)  # [A]
         seqs[active, t] = tok
         logprob[active] += marg.gather(1, tok[:, None]).squeeze(1)
         doc_lp[active] += lp3.gather(2, tok[:, None, None].expand(-1, k, 1)).squeeze(-1)
         lengths[active] += 1
-        going = tok != eos_token_id  # [A]
+        going = (tok != eos_token_id) & (lengths[active] < limit[active])  # [A]
         if t == max_new_tokens - 1 or not bool(going.any()):
             break
         if bool(going.all()):
@@ -105,7 +119,7 @@ def beam_search(
     for t in range(max_new_tokens):
         lp4 = lp.view(groups, n, k, -1)
         vocab = lp4.shape[-1]
-        cand = (alive_score[:, :, None] + _marginal(log_prior, lp4)).view(groups, -1)
+        cand = (alive_score[:, :, None] + marginal(log_prior, lp4)).view(groups, -1)
         top_val, top_idx = cand.topk(min(2 * num_beams, cand.shape[1]), dim=1)  # [G, 2N]
         ranked = [
             [(i // vocab, i % vocab, v) for i, v in zip(idx, val, strict=True)]
@@ -205,13 +219,17 @@ def search(
     eos_token_id: int,
     pad_token_id: int,
     length_penalty: float = 1.0,
+    limits: Sequence[int] | None = None,
 ) -> Hypotheses:
+    """Greedy search (num_beams 1; per-group `limits` allowed) or beam search."""
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_beams < 1:
         raise InvalidInputError(f"num_beams must be >= 1, got {num_beams}")
     if num_beams == 1:
-        return greedy_search(runner, log_prior, max_new_tokens, eos_token_id, pad_token_id)
+        return greedy_search(runner, log_prior, max_new_tokens, eos_token_id, pad_token_id, limits)
+    if limits is not None and len(set(limits)) > 1:
+        raise InvalidInputError("beam search needs one max_new_tokens for every group")
     return beam_search(
         runner,
         log_prior,

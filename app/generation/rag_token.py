@@ -9,6 +9,7 @@ slots with passages of prior 0, which are computed but weigh nothing).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ def _decode(
     eos_token_id: int,
     pad_token_id: int,
     length_penalty: float,
+    limits: Sequence[int] | None,
 ) -> RagOutput:
     hyps = search(
         runner,
@@ -49,6 +51,7 @@ def _decode(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         length_penalty=length_penalty,
+        limits=limits,
     )
     doc_lp = hyps.doc_logprob[:, 0].masked_fill(~torch.isfinite(log_prior), float("-inf"))
     posterior = doc_posterior(log_prior, doc_lp)  # [B, K']
@@ -84,10 +87,12 @@ def rag_token_generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     min_prior: float | None = None,
+    limits: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> RagOutput:
     """RAG-Token decoding with an encoder-decoder model (BART, T5, a PEFT model around one).
 
+    limits: per-question max_new_tokens (greedy only), each at most max_new_tokens.
     model_kwargs go to every model call; per-row ones (`adapter_names` of length B*K) follow
     their rows through pruning and beam search.
     """
@@ -110,6 +115,7 @@ def rag_token_generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         length_penalty=length_penalty,
+        limits=limits,
     )
 
 
@@ -127,6 +133,7 @@ def causal_rag_token_generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     min_prior: float | None = None,
+    limits: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> RagOutput:
     """RAG-Token decoding with a decoder-only model; the answer tokens follow each prompt."""
@@ -148,4 +155,5 @@ def causal_rag_token_generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         length_penalty=length_penalty,
+        limits=limits,
     )

@@ -22,8 +22,14 @@ is padded on the right, as generate() pads a batch's prompts. Between joins and 
 appends its keys and values in place, into spare columns of the self-attention cache
 (`_GrowingLayer`), instead of transformers' concatenation of the whole cache at every step.
 
-Greedy decoding is exact here: tokens equal `generate_decoded` on the row alone
-(tests/test_stepping.py, every backend, rows joining at different steps, mixed adapters).
+RAG-Token requests (greedy) step here too: a request is a group of rows, one per (kept)
+passage, contiguous in the batch; at each step the group's next-token log-probs are
+marginalized over its passages with its prior (as app/generation/rag_search.greedy_search) and
+the one chosen token is fed to all its rows. Its answer carries p(z|x,y) over its own tokens.
+
+Greedy decoding is exact here: tokens equal `generate_decoded` on the row alone, and RAG-Token
+answers and weights equal `RagDecoder.run` on the request alone (tests/test_stepping.py, every
+backend, rows joining at different steps, mixed adapters).
 Models this does not know how to pad exactly (other seq2seq position schemes, caches that are
 not plain dynamic layers: sliding windows) or whose generation config adds logits processors
 (BART checkpoints' forced BOS/EOS, n-gram blocking) are refused by `step_support`; the engine
@@ -52,7 +58,10 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from app.generation.backends import Decoded, Generator
+from app.generation.backends import Generator
+from app.generation.decoding import Answer, rag_eos_id
+from app.generation.rag import doc_posterior, doc_prior, expand_to_docs, kept_docs
+from app.generation.rag_search import marginal
 from app.generation.types import GenRow
 from app.lora.batched import RowPlan
 
@@ -61,7 +70,7 @@ log = logging.getLogger(__name__)
 RELATIVE_POSITIONS = frozenset({"t5", "mt5"})  # left padding is exact as it is
 SHIFTED_POSITIONS = frozenset({"bart"})  # exact with the decoder's positions shifted per row
 
-Finished = tuple[Hashable, Decoded]  # a row's key and its answer
+Finished = tuple[Hashable, Answer]  # a request's key and its answer
 
 
 def step_support(generator: Generator) -> str | None:
@@ -98,11 +107,29 @@ def _core(model: Any) -> Any:
 
 
 @dataclass
+class _Marginal:
+    """A RAG-Token request's passages: its prior and its per-passage log-likelihoods so far."""
+
+    prior: torch.Tensor  # [1, K'] log p(z|x) of the kept passages
+    doc_index: torch.Tensor  # [1, K'] which of the request's passages each row reads
+    n_docs: int  # K, the request's passages
+    eos: int  # the one end token RAG-Token stops on
+    doc_lp: torch.Tensor  # [K'] log p(y|x,z) of the tokens so far
+
+
+@dataclass
 class _Row:
+    """One request: one batch row (concat), or one row per kept passage (RAG-Token)."""
+
     key: Hashable
     adapter: str | None  # PEFT name (None: the base, or the adapter merged into the weights)
     limit: int
     tokens: list[int] = field(default_factory=list)
+    rag: _Marginal | None = None
+
+    @property
+    def n(self) -> int:
+        return 1 if self.rag is None else self.rag.prior.shape[1]
 
 
 @dataclass
@@ -244,11 +271,20 @@ class StepBatch:
     may swap it (merged, unmerged) between two steps.
     """
 
-    def __init__(self, generator: Generator, *, in_place_cache: bool = True) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        in_place_cache: bool = True,
+        rag_token: bool = True,
+        min_prior: float | None = None,
+    ) -> None:
         why = step_support(generator)
         if why is not None:
             raise ValueError(f"step-level decoding is not supported: {why}")
         self.g = generator
+        self.rag_token = rag_token  # take RAG-Token requests (greedy: the engine's num_beams 1)
+        self.min_prior = min_prior  # the prior pruning of RAG-Token, as RagDecoder's
         self._in_place = in_place_cache  # False: transformers' concatenating layers (benchmarks)
         self._rows: list[_Row] = []
         self._state: _State | None = None
@@ -262,7 +298,22 @@ class StepBatch:
         )
 
     def __len__(self) -> int:
+        """Running requests."""
         return len(self._rows)
+
+    @property
+    def width(self) -> int:
+        """Running batch rows (a RAG-Token request has one per kept passage)."""
+        return sum(r.n for r in self._rows)
+
+    def takes_mode(self, mode: str) -> bool:
+        """Whether join() takes rows of this decoding mode (concat; RAG-Token when rag_token)."""
+        return mode == "concat" or (mode == "token" and self.rag_token)
+
+    @staticmethod
+    def rows_for(mode: str, passages: int) -> int:
+        """Batch rows a request may take (RAG-Token: one per passage, before pruning)."""
+        return max(1, passages) if mode == "token" else 1
 
     @property
     def keys(self) -> list[Hashable]:
@@ -270,7 +321,8 @@ class StepBatch:
 
     @property
     def adapters(self) -> list[str | None]:
-        return [r.adapter for r in self._rows]
+        """The PEFT adapter name of every batch row."""
+        return _row_names(self._rows)
 
     def rename(self, adapters: dict[Hashable, str | None]) -> None:
         """Set the PEFT adapter name of the rows named by key."""
@@ -293,19 +345,30 @@ class StepBatch:
     def join(self, rows: Sequence[GenRow], keys: Sequence[Hashable]) -> list[Finished]:
         """Prefill rows (together) and add them to the batch. Each row's first token comes
         from the prefill; a row that is finished by it (an end token, or max_new_tokens 1) is
-        returned and not added. Raises (and adds nothing) when the prefill fails."""
+        returned and not added. Raises (and adds nothing) when the prefill fails, and
+        ValueError for a row of a mode it does not take (takes_mode)."""
         if not rows:
             return []
         g = self.g
-        ids = [
-            g._tokenize(
-                g.prompt(r.question, r.passages, r.max_new_tokens),
-                g.max_input_tokens(r.max_new_tokens),
-            )
-            for r in rows
-        ]
-        joined = [_Row(key, r.adapter, r.max_new_tokens) for key, r in zip(keys, rows, strict=True)]
-        ctx, extra = self._adapters([r.adapter for r in joined], keep=False)
+        ids: list[list[int]] = []
+        joined: list[_Row] = []
+        finished: list[Finished] = []
+        for key, r in zip(keys, rows, strict=True):
+            if not self.takes_mode(r.mode):
+                raise ValueError(f"a {r.mode!r} row cannot decode step by step")
+            if r.mode == "concat":
+                limit = g.max_input_tokens(r.max_new_tokens)
+                ids.append(g._tokenize(g.prompt(r.question, r.passages, r.max_new_tokens), limit))
+                joined.append(_Row(key, r.adapter, r.max_new_tokens))
+            elif not r.passages:  # as RagDecoder: nothing to marginalize over
+                finished.append((key, Answer("", [], 0)))
+            else:
+                pairs, rag = self._pairs(r)
+                ids += pairs
+                joined.append(_Row(key, r.adapter, r.max_new_tokens, rag=rag))
+        if not joined:
+            return finished
+        ctx, extra = self._adapters(_row_names(joined), keep=False)
         enc = g._pad(ids)
         with torch.inference_mode(), ctx:
             if self._seq2seq:
@@ -315,13 +378,14 @@ class StepBatch:
         _check_cache(state)  # refuse caches we cannot pad, before merging
         if self._in_place:
             _grow_in_place(state)
-        finished = self._advance(joined, state, logits)
-        alive = [i for i, r in enumerate(joined) if r.key not in {k for k, _ in finished}]
+        done = self._advance(joined, state, logits)
+        keys_done = {k for k, _ in done}
+        alive = [i for i, r in enumerate(joined) if r.key not in keys_done]
         if alive:
             if len(alive) < len(joined):
-                state = _select_state(state, alive)
+                state = _select_state(state, _spans(joined, alive))
             self._merge([joined[i] for i in alive], state)
-        return finished
+        return finished + done
 
     def step(self) -> list[Finished]:
         """One decoding step for every row; returns the rows that finished (they leave)."""
@@ -339,6 +403,24 @@ class StepBatch:
             done = {k for k, _ in finished}
             self._select([i for i, r in enumerate(self._rows) if r.key not in done])
         return finished
+
+    def _pairs(self, row: GenRow) -> tuple[list[list[int]], _Marginal]:
+        """A RAG-Token request's prompts, one per kept passage (as RagDecoder encodes them)."""
+        g = self.g
+        enc = g.encode_pairs(row.question, row.passages, reserve=row.max_new_tokens)
+        scores = torch.tensor([list(row.scores)], dtype=torch.float32)  # [1, K]
+        doc_index, prior = kept_docs(doc_prior(scores, self.min_prior))  # [1, K']
+        ids = enc["input_ids"].cpu()
+        mask = enc["attention_mask"].cpu().bool()
+        pairs = [ids[j][mask[j]].tolist() for j in doc_index[0].tolist()]
+        rag = _Marginal(
+            prior.to(g.device),
+            doc_index,
+            len(row.passages),
+            rag_eos_id(g),
+            torch.zeros(prior.shape[1], device=g.device),
+        )
+        return pairs, rag
 
     # ---- model calls ----------------------------------------------------------------------
 
@@ -438,15 +520,36 @@ class StepBatch:
         return batched.rows(cached[2]), extra
 
     def _advance(self, rows: Sequence[_Row], state: _State, logits: torch.Tensor) -> list[Finished]:
-        """Append each row's greedy token; the rows that end here, with their answers."""
-        chosen = logits.float().argmax(-1)  # [B], as generate()'s greedy search
-        state.last = chosen
+        """Append each request's greedy token; the requests that end here, with their answers.
+
+        logits [rows' width, V]: a concat request's row gives its token (argmax, as generate()'s
+        greedy search); a RAG-Token request's rows give one token for all of them (argmax of
+        the marginal, as rag_search.greedy_search)."""
+        chosen = logits.float().argmax(-1)  # [B]
+        picks = chosen.tolist()
         eos = self.g.eos_ids
         finished: list[Finished] = []
-        for row, token in zip(rows, chosen.tolist(), strict=True):
+        at = 0
+        for row in rows:
+            rag = row.rag
+            if rag is None:
+                token = picks[at]
+                row.tokens.append(token)
+                if token in eos or len(row.tokens) >= row.limit:
+                    decoded = self.g.decode_answer(torch.tensor(row.tokens))
+                    finished.append((row.key, Answer(decoded.text, None, decoded.tokens)))
+                at += 1
+                continue
+            n = row.n
+            lp = torch.log_softmax(logits[at : at + n].float(), dim=-1)  # [K', V]
+            token = int(marginal(rag.prior, lp[None, None])[0, 0].argmax())
+            rag.doc_lp += lp[:, token]
+            chosen[at : at + n] = token
             row.tokens.append(token)
-            if token in eos or len(row.tokens) >= row.limit:
-                finished.append((row.key, self.g.decode_answer(torch.tensor(row.tokens))))
+            if token == rag.eos or len(row.tokens) >= row.limit:
+                finished.append((row.key, _rag_answer(self.g, row, rag)))
+            at += n
+        state.last = chosen
         return finished
 
     def _merge(self, rows: list[_Row], new: _State) -> None:
@@ -469,11 +572,34 @@ class StepBatch:
             old.enc_mask = _cat_padded(old.enc_mask, new.enc_mask, span, left=False)
 
     def _select(self, keep: list[int]) -> None:
+        """Keep the requests at these indices (and their batch rows)."""
+        spans = _spans(self._rows, keep)
         self._rows = [self._rows[i] for i in keep]
         if not keep or self._state is None:
             self._state = None
             return
-        self._state = _select_state(self._state, keep)
+        self._state = _select_state(self._state, spans)
+
+
+def _row_names(rows: Sequence[_Row]) -> list[str | None]:
+    """The adapter of every batch row of these requests."""
+    return [r.adapter for r in rows for _ in range(r.n)]
+
+
+def _spans(rows: Sequence[_Row], keep: Sequence[int]) -> list[int]:
+    """The batch rows of the requests rows[i], i in keep."""
+    starts = [0]
+    for r in rows:
+        starts.append(starts[-1] + r.n)
+    return [j for i in keep for j in range(starts[i], starts[i + 1])]
+
+
+def _rag_answer(g: Generator, row: _Row, rag: _Marginal) -> Answer:
+    """A RAG-Token request's answer, with p(z|x,y) over its passages (0 where pruned)."""
+    posterior = doc_posterior(rag.prior, rag.doc_lp[None])  # [1, K']
+    weights = expand_to_docs(posterior, rag.doc_index.to(posterior.device), rag.n_docs, 0.0)
+    decoded = g.decode_answer(torch.tensor(row.tokens))
+    return Answer(decoded.text, weights[0].tolist(), decoded.tokens)
 
 
 def _select_state(state: _State, keep: list[int]) -> _State:
