@@ -23,6 +23,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def main() -> None:
             lambda: embed_passages(passages, encoder, show_progress=False)
         )
     for b in filter(None, args.batch_sizes.split(",")):
-        runs[f"lorag batch={b}"] = lambda b=int(b): encoder.encode_passages(passages, batch_size=b)
+        runs[f"lorag batch={b}"] = partial(encoder.encode_passages, passages, batch_size=int(b))
 
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     vectors: dict[str, np.ndarray] = {}

@@ -181,7 +181,7 @@ def main() -> None:
     rows: list[Row] = []
     flat_bytes = serialized_bytes(exact) / args.n
     for kind in args.kinds.split(","):
-        spec = ann.AnnSpec(kind=kind, ef_construction=args.ef_construction)  # type: ignore[arg-type]
+        spec = ann.AnnSpec(kind=kind, ef_construction=args.ef_construction)
         t = time.perf_counter()
         index = ann.new_index(args.dim, spec, base)
         index.add_with_ids(base, ids)

@@ -23,6 +23,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypedDict, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -47,10 +48,12 @@ def build(
         num_layers=6,
         num_decoder_layers=6,
         num_heads=8,
-        decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,
     )
+    # not a declared T5Config field (its typed __init__ refuses it); the config keeps it as an
+    # extra attribute, which is what passing it to T5Config(...) did
+    cfg.decoder_start_token_id = 0
     model = T5ForConditionalGeneration(cfg).eval()
     plain = copy.deepcopy(model)
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
@@ -60,7 +63,17 @@ def build(
     return plain, peft_model.eval()
 
 
-def fixed_length(ids: torch.Tensor) -> dict[str, object]:
+class GreedyKwargs(TypedDict):
+    """The generate() keyword arguments the benches pass."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+
+
+def fixed_length(ids: torch.Tensor) -> GreedyKwargs:
     """generate() kwargs for greedy decoding of exactly NEW_TOKENS tokens after `ids` [B, L]."""
     return {
         "input_ids": ids,
@@ -69,6 +82,14 @@ def fixed_length(ids: torch.Tensor) -> dict[str, object]:
         "min_new_tokens": NEW_TOKENS,
         "do_sample": False,
     }
+
+
+def plain_generate(model: T5ForConditionalGeneration, kw: GreedyKwargs) -> torch.Tensor:
+    """model.generate(**kw): the token ids [B, T] (no return_dict_in_generate: a tensor)."""
+    # transformers types GenerationMixin's self as its GenerativePreTrainedModel protocol, which
+    # mypy finds no PreTrainedModel matches (hf_device_map's type, read-only device and dtype)
+    out = model.generate(**kw)  # type: ignore[misc]
+    return cast(torch.Tensor, out)
 
 
 def main() -> None:
@@ -95,7 +116,7 @@ def main() -> None:
         def call() -> torch.Tensor:
             with torch.inference_mode():
                 if mode == "base":  # the plain transformers model: no LoRA layers at all
-                    return plain.generate(**kw)
+                    return plain_generate(plain, kw)
                 if mode == "peft":
                     return model.generate(**kw, adapter_names=names)
                 assert names is not None

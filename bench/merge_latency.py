@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from app.lora.batched import BatchedLora
-from bench.lora_throughput import build, fixed_length
+from bench.lora_throughput import build, fixed_length, plain_generate
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
         def run() -> torch.Tensor:
             with torch.inference_mode():
                 if mode == "base":
-                    return plain.generate(**kw)
+                    return plain_generate(plain, kw)
                 if mode == "unmerged":
                     model.unmerge_adapter()
                     with fast.rows(["a0"] * batch):

@@ -45,8 +45,9 @@ def t5_small(folder: Path) -> Path:
     torch.manual_seed(0)
     cfg = T5Config(
         vocab_size=384, d_model=512, d_ff=2048, num_layers=6, num_heads=8,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        pad_token_id=0, eos_token_id=1,
     )  # fmt: skip
+    cfg.decoder_start_token_id = 0  # an extra attribute: not a declared T5Config field
     T5ForConditionalGeneration(cfg).save_pretrained(folder)
     ByT5Tokenizer().save_pretrained(folder)
     return folder

@@ -91,8 +91,8 @@ def t5_small_shaped(out: Path) -> Path:
         num_heads=8,
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
     )
+    cfg.decoder_start_token_id = 0  # an extra attribute: not a declared T5Config field
     T5ForConditionalGeneration(cfg).eval().save_pretrained(out)
     ByT5Tokenizer(extra_ids=0).save_pretrained(out)
     return out
@@ -331,8 +331,8 @@ def load_latency(args: argparse.Namespace) -> None:
         num_heads=16,
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
     )
+    cfg.decoder_start_token_id = 0  # an extra attribute: not a declared T5Config field
     t = time.perf_counter()
     with no_init_weights():
         model = T5ForConditionalGeneration(cfg).eval()
@@ -345,7 +345,7 @@ def load_latency(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         lora = LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
         peft = get_peft_model(model, lora)
-        peft.save_pretrained(root / "r16")
+        peft.save_pretrained(str(root / "r16"))
         model = peft.unload()  # the plain base again
         size = (root / "r16" / "adapter_model.safetensors").stat().st_size
         gen = Seq2SeqGenerator(
@@ -399,14 +399,15 @@ def cycle_memory(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cfg = T5Config(
         vocab_size=259, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1,
     )  # fmt: skip
+    cfg.decoder_start_token_id = 0  # an extra attribute: not a declared T5Config field
     model = T5ForConditionalGeneration(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         lora = LoraConfig(r=8, init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
         peft = get_peft_model(model, lora)
-        peft.save_pretrained(root / "a")
+        peft.save_pretrained(str(root / "a"))
         model = peft.unload()
         gen = Seq2SeqGenerator(
             model, ByT5Tokenizer(extra_ids=0), model_id="tiny-t5", device=torch.device("cpu")

@@ -13,8 +13,8 @@ model with random weights and ByT5's byte vocabulary, which never emits EOS: eve
 decodes exactly --max-new-tokens tokens in every variant (answers are empty strings).
 
 Rounds rotate the variants (A B, B A, ...). Printed per round and as medians: throughput
-(requests / time from the first arrival to the last answer) and p50/p99 latency per mode and over all requests;
-last, steps/whole ratios (latency: lower is better).
+(requests / time from the first arrival to the last answer) and p50/p99 latency per mode and
+over all requests; last, steps/whole ratios (latency: lower is better).
 
     .venv/bin/python -m bench.token_steps [--requests 40] [--rate 2] [--rounds 3]
         [--top-k 3] [--max-new-tokens 24] [--batch 16]
@@ -35,9 +35,11 @@ from pathlib import Path
 import torch
 
 from app.engine.engine import Engine, EngineRequest
+from app.generation.backends import Generator
 from app.generation.decoding import RagDecoder
 from app.generation.loading import load_generator
 from app.generation.stepping import StepBatch
+from app.generation.types import Mode
 from app.lora.registry import Lease
 from app.retrieval.types import Passage
 from bench.serve_throughput import pct, t5_small_shaped
@@ -70,14 +72,14 @@ def workload(n: int, top_k: int, tokens: int, seed: int) -> list[EngineRequest]:
     for i in range(n):
         chosen = rng.sample(passages, top_k)
         scores = sorted((rng.uniform(0, 3) for _ in chosen), reverse=True)
-        mode = "token" if i % 2 else "concat"
+        mode: Mode = "token" if i % 2 else "concat"
         question = f"What is {chosen[0].title}?"
         reqs.append(EngineRequest(question, chosen, None, tokens, mode, scores=scores))
     return reqs
 
 
 async def serve(
-    gen, reqs: list[EngineRequest], arrivals: list[float], *, rag_token: bool, batch: int
+    gen: Generator, reqs: list[EngineRequest], arrivals: list[float], *, rag_token: bool, batch: int
 ) -> tuple[float, dict[str, list[float]]]:
     """Seconds from the first arrival to the last answer, and latencies per mode."""
     engine = Engine(
