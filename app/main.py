@@ -90,8 +90,9 @@ def _step_batch(generator: Generator, settings: Settings) -> StepBatch | None:
     if why is not None:
         log.warning("step-level batching off for %s: %s", generator.model_id, why)
         return None
-    # RAG-Token steps greedy only; with beams it runs whole, in RagDecoder
-    return StepBatch(generator, rag_token=settings.num_beams == 1, min_prior=settings.min_prior)
+    # the RAG modes step greedy only; with beams they run whole, in RagDecoder
+    greedy = settings.num_beams == 1
+    return StepBatch(generator, rag_token=greedy, rag_sequence=greedy, min_prior=settings.min_prior)
 
 
 async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> None:

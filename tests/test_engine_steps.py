@@ -83,13 +83,11 @@ def test_rows_join_a_running_batch_leave_when_done_and_answer_as_alone(
         weights = [p["weight"] for p in got.json()["passages"]]
         assert weights == pytest.approx([p["weight"] for p in want["passages"]], abs=1e-6)
     assert len({a["answer"] for a in alone}) > 2  # the rows really differ
-    # the short rows and the token-mode request (a row per passage) joined the long row while
-    # it decoded, and were answered before it ended
-    assert engine.stats.joined_running - joined_before == 6
+    # the short rows and the token- and sequence-mode requests (a row per passage) joined the
+    # long row while it decoded, and were answered before it ended
+    assert engine.stats.joined_running - joined_before == 7
     long_done = done[0][0]
-    assert all(t < long_done for t, _ in done[1:7])
-    # the sequence-mode row ran whole at a step boundary, without stopping the long row
-    assert done[-1][0] < long_done
+    assert all(t < long_done for t, _ in done[1:])
     # the long row's 60 tokens took about 60 steps, not 60 plus a batch per joiner
     assert engine.stats.steps - steps_before < 60 + 10
     assert engine.running == 0 and engine.queue_depth == 0
@@ -158,6 +156,22 @@ def test_a_hot_swap_between_steps_leaves_running_rows_on_their_version(
     assert after.json()["answer"] != v1["answer"]
 
 
+def test_beam_search_requests_run_whole_between_steps(client_factory) -> None:
+    """With beams the RAG modes are not stepped: such a request runs whole at a step boundary
+    (and answers as alone), while a concat row decodes."""
+    client = client_factory("t5", num_beams=2, max_batch_size=8, batch_wait_ms=1)
+    engine = slow_steps(client)
+    assert engine._stepper is not None and not engine._stepper.takes_mode("token")
+    long, beams = body(0, tokens=40), body(1, tokens=4, mode="token")
+    alone = [client.post("/ask", json=b).json() for b in (long, beams)]
+    joined_before, batches_before = engine.stats.joined_running, engine.stats.batches
+    done = client.portal.call(post_all, client, [(0.0, long), (0.2, beams)])
+    assert [r.json()["answer"] for _, r in done] == [a["answer"] for a in alone]
+    assert done[1][0] < done[0][0]  # answered while the long row still decoded
+    assert engine.stats.joined_running == joined_before  # it did not join
+    assert engine.stats.batches - batches_before == 2
+
+
 def test_step_batching_off_decodes_whole_batches(client_factory) -> None:
     client = client_factory("t5", step_batching=False)
     engine = client.app.state.lorag.service.engine
@@ -173,27 +187,49 @@ def test_a_full_batch_makes_rows_wait_for_a_slot_and_they_join_as_rows_leave(
     client = client_factory("t5", max_batch_size=2, batch_wait_ms=1, expect_wait_ms=0)
     engine = slow_steps(client)
     bodies = [body(i, tokens=4 + 3 * i) for i in range(6)]
-    # a RAG-Token request reads its 2 passages in 2 rows: it takes the whole batch
-    bodies.insert(3, body(3, tokens=5, mode="token"))
     alone = [client.post("/ask", json=b).json()["answer"] for b in bodies]
     joined_before = engine.stats.joined_running
     most = 0
-    alone_with_token = False
 
     async def run() -> list[Any]:
-        nonlocal most, alone_with_token
+        nonlocal most
         transport = httpx.ASGITransport(app=client.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as ac:
             tasks = [asyncio.create_task(ac.post("/ask", json=b)) for b in bodies]
             while not all(t.done() for t in tasks):
                 most = max(most, engine.running_rows)
-                rows = engine._stepper._rows  # type: ignore[union-attr]
-                alone_with_token |= len(rows) == 1 and rows[0].rag is not None
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.005)
             return [t.result() for t in tasks]
 
     resps = client.portal.call(run)
     assert [r.json()["answer"] for r in resps] == alone
     assert most == 2  # never more rows than max_batch_size, and the slots were used
-    assert alone_with_token  # the token request's 2 rows filled the batch
     assert engine.stats.joined_running - joined_before >= 3  # waiting rows took freed slots
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_a_rag_request_takes_a_row_per_passage_of_the_batch(client_factory, mode: str) -> None:
+    """max_batch_size counts batch rows: a RAG request with 2 passages does not fit beside a
+    running row in a batch of 2; it waits for the row to leave, then takes both rows."""
+    client = client_factory("t5", max_batch_size=2, batch_wait_ms=1, expect_wait_ms=0)
+    engine = slow_steps(client)
+    long, rag = body(0, tokens=25), body(1, tokens=5, mode=mode)
+    alone = [client.post("/ask", json=b).json() for b in (long, rag)]
+    widths: list[int] = []
+
+    async def run() -> list[tuple[float, Any]]:
+        async def watch() -> None:
+            while True:
+                widths.append(engine.running_rows)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await post_all(client, [(0.0, long), (0.1, rag)])
+        finally:
+            watcher.cancel()
+
+    (t_long, r_long), (t_rag, r_rag) = client.portal.call(run)
+    assert [r_long.json()["answer"], r_rag.json()["answer"]] == [a["answer"] for a in alone]
+    assert t_rag > t_long  # it waited for the long row: 1 + 2 rows do not fit in 2
+    assert max(widths) == 2 and 1 in widths

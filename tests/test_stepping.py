@@ -336,9 +336,86 @@ def test_rag_token_requests_of_different_lengths_share_a_call_as_alone(world: Wo
 
 
 def test_rows_of_other_modes_are_refused(world: World) -> None:
-    batch = StepBatch(world.gen, rag_token=False)
+    batch = StepBatch(world.gen, rag_token=False, rag_sequence=False)
     assert batch.takes_mode("concat") and not batch.takes_mode("token")
-    assert not StepBatch(world.gen).takes_mode("sequence")
+    assert not batch.takes_mode("sequence") and StepBatch(world.gen).takes_mode("sequence")
     with pytest.raises(ValueError, match="'token'"):
         batch.join([GenRow("Lek?", [P1], None, 3, "token", scores=[1.0])], ["k"])
     assert len(batch) == 0
+
+
+def sequence_workload(names: list[str]) -> list[GenRow]:
+    """RAG-Sequence requests ("thorough" and "fast") among RAG-Token and concat ones."""
+    a1, a2 = names
+
+    def seq(q, passages, adapter, n, scores, decoding="thorough"):
+        return GenRow(q, passages, adapter, n, "sequence", decoding, scores)
+
+    return [  # a thorough request joins after other rows: its encoder states are not the first
+        GenRow("Who founded Beta and when was it?", [P2], a1, 5),
+        seq("Where is Alpha?", [P1, P2], None, 12, [2.0, 1.0]),
+        seq("gamma?", [P3, P1, P2], a2, 9, [0.5, 0.4, 3.0], "fast"),
+        GenRow("Lek?", [P1], a2, 7, "token", scores=[1.0]),
+        seq("What?", [], None, 4, []),
+        seq("Tell me about cheese and beer.", [P1, P2, P3], a1, 16, [1.0, 1.0, 1.0]),
+        seq("Beer?", [P2, P3], a2, 6, [0.3, 0.1], "fast"),
+    ]
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "peft"])
+def test_rag_sequence_requests_step_as_alone(world: World, stacked: bool) -> None:
+    """RAG-Sequence requests decode a hypothesis per passage in the running batch (each row
+    leaving when its hypothesis ends) and are marginalized when the last ends: answers and
+    p(z|x,y) equal RagDecoder alone, "thorough" (rescored under every passage) and "fast"."""
+    gen = world.gen
+    batched = gen.batched
+    if not stacked:
+        gen.batched = None
+    try:
+        rows = sequence_workload(world.names)
+        want = [alone(gen, [r])[0] if r.mode == "concat" else rag_alone(gen, [r])[0] for r in rows]
+        assert len({a.text for a in want}) >= 4
+        done = run(StepBatch(gen), rows, join_at=[0, 0, 1, 2, 3, 2, 6])
+    finally:
+        gen.batched = batched
+    same_answers([done[i] for i in range(len(rows))], want)
+
+
+def test_rag_sequence_rows_leave_as_their_hypotheses_end(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A passage whose hypothesis ended leaves the batch before the request's others. Tiny
+    random models never emit their end token, so the end token here is one the first
+    passage's hypothesis emits at its third step (for RagDecoder alike)."""
+    gen = world.gen
+    row = GenRow("Where is Alpha?", [P1, P2, P3], None, 12, "sequence", scores=[1.0, 1.0, 1.0])
+    probe = StepBatch(gen)
+    probe.join([row], ["p"])
+    hyps = probe._rows[0].seq
+    assert hyps is not None
+    probe.step()
+    probe.step()
+    eos = hyps.tokens[0][2]
+    for module in ("app.generation.stepping", "app.generation.decoding"):
+        monkeypatch.setattr(f"{module}.rag_eos_id", lambda g: eos)
+    batch = StepBatch(gen)
+    widths = []
+    done = dict(batch.join([row], ["s"]))
+    while len(batch):
+        widths.append(batch.width)
+        done.update(batch.step())
+    same_answers([done["s"]], rag_alone(gen, [row]))
+    assert min(widths) < 3 and widths == sorted(widths, reverse=True)
+    assert len(widths) >= 3
+
+
+def test_rag_sequence_pruning_matches_the_decoder(world: World) -> None:
+    gen = world.gen
+    rows = [
+        GenRow("gamma?", [P3, P1, P2], world.names[1], 9, "sequence", scores=[0.0, 0.1, 6.0]),
+        GenRow("Alpha?", [P1, P2, P3], None, 12, "sequence", "fast", [3.0, 2.9, -4.0]),
+    ]
+    want = rag_alone(gen, rows, min_prior=0.05)
+    assert want[0].weights is not None and want[0].weights[:2] == [0.0, 0.0]
+    done = run(StepBatch(gen, min_prior=0.05), rows, join_at=[0, 1])
+    same_answers([done[0], done[1]], want)

@@ -113,9 +113,7 @@ def _decode(
     pad_token_id: int,
     length_penalty: float,
 ) -> RagOutput:
-    if decoding not in ("thorough", "fast"):
-        raise InvalidInputError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
-    batch, n_docs = log_prior.shape
+    check_decoding(decoding)
     hyps = search(
         runner,
         log_prior.new_zeros(pairs.shape[0], 1),  # one passage per group: plain decoding
@@ -126,11 +124,34 @@ def _decode(
         pad_token_id=pad_token_id,
         length_penalty=length_penalty,
     )
+    return rank(runner, log_prior, pairs, hyps, decoding=decoding, pad_token_id=pad_token_id)
+
+
+def check_decoding(decoding: str) -> None:
+    if decoding not in ("thorough", "fast"):
+        raise InvalidInputError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
+
+
+def rank(
+    runner: Runner | None,
+    log_prior: Tensor,  # [B, K]
+    pairs: Tensor,  # [P0] flat (b*K + k) of the runner's rows
+    hyps: Hypotheses,  # [P0, N, T] the pairs' hypotheses
+    *,
+    decoding: Decoding,
+    pad_token_id: int,
+) -> RagOutput:
+    """Marginalize the pairs' hypotheses per question ("thorough": scored under every kept
+    passage by runner.score; "fast": by their producers' scores, no runner needed) and rank
+    them."""
+    batch, n_docs = log_prior.shape
     cands = _collect(hyps, pairs, n_docs, batch)
     slot = torch.full((batch * n_docs,), -1, dtype=torch.long, device=pairs.device)
     slot[pairs] = torch.arange(pairs.shape[0], device=pairs.device)
     slot = slot.view(batch, n_docs)  # runner row of (b, k), -1 if pruned
     if decoding == "thorough":
+        if runner is None:
+            raise ValueError("thorough RAG-Sequence scores with a runner")
         tables = _thorough(runner, cands, slot, n_docs, pad_token_id)
     else:
         tables = _fast(cands, n_docs, log_prior.device)

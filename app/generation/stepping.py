@@ -26,10 +26,14 @@ RAG-Token requests (greedy) step here too: a request is a group of rows, one per
 passage, contiguous in the batch; at each step the group's next-token log-probs are
 marginalized over its passages with its prior (as app/generation/rag_search.greedy_search) and
 the one chosen token is fed to all its rows. Its answer carries p(z|x,y) over its own tokens.
+RAG-Sequence requests (greedy) too: each kept passage's row decodes its own hypothesis and
+leaves when that ends; when the last has ended, the hypotheses are marginalized as
+app/generation/rag_sequence.rank does ("thorough": one teacher-forced pass of every hypothesis
+under every kept passage, then, on the model thread, between two steps).
 
 Greedy decoding is exact here: tokens equal `generate_decoded` on the row alone, and RAG-Token
-answers and weights equal `RagDecoder.run` on the request alone (tests/test_stepping.py, every
-backend, rows joining at different steps, mixed adapters).
+and RAG-Sequence answers and weights equal `RagDecoder.run` on the request alone
+(tests/test_stepping.py, every backend, rows joining at different steps, mixed adapters).
 Models this does not know how to pad exactly (other seq2seq position schemes, caches that are
 not plain dynamic layers: sliding windows) or whose generation config adds logits processors
 (BART checkpoints' forced BOS/EOS, n-gram blocking) are refused by `step_support`; the engine
@@ -61,8 +65,10 @@ from transformers.modeling_outputs import BaseModelOutput
 from app.generation.backends import Generator
 from app.generation.decoding import Answer, rag_eos_id
 from app.generation.rag import doc_posterior, doc_prior, expand_to_docs, kept_docs
-from app.generation.rag_search import marginal
-from app.generation.types import GenRow
+from app.generation.rag_runners import CausalRunner, Runner, Seq2SeqRunner
+from app.generation.rag_search import Hypotheses, marginal
+from app.generation.rag_sequence import check_decoding, rank
+from app.generation.types import Decoding, GenRow
 from app.lora.batched import RowPlan
 
 log = logging.getLogger(__name__)
@@ -118,18 +124,38 @@ class _Marginal:
 
 
 @dataclass
+class _Hypotheses:
+    """A RAG-Sequence request's passages, each decoding its own hypothesis."""
+
+    log_prior: torch.Tensor  # [1, K] log p(z|x), -inf where pruned
+    pairs: torch.Tensor  # [P] the kept passages (rag_sequence's flat b*K + k, b = 0)
+    decoding: Decoding
+    eos: int
+    scorer: Runner | None  # scores hypotheses under every kept passage ("thorough")
+    open: list[int]  # the pairs still decoding, in batch-row order
+    tokens: list[list[int]]  # [P] each pair's hypothesis so far
+    logprob: torch.Tensor  # [P] log p(hypothesis so far | x, z)
+
+
+@dataclass
 class _Row:
-    """One request: one batch row (concat), or one row per kept passage (RAG-Token)."""
+    """One request: one batch row (concat), one row per kept passage (RAG-Token), or one per
+    kept passage still decoding its hypothesis (RAG-Sequence)."""
 
     key: Hashable
     adapter: str | None  # PEFT name (None: the base, or the adapter merged into the weights)
     limit: int
     tokens: list[int] = field(default_factory=list)
     rag: _Marginal | None = None
+    seq: _Hypotheses | None = None
 
     @property
     def n(self) -> int:
-        return 1 if self.rag is None else self.rag.prior.shape[1]
+        if self.rag is not None:
+            return int(self.rag.prior.shape[1])
+        if self.seq is not None:
+            return len(self.seq.open)
+        return 1
 
 
 @dataclass
@@ -277,13 +303,16 @@ class StepBatch:
         *,
         in_place_cache: bool = True,
         rag_token: bool = True,
+        rag_sequence: bool = True,
         min_prior: float | None = None,
     ) -> None:
         why = step_support(generator)
         if why is not None:
             raise ValueError(f"step-level decoding is not supported: {why}")
         self.g = generator
-        self.rag_token = rag_token  # take RAG-Token requests (greedy: the engine's num_beams 1)
+        # take RAG-Token / RAG-Sequence requests (greedy: the engine's num_beams 1)
+        self.rag_token = rag_token
+        self.rag_sequence = rag_sequence
         self.min_prior = min_prior  # the prior pruning of RAG-Token, as RagDecoder's
         self._in_place = in_place_cache  # False: transformers' concatenating layers (benchmarks)
         self._rows: list[_Row] = []
@@ -307,13 +336,17 @@ class StepBatch:
         return sum(r.n for r in self._rows)
 
     def takes_mode(self, mode: str) -> bool:
-        """Whether join() takes rows of this decoding mode (concat; RAG-Token when rag_token)."""
-        return mode == "concat" or (mode == "token" and self.rag_token)
+        """Whether join() takes rows of this decoding mode (concat; the RAG modes when on)."""
+        return (
+            mode == "concat"
+            or (mode == "token" and self.rag_token)
+            or (mode == "sequence" and self.rag_sequence)
+        )
 
     @staticmethod
     def rows_for(mode: str, passages: int) -> int:
-        """Batch rows a request may take (RAG-Token: one per passage, before pruning)."""
-        return max(1, passages) if mode == "token" else 1
+        """Batch rows a request may take (the RAG modes: one per passage, before pruning)."""
+        return 1 if mode == "concat" else max(1, passages)
 
     @property
     def keys(self) -> list[Hashable]:
@@ -362,10 +395,15 @@ class StepBatch:
                 joined.append(_Row(key, r.adapter, r.max_new_tokens))
             elif not r.passages:  # as RagDecoder: nothing to marginalize over
                 finished.append((key, Answer("", [], 0)))
-            else:
+            elif r.mode == "token":
                 pairs, rag = self._pairs(r)
                 ids += pairs
                 joined.append(_Row(key, r.adapter, r.max_new_tokens, rag=rag))
+            else:
+                check_decoding(r.decoding)
+                pairs, seq = self._hypotheses(r)
+                ids += pairs
+                joined.append(_Row(key, r.adapter, r.max_new_tokens, seq=seq))
         if not joined:
             return finished
         ctx, extra = self._adapters(_row_names(joined), keep=False)
@@ -376,15 +414,16 @@ class StepBatch:
             else:
                 state, logits = self._prefill_causal(enc, extra)
         _check_cache(state)  # refuse caches we cannot pad, before merging
+        self._keep_encoder_states(joined, state)
         if self._in_place:
             _grow_in_place(state)
-        done = self._advance(joined, state, logits)
+        done, keep = self._advance(joined, state, logits)
         keys_done = {k for k, _ in done}
-        alive = [i for i, r in enumerate(joined) if r.key not in keys_done]
+        alive = [r for r in joined if r.key not in keys_done]
         if alive:
-            if len(alive) < len(joined):
-                state = _select_state(state, _spans(joined, alive))
-            self._merge([joined[i] for i in alive], state)
+            if len(keep) < state.mask.shape[0]:
+                state = _select_state(state, keep)
+            self._merge(alive, state)
         return finished + done
 
     def step(self) -> list[Finished]:
@@ -398,11 +437,60 @@ class StepBatch:
                 logits = self._decode_seq2seq(state, extra)
             else:
                 logits = self._decode_causal(state, extra)
-        finished = self._advance(self._rows, state, logits)
-        if finished:
+        finished, keep = self._advance(self._rows, state, logits)
+        if len(keep) < state.mask.shape[0]:
             done = {k for k, _ in finished}
-            self._select([i for i, r in enumerate(self._rows) if r.key not in done])
+            self._rows = [r for r in self._rows if r.key not in done]
+            self._state = _select_state(state, keep) if keep else None
         return finished
+
+    def _hypotheses(self, row: GenRow) -> tuple[list[list[int]], _Hypotheses]:
+        """A RAG-Sequence request's prompts, one per kept passage (as RagDecoder encodes them)."""
+        g = self.g
+        enc = g.encode_pairs(row.question, row.passages, reserve=row.max_new_tokens)
+        scores = torch.tensor([list(row.scores)], dtype=torch.float32)  # [1, K]
+        log_prior = doc_prior(scores, self.min_prior).to(g.device)
+        pairs = torch.isfinite(log_prior).reshape(-1).nonzero().squeeze(-1)  # as rag_sequence
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        kept_ids, kept_mask = ids.index_select(0, pairs), mask.index_select(0, pairs)
+        prompts = [
+            r[m.bool()].tolist() for r, m in zip(kept_ids.cpu(), kept_mask.cpu(), strict=True)
+        ]
+        scorer: Runner | None = None
+        if row.decoding == "thorough":
+            # PEFT's adapter_names for the one scoring pass, as RagDecoder scores
+            kwargs = g.adapter_kwargs([row.adapter] * len(prompts))
+            model = g.model
+            if self._seq2seq:
+                start = int(g._hf.config.decoder_start_token_id)
+                pad = g.tokenizer.pad_token_id
+                scorer = Seq2SeqRunner(model, kept_ids, kept_mask, start, pad, kwargs)
+            else:
+                scorer = CausalRunner(model, kept_ids, kept_mask, g.tokenizer.pad_token_id, kwargs)
+        n = len(prompts)
+        seq = _Hypotheses(
+            log_prior,
+            pairs,
+            row.decoding,
+            rag_eos_id(g),
+            scorer,
+            list(range(n)),
+            [[] for _ in range(n)],
+            torch.zeros(n, device=g.device),
+        )
+        return prompts, seq
+
+    def _keep_encoder_states(self, rows: Sequence[_Row], state: _State) -> None:
+        """Give each "thorough" RAG-Sequence request's scorer its passages' encoder states
+        (the prefill's, cut to the request's own prompt width)."""
+        at = 0
+        for row in rows:
+            seq = row.seq
+            if seq is not None and isinstance(seq.scorer, Seq2SeqRunner):
+                assert state.enc_hidden is not None
+                width = seq.scorer.attention_mask.shape[1]
+                seq.scorer.encoder_states = state.enc_hidden[at : at + row.n, :width].clone()
+            at += row.n
 
     def _pairs(self, row: GenRow) -> tuple[list[list[int]], _Marginal]:
         """A RAG-Token request's prompts, one per kept passage (as RagDecoder encodes them)."""
@@ -519,38 +607,91 @@ class StepBatch:
             self._plan = cached
         return batched.rows(cached[2]), extra
 
-    def _advance(self, rows: Sequence[_Row], state: _State, logits: torch.Tensor) -> list[Finished]:
-        """Append each request's greedy token; the requests that end here, with their answers.
+    def _advance(
+        self, rows: Sequence[_Row], state: _State, logits: torch.Tensor
+    ) -> tuple[list[Finished], list[int]]:
+        """Append each request's greedy token; the requests that end here, with their answers,
+        and the batch rows that go on decoding.
 
         logits [rows' width, V]: a concat request's row gives its token (argmax, as generate()'s
         greedy search); a RAG-Token request's rows give one token for all of them (argmax of
-        the marginal, as rag_search.greedy_search)."""
+        the marginal, as rag_search.greedy_search); a RAG-Sequence request's rows each give
+        their own (argmax of the log-probs, the same search with one passage per group)."""
         chosen = logits.float().argmax(-1)  # [B]
         picks = chosen.tolist()
         eos = self.g.eos_ids
         finished: list[Finished] = []
+        keep: list[int] = []
         at = 0
         for row in rows:
-            rag = row.rag
+            n = row.n
+            rag, seq = row.rag, row.seq
+            if seq is not None:
+                going = self._advance_hypotheses(row, seq, logits[at : at + n], chosen, at)
+                if seq.open:
+                    keep += [at + i for i in going]
+                else:
+                    finished.append((row.key, self._rank(row, seq)))
+                at += n
+                continue
             if rag is None:
                 token = picks[at]
-                row.tokens.append(token)
-                if token in eos or len(row.tokens) >= row.limit:
+                ended = token in eos
+            else:
+                lp = torch.log_softmax(logits[at : at + n].float(), dim=-1)  # [K', V]
+                token = int(marginal(rag.prior, lp[None, None])[0, 0].argmax())
+                rag.doc_lp += lp[:, token]
+                chosen[at : at + n] = token
+                ended = token == rag.eos
+            row.tokens.append(token)
+            if ended or len(row.tokens) >= row.limit:
+                if rag is None:
                     decoded = self.g.decode_answer(torch.tensor(row.tokens))
                     finished.append((row.key, Answer(decoded.text, None, decoded.tokens)))
-                at += 1
-                continue
-            n = row.n
-            lp = torch.log_softmax(logits[at : at + n].float(), dim=-1)  # [K', V]
-            token = int(marginal(rag.prior, lp[None, None])[0, 0].argmax())
-            rag.doc_lp += lp[:, token]
-            chosen[at : at + n] = token
-            row.tokens.append(token)
-            if token == rag.eos or len(row.tokens) >= row.limit:
-                finished.append((row.key, _rag_answer(self.g, row, rag)))
+                else:
+                    finished.append((row.key, _rag_answer(self.g, row, rag)))
+            else:
+                keep += range(at, at + n)
             at += n
         state.last = chosen
-        return finished
+        return finished, keep
+
+    def _advance_hypotheses(
+        self, row: _Row, seq: _Hypotheses, logits: torch.Tensor, chosen: torch.Tensor, at: int
+    ) -> list[int]:
+        """One token for each open hypothesis of a RAG-Sequence request; the positions (among
+        its open rows) of those that go on. Ended ones close: their rows leave."""
+        lp = torch.log_softmax(logits.float(), dim=-1)  # [open, V]
+        going, still = [], []
+        for i, pair in enumerate(seq.open):
+            token = int(lp[i].argmax())
+            chosen[at + i] = token
+            seq.tokens[pair].append(token)
+            seq.logprob[pair] += lp[i, token]
+            if token != seq.eos and len(seq.tokens[pair]) < row.limit:
+                going.append(i)
+                still.append(pair)
+        seq.open = still
+        return going
+
+    def _rank(self, row: _Row, seq: _Hypotheses) -> Answer:
+        """A RAG-Sequence request's answer: its hypotheses marginalized (rag_sequence.rank)."""
+        g = self.g
+        n = len(seq.tokens)
+        width = max(len(t) for t in seq.tokens)
+        pad = g.tokenizer.pad_token_id
+        seqs = torch.full((n, 1, width), pad, dtype=torch.long, device=g.device)
+        for i, t in enumerate(seq.tokens):
+            seqs[i, 0, : len(t)] = torch.tensor(t, device=g.device)
+        lengths = torch.tensor([[len(t)] for t in seq.tokens], device=g.device)
+        logprob = seq.logprob[:, None]
+        hyps = Hypotheses(seqs, lengths, logprob, logprob[:, :, None], logprob / lengths)
+        with torch.inference_mode():
+            out = rank(
+                seq.scorer, seq.log_prior, seq.pairs, hyps, decoding=seq.decoding, pad_token_id=pad
+            )
+        decoded = g.decode_answer(out.sequences[0, : row.limit])
+        return Answer(decoded.text, out.doc_posterior[0].tolist(), decoded.tokens)
 
     def _merge(self, rows: list[_Row], new: _State) -> None:
         old = self._state
