@@ -1,13 +1,13 @@
-"""RAG-Token requests in the step batch vs run whole at a step boundary, in one process.
+"""RAG-Token/RAG-Sequence requests in the step batch vs run whole at a step boundary.
 
-The engine (app/engine/engine.py) with its StepBatch, fed open loop: --requests requests arrive
-at Poisson times (--rate per second, the same times for every variant of a round), half concat
-and half RAG-Token (--top-k demo passages each: RAG-Token reads each passage in its own row),
---max-new-tokens each, no adapter. Variants:
-- steps: RAG-Token requests join the running batch like concat rows (a row per passage,
-  marginalized at every step; the default);
-- whole: RAG-Token requests run whole at a step boundary through RagDecoder while the running
-  rows wait (what the engine did before; StepBatch(rag_token=False)).
+The engine (app/engine/engine.py) with its StepBatch, in one process, fed open loop:
+--requests requests arrive at Poisson times (--rate per second, the same times for every
+variant of a round), their modes taking turns from --mix (default concat,token), --top-k demo
+passages each (the RAG modes read each passage in its own row), --max-new-tokens each, no
+adapter. Variants:
+- steps: RAG requests join the running batch like concat rows (a row per passage; the default);
+- whole: RAG requests run whole at a step boundary through RagDecoder while the running rows
+  wait (what the engine did before; StepBatch(rag_token=False, rag_sequence=False)).
 Both keep max_batch_size --batch rows. The generator is serve_throughput's T5-small-shaped
 model with random weights and ByT5's byte vocabulary, which never emits EOS: every request
 decodes exactly --max-new-tokens tokens in every variant (answers are empty strings).
@@ -16,8 +16,8 @@ Rounds rotate the variants (A B, B A, ...). Printed per round and as medians: th
 (requests / time from the first arrival to the last answer) and p50/p99 latency per mode and
 over all requests; last, steps/whole ratios (latency: lower is better).
 
-    .venv/bin/python -m bench.token_steps [--requests 40] [--rate 2] [--rounds 3]
-        [--top-k 3] [--max-new-tokens 24] [--batch 16]
+    .venv/bin/python -m bench.rag_steps [--requests 40] [--rate 2] [--rounds 3]
+        [--top-k 3] [--max-new-tokens 24] [--batch 16] [--mix concat,token,sequence]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -65,21 +66,23 @@ def demo_passages() -> list[Passage]:
     return out
 
 
-def workload(n: int, top_k: int, tokens: int, seed: int) -> list[EngineRequest]:
+def workload(
+    n: int, top_k: int, tokens: int, mix: Sequence[Mode], seed: int
+) -> list[EngineRequest]:
     rng = random.Random(seed)
     passages = demo_passages()
     reqs = []
     for i in range(n):
         chosen = rng.sample(passages, top_k)
         scores = sorted((rng.uniform(0, 3) for _ in chosen), reverse=True)
-        mode: Mode = "token" if i % 2 else "concat"
+        mode = mix[i % len(mix)]
         question = f"What is {chosen[0].title}?"
         reqs.append(EngineRequest(question, chosen, None, tokens, mode, scores=scores))
     return reqs
 
 
 async def serve(
-    gen: Generator, reqs: list[EngineRequest], arrivals: list[float], *, rag_token: bool, batch: int
+    gen: Generator, reqs: list[EngineRequest], arrivals: list[float], *, rag: bool, batch: int
 ) -> tuple[float, dict[str, list[float]]]:
     """Seconds from the first arrival to the last answer, and latencies per mode."""
     engine = Engine(
@@ -87,10 +90,11 @@ async def serve(
         NoAdapters(),
         max_batch_size=batch,
         batch_wait_ms=2,
-        stepper=StepBatch(gen, rag_token=rag_token),
+        stepper=StepBatch(gen, rag_token=rag, rag_sequence=rag),
     )
     engine.start()
-    latencies: dict[str, list[float]] = {"concat": [], "token": [], "all": []}
+    modes = [*dict.fromkeys(r.mode for r in reqs), "all"]
+    latencies: dict[str, list[float]] = {m: [] for m in modes}
     start = time.perf_counter()
 
     async def one(req: EngineRequest, at: float) -> None:
@@ -115,14 +119,18 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mix", default="concat,token", help="modes, taking turns")
     args = ap.parse_args()
+    mix = [cast(Mode, m) for m in args.mix.split(",")]
+    if not set(mix) <= {"concat", "token", "sequence"}:
+        ap.error(f"--mix: unknown mode in {args.mix!r}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = t5_small_shaped(Path(tmp) / "t5")
         gen = load_generator(str(model), cache_dir=Path(tmp))
-    reqs = workload(args.requests, args.top_k, args.max_new_tokens, seed=0)
+    reqs = workload(args.requests, args.top_k, args.max_new_tokens, mix, seed=0)
     variants = {"steps": True, "whole": False}
-    asyncio.run(serve(gen, reqs[:4], [0.0] * 4, rag_token=True, batch=args.batch))  # warm-up
+    asyncio.run(serve(gen, reqs[:4], [0.0] * 4, rag=True, batch=args.batch))  # warm-up
     results: dict[str, list[tuple[float, dict[str, list[float]]]]] = {v: [] for v in variants}
     names = list(variants)
     for r in range(args.rounds):
@@ -131,7 +139,7 @@ def main() -> None:
         arrivals = [sum(gaps[: i + 1]) - gaps[0] for i in range(len(gaps))]
         for name in names[r % 2 :] + names[: r % 2]:
             wall, lat = asyncio.run(
-                serve(gen, reqs, arrivals, rag_token=variants[name], batch=args.batch)
+                serve(gen, reqs, arrivals, rag=variants[name], batch=args.batch)
             )
             results[name].append((wall, lat))
             print(
@@ -150,17 +158,18 @@ def main() -> None:
 
     print(
         f"requests={args.requests} rate={args.rate}/s top_k={args.top_k} "
-        f"max_new_tokens={args.max_new_tokens} batch={args.batch} rounds={args.rounds}"
+        f"max_new_tokens={args.max_new_tokens} batch={args.batch} rounds={args.rounds} "
+        f"mix={args.mix}"
     )
+    modes = [*dict.fromkeys(mix), "all"]
     for name in names:
         print(
             f"{name:5s}: {rps(name):.2f} req/s; "
             + "; ".join(
-                f"{m} p50 {med(name, m, 50):.2f} s p99 {med(name, m, 99):.2f} s"
-                for m in ("concat", "token", "all")
+                f"{m} p50 {med(name, m, 50):.2f} s p99 {med(name, m, 99):.2f} s" for m in modes
             )
         )
-    for m in ("concat", "token", "all"):
+    for m in modes:
         print(
             f"steps/whole {m}: p50 {med('steps', m, 50) / med('whole', m, 50):.2f}x, "
             f"p99 {med('steps', m, 99) / med('whole', m, 99):.2f}x"
