@@ -6,6 +6,9 @@ prompt, exactly 32 new tokens greedy. Each round runs every variant once, in a r
 (A B A B ...), so that load from other processes on a shared machine hits all variants alike;
 the figures are medians over rounds, tokens/s = rows * new tokens / wall time of generate().
 
+--gathered adds ours with the dense decoding steps off (every mixed batch through gathered
+rows), and prints ours / that per configuration: the A/B of the dense products.
+
 Distinct adapters per batch: 1, 4, 16 at batch 16 (rows take adapters round-robin), and 64 at
 batch 64 (every row its own adapter; a 16-row batch cannot hold 64), with its own base run.
 Printed per configuration: tokens/s by wall time and by CPU time (medians), the ratios to the
@@ -29,6 +32,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import T5Config, T5ForConditionalGeneration
 
+from app.lora import batched
 from app.lora.batched import BatchedLora
 
 NEW_TOKENS = 32
@@ -101,6 +105,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--distinct", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter")
+    ap.add_argument(
+        "--gathered",
+        action="store_true",
+        help="also run ours with the dense decoding steps off (gathered rows only), A/B",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,6 +129,14 @@ def main() -> None:
                 if mode == "peft":
                     return model.generate(**kw, adapter_names=names)
                 assert names is not None
+                if mode == "gathered":  # plan without the dense products
+                    dense, batched.DENSE_ROWS_PER_ADAPTER = batched.DENSE_ROWS_PER_ADAPTER, 10**9
+                    try:
+                        plan = fast.plan(names)
+                    finally:
+                        batched.DENSE_ROWS_PER_ADAPTER = dense
+                    with fast.rows(plan):
+                        return model.generate(**kw)
                 with fast.rows(names):
                     return model.generate(**kw)
 
@@ -135,6 +152,8 @@ def main() -> None:
             cases[f"base/b{batch}"] = run(batch, None, "base")
         cases[f"peft/{n}"] = run(batch, names, "peft")
         cases[f"ours/{n}"] = run(batch, names, "ours")
+        if args.gathered:
+            cases[f"gathered/{n}"] = run(batch, names, "gathered")
         rows.update({f"base/b{batch}": batch, f"peft/{n}": batch, f"ours/{n}": batch})
         # warm-up, and a check: random weights leave near-ties between logits, so float32
         # rounding may flip a greedy token; the logits themselves are checked in the tests
@@ -178,6 +197,11 @@ def main() -> None:
                 f"{tok / statistics.median(p):>7.1f} {tok / statistics.median(o):>7.1f} "
                 f"{p_ratio:>9.3f} {o_ratio:>9.3f} {agree[n]:>7.3f}"
             )
+        if args.gathered:
+            for n in args.distinct:
+                o, g = t[f"ours/{n}"], t[f"gathered/{n}"]
+                ratio = statistics.median(gi / oi for gi, oi in zip(g, o, strict=True))
+                print(f"{n:>8} distinct: ours / gathered-only (tokens/s) {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,40 @@ def test_beam_search_rows_follow_their_adapter(saved) -> None:
     assert torch.equal(got, ref)
 
 
+FEW = ["a", "b", BASE, "a", "a", "c", BASE, "b", "a"]  # 3 adapters in 9 rows: dense steps
+
+
+@pytest.mark.parametrize(("names", "beams"), [(FEW, 1), (["a", "b"] * 3, 1), (["a", "a", BASE], 3)])
+def test_decoding_steps_with_few_adapters_equal_peft(saved, names: list[str], beams: int) -> None:
+    """A decoding step of a batch with few distinct adapters (rows >= 3x adapters) takes the
+    dense products (D adapters side by side, a per-row mask): every step's logits equal PEFT's,
+    with scalings that differ between the adapters (FEW) or not, and under beam search, where
+    each row is repeated."""
+    model = load(saved)
+    kw = generate_kwargs(
+        inputs(model, len(names), seed=5),
+        num_beams=beams,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    lora = BatchedLora(model)
+    plan = lora.plan(names)
+    assert plan.dense_slots is not None
+    with torch.inference_mode():
+        ref = model.generate(**kw, adapter_names=names)
+        with lora.rows(plan):
+            got = model.generate(**kw)
+    assert plan._dense and plan._masks  # the steps used them
+    assert torch.equal(got.sequences, ref.sequences)
+    for step_got, step_ref in zip(got.logits, ref.logits, strict=True):
+        torch.testing.assert_close(step_got, step_ref, atol=ATOL, rtol=ATOL)
+
+
+def test_many_adapters_per_row_keep_the_gathered_products(saved) -> None:
+    plan = BatchedLora(load(saved)).plan(MIXED)  # 3 adapters in 6 rows
+    assert plan.dense_slots is None
+
+
 def test_plans_reused_across_calls_keep_their_rows(saved) -> None:
     """A plan is reused for many model calls (a decoding loop) while other plans come and go;
     each keeps its own rows' gathered weights."""
