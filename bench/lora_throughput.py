@@ -6,6 +6,9 @@ prompt, exactly 32 new tokens greedy. Each round runs every variant once, in a r
 (A B A B ...), so that load from other processes on a shared machine hits all variants alike;
 the figures are medians over rounds, tokens/s = rows * new tokens / wall time of generate().
 
+--planned adds ours with each configuration's plan (BatchedLora.plan: the rows' gathered A and B)
+made once before the rounds and reused by every call, as the step engine reuses a plan across
+the decoding steps of unchanged rows; printed as a ratio to the base.
 --gathered adds ours with the dense decoding steps off (every mixed batch through gathered
 rows), and prints ours / that per configuration: the A/B of the dense products.
 
@@ -33,7 +36,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import T5Config, T5ForConditionalGeneration
 
 from app.lora import batched
-from app.lora.batched import BatchedLora
+from app.lora.batched import BatchedLora, RowPlan
 
 NEW_TOKENS = 32
 TARGETS = ["q", "k", "v", "o", "wi", "wo"]
@@ -110,6 +113,11 @@ def main() -> None:
         action="store_true",
         help="also run ours with the dense decoding steps off (gathered rows only), A/B",
     )
+    ap.add_argument(
+        "--planned",
+        action="store_true",
+        help="also run ours with one plan made before the rounds and reused by every call",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -118,7 +126,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(2, 32000, (b, args.prompt_len), generator=gen) for b in (16, 64)}
 
+    plans: dict[tuple[str, ...], RowPlan] = {}
+
     def run(batch: int, names: list[str] | None, mode: str) -> Callable[[], torch.Tensor]:
+        if mode == "planned" and names is not None:
+            plans[tuple(names)] = fast.plan(names)
         ids = prompts[batch]  # the same prompts for every variant of a batch size
         kw = fixed_length(ids)
 
@@ -129,6 +141,9 @@ def main() -> None:
                 if mode == "peft":
                     return model.generate(**kw, adapter_names=names)
                 assert names is not None
+                if mode == "planned":  # the rows' plan (and its gathers) made once, reused
+                    with fast.rows(plans[tuple(names)]):
+                        return model.generate(**kw)
                 if mode == "gathered":  # plan without the dense products
                     dense, batched.DENSE_ROWS_PER_ADAPTER = batched.DENSE_ROWS_PER_ADAPTER, 10**9
                     try:
@@ -154,6 +169,8 @@ def main() -> None:
         cases[f"ours/{n}"] = run(batch, names, "ours")
         if args.gathered:
             cases[f"gathered/{n}"] = run(batch, names, "gathered")
+        if args.planned:
+            cases[f"planned/{n}"] = run(batch, names, "planned")
         rows.update({f"base/b{batch}": batch, f"peft/{n}": batch, f"ours/{n}": batch})
         # warm-up, and a check: random weights leave near-ties between logits, so float32
         # rounding may flip a greedy token; the logits themselves are checked in the tests
@@ -197,6 +214,12 @@ def main() -> None:
                 f"{tok / statistics.median(p):>7.1f} {tok / statistics.median(o):>7.1f} "
                 f"{p_ratio:>9.3f} {o_ratio:>9.3f} {agree[n]:>7.3f}"
             )
+        if args.planned:
+            for n in args.distinct:
+                batch = 64 if n > 16 else 16
+                b, o = t[f"base/b{batch}"], t[f"planned/{n}"]
+                ratio = statistics.median(bi / oi for bi, oi in zip(b, o, strict=True))
+                print(f"{n:>8} distinct: ours with a reused plan / base {ratio:.3f}")
         if args.gathered:
             for n in args.distinct:
                 o, g = t[f"ours/{n}"], t[f"gathered/{n}"]
