@@ -233,3 +233,31 @@ def test_a_rag_request_takes_a_row_per_passage_of_the_batch(client_factory, mode
     assert [r_long.json()["answer"], r_rag.json()["answer"]] == [a["answer"] for a in alone]
     assert t_rag > t_long  # it waited for the long row: 1 + 2 rows do not fit in 2
     assert max(widths) == 2 and 1 in widths
+
+
+def test_a_rag_request_wider_than_the_batch_runs_alone(client_factory) -> None:
+    """A RAG-Token request with more passages than max_batch_size rows is not refused or left
+    waiting: it runs as the only request of the batch."""
+    client = client_factory("t5", max_batch_size=2, batch_wait_ms=1, expect_wait_ms=0)
+    engine = slow_steps(client)
+    wide = {**body(1, tokens=4, mode="token"), "top_k": 3}
+    want = client.post("/ask", json=wide).json()
+    assert len(want["passages"]) == 3
+    widths: list[int] = []
+
+    async def run() -> list[tuple[float, Any]]:
+        async def watch() -> None:
+            while True:
+                widths.append(engine.running_rows)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await post_all(client, [(0.0, body(0, tokens=12)), (0.05, wide)])
+        finally:
+            watcher.cancel()
+
+    (_, first), (_, got) = client.portal.call(run)
+    assert first.status_code == 200 and got.status_code == 200
+    assert got.json()["answer"] == want["answer"]
+    assert max(widths) == 3 and 2 not in widths[widths.index(3) :]  # alone, after the first
