@@ -190,6 +190,40 @@ def test_rows_keep_their_answers_through_a_merge_and_an_unmerge(kind: str, tmp_p
     assert [done[0], done[1]] == want
 
 
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_a_rag_sequence_request_scored_while_merged(kind: str, tmp_path: Path) -> None:
+    """The merge policy merges the request's adapter between two steps and it is renamed None:
+    its "thorough" scoring pass runs on the merged weights without PEFT's adapter names, and
+    the answer is the adapter's (up to the merge's rounding)."""
+    model_dir = BUILDERS[kind](tmp_path)
+    save_lora_adapter(model_dir, tmp_path / "adapters" / "a", seed=1)
+    gen = load_generator(str(model_dir), cache_dir=tmp_path)
+    reg = AdapterRegistry(
+        gen,
+        tmp_path / "adapters",
+        policy=ResidencyPolicy(merge_single=True),
+        on_change=lambda m: sync_batched_lora(gen, m),
+    )
+    reg.install("a", reg.prepare("a"))
+    peft = reg.peft_name("a")
+    row = GenRow("Where is Alpha?", [P1, P2, P3], peft, 6, "sequence", scores=[1.0, 0.5, 0.2])
+    want = rag_alone(gen, [row])[0]
+    base = rag_alone(
+        gen, [GenRow(row.question, row.passages, None, 6, "sequence", scores=row.scores)]
+    )
+    assert want.weights != pytest.approx(base[0].weights, abs=1e-3)  # the adapter matters
+    batch = StepBatch(gen)
+    done = dict(batch.join([row], [0]))
+    done.update(batch.step())
+    reg.begin_batch(["a"])
+    assert reg.merged == "a"
+    batch.rename({0: None})
+    while len(batch):
+        done.update(batch.step())
+    assert (done[0].text, done[0].tokens) == (want.text, want.tokens)
+    assert done[0].weights == pytest.approx(want.weights, abs=1e-4)
+
+
 def test_unsupported_models_are_named(tmp_path: Path) -> None:
     from tests.tiny import tiny_t5
 

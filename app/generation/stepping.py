@@ -131,10 +131,12 @@ class _Hypotheses:
     pairs: torch.Tensor  # [P] the kept passages (rag_sequence's flat b*K + k, b = 0)
     decoding: Decoding
     eos: int
-    scorer: Runner | None  # scores hypotheses under every kept passage ("thorough")
+    prompt_ids: torch.Tensor  # [P, L] the kept passages' prompts (encode_pairs), for scoring
+    prompt_mask: torch.Tensor  # [P, L]
     open: list[int]  # the pairs still decoding, in batch-row order
     tokens: list[list[int]]  # [P] each pair's hypothesis so far
     logprob: torch.Tensor  # [P] log p(hypothesis so far | x, z)
+    encoder_states: torch.Tensor | None = None  # [P, L, d] seq2seq "thorough": from the prefill
 
 
 @dataclass
@@ -456,24 +458,14 @@ class StepBatch:
         prompts = [
             r[m.bool()].tolist() for r, m in zip(kept_ids.cpu(), kept_mask.cpu(), strict=True)
         ]
-        scorer: Runner | None = None
-        if row.decoding == "thorough":
-            # PEFT's adapter_names for the one scoring pass, as RagDecoder scores
-            kwargs = g.adapter_kwargs([row.adapter] * len(prompts))
-            model = g.model
-            if self._seq2seq:
-                start = int(g._hf.config.decoder_start_token_id)
-                pad = g.tokenizer.pad_token_id
-                scorer = Seq2SeqRunner(model, kept_ids, kept_mask, start, pad, kwargs)
-            else:
-                scorer = CausalRunner(model, kept_ids, kept_mask, g.tokenizer.pad_token_id, kwargs)
         n = len(prompts)
         seq = _Hypotheses(
             log_prior,
             pairs,
             row.decoding,
             rag_eos_id(g),
-            scorer,
+            kept_ids,
+            kept_mask,
             list(range(n)),
             [[] for _ in range(n)],
             torch.zeros(n, device=g.device),
@@ -481,16 +473,32 @@ class StepBatch:
         return prompts, seq
 
     def _keep_encoder_states(self, rows: Sequence[_Row], state: _State) -> None:
-        """Give each "thorough" RAG-Sequence request's scorer its passages' encoder states
-        (the prefill's, cut to the request's own prompt width)."""
+        """Keep each seq2seq "thorough" RAG-Sequence request's encoder states for its scoring
+        pass (the prefill's, cut to the request's own prompt width)."""
         at = 0
         for row in rows:
             seq = row.seq
-            if seq is not None and isinstance(seq.scorer, Seq2SeqRunner):
+            if seq is not None and seq.decoding == "thorough" and self._seq2seq:
                 assert state.enc_hidden is not None
-                width = seq.scorer.attention_mask.shape[1]
-                seq.scorer.encoder_states = state.enc_hidden[at : at + row.n, :width].clone()
+                width = seq.prompt_mask.shape[1]
+                seq.encoder_states = state.enc_hidden[at : at + row.n, :width].clone()
             at += row.n
+
+    def _scorer(self, row: _Row, seq: _Hypotheses) -> Runner | None:
+        """What scores a "thorough" request's hypotheses under its passages, with the row's
+        adapter as it is named now (a merge between two steps renames it) and PEFT's
+        adapter_names, as RagDecoder scores."""
+        if seq.decoding != "thorough":
+            return None
+        g = self.g
+        kwargs = g.adapter_kwargs([row.adapter] * len(seq.tokens))
+        pad = g.tokenizer.pad_token_id
+        if not self._seq2seq:
+            return CausalRunner(g.model, seq.prompt_ids, seq.prompt_mask, pad, kwargs)
+        start = int(g._hf.config.decoder_start_token_id)
+        runner = Seq2SeqRunner(g.model, seq.prompt_ids, seq.prompt_mask, start, pad, kwargs)
+        runner.encoder_states = seq.encoder_states
+        return runner
 
     def _pairs(self, row: GenRow) -> tuple[list[list[int]], _Marginal]:
         """A RAG-Token request's prompts, one per kept passage (as RagDecoder encodes them)."""
@@ -688,7 +696,12 @@ class StepBatch:
         hyps = Hypotheses(seqs, lengths, logprob, logprob[:, :, None], logprob / lengths)
         with torch.inference_mode():
             out = rank(
-                seq.scorer, seq.log_prior, seq.pairs, hyps, decoding=seq.decoding, pad_token_id=pad
+                self._scorer(row, seq),
+                seq.log_prior,
+                seq.pairs,
+                hyps,
+                decoding=seq.decoding,
+                pad_token_id=pad,
             )
         decoded = g.decode_answer(out.sequences[0, : row.limit])
         return Answer(decoded.text, out.doc_posterior[0].tolist(), decoded.tokens)
