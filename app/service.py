@@ -51,6 +51,10 @@ class AskParams:
     mode: Mode | None = None  # None: the adapter's task default, else the service's
     decoding: Decoding = "thorough"
     index: str | None = None  # a named index; None: the active one
+    # streaming (called on the event loop): the retrieved passages once they are known, and
+    # the answer's text so far as it grows (EngineRequest.on_text)
+    on_hits: Callable[[list[Hit]], None] | None = None
+    on_text: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +194,8 @@ class RagService:
             asker = params.adapter if task is not None else None
             hits = await self._retrievals.submit((top_k, params.index, asker), params.question)
             t1 = time.perf_counter()
+            if params.on_hits is not None:
+                params.on_hits(hits)
             return await self._generate(params, lease, mode, hits, expected, t0, t1)
 
     async def _generate(
@@ -211,6 +217,7 @@ class RagService:
             decoding=params.decoding,
             scores=[h.score for h in hits],
             lease=lease,
+            on_text=params.on_text,
         )
         result = await self.engine.generate(request, timeout_s=self._timeout_s, expected=expected)
         t2 = time.perf_counter()

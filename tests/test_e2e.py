@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -86,6 +87,20 @@ def test_real_models_answer_cite_and_take_adapters(index_root: Path, tmp_path: P
         assert httpx.delete(f"{url}/adapters/demo", timeout=60).status_code == 204
         again = httpx.post(f"{url}/ask", json=q, timeout=120).json()
         assert again["answer"] == base["answer"]
+        # streamed over TCP: the answer in several pieces that join into the same answer
+        pieces, done = [], None
+        with httpx.stream("POST", f"{url}/ask", json={**q, "stream": True}, timeout=120) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            kind = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[len("event: ") :]
+                elif line.startswith("data: ") and kind == "token":
+                    pieces.append(json.loads(line[len("data: ") :])["text"])
+                elif line.startswith("data: ") and kind == "done":
+                    done = json.loads(line[len("data: ") :])
+        assert len(pieces) > 3 and done is not None
+        assert "".join(pieces) == done["answer"] == base["answer"]
         metrics = httpx.get(f"{url}/metrics").text
         assert 'route="/ask"' in metrics
 

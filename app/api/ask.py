@@ -1,21 +1,48 @@
-"""POST /ask: retrieve, generate, cite."""
+"""POST /ask: retrieve, generate, cite; answered whole, or streamed as server-sent events."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import ApiDep, ServiceDep, StateDep
 from app.api.disconnect import unless_disconnected
+from app.api.errors import status_for
 from app.api.schemas import AskRequest, AskResponse, PassageOut, Timings
-from app.service import AskParams
+from app.errors import LoragError
+from app.retrieval.types import Hit
+from app.service import AskParams, AskResult
 
 router = APIRouter(tags=["ask"])
+log = logging.getLogger(__name__)
+
+STREAM_DOC = """With `"stream": true` the answer comes as server-sent events (text/event-stream):
+`passages` once retrieval is done (each passage with its retrieval score), then `token` events
+({"text": ...}, pieces that join into the answer) as the answer is decoded, and last `done`, the
+whole response as without streaming (answer, passage weights, adapter version, timings). An
+error after the stream began comes as an `error` event ({"status": ..., "detail": ...});
+errors found before it (an unknown adapter, a bad index) are plain 4xx responses. RAG-Sequence
+answers, and answers decoded in whole batches, arrive in one `token` event at the end."""
 
 
-@router.post("/ask", response_model=AskResponse, dependencies=[ApiDep])
+@router.post(
+    "/ask",
+    response_model=AskResponse,
+    dependencies=[ApiDep],
+    description=STREAM_DOC,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
 async def ask(
     body: AskRequest, request: Request, service: ServiceDep, state: StateDep
-) -> AskResponse:
+) -> AskResponse | StreamingResponse:
     settings = state.settings
     params = AskParams(
         question=body.question,
@@ -26,8 +53,14 @@ async def ask(
         decoding=body.decoding,
         index=body.index,
     )
+    if body.stream:
+        return await _stream(body, request, service, state, params)
     # a client that leaves takes its row out of the engine's queue (app/api/disconnect.py)
     result = await unless_disconnected(request, service.ask(params))
+    return _respond(body, request, state, result)
+
+
+def _respond(body: AskRequest, request: Request, state: Any, result: AskResult) -> AskResponse:
     labels = (body.adapter or "__base__", result.mode)
     state.metrics.ask_latency.labels(*labels).observe(result.timings_ms["total"] / 1000)
     state.metrics.generated_tokens.labels(*labels).inc(result.generated_tokens)
@@ -50,4 +83,90 @@ async def ask(
         timings_ms=Timings(**result.timings_ms),
         generated_tokens=result.generated_tokens,
         request_id=request.state.request_id,
+    )
+
+
+def _event(kind: str, data: Any) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _delta(sent: str, text: str) -> str:
+    """What text adds to the part of the answer already sent: nothing unless text extends it;
+    a trailing replacement character (a character whose bytes are still arriving) waits."""
+    text = text.rstrip("\ufffd")
+    return text[len(sent) :] if text.startswith(sent) else ""
+
+
+async def _stream(
+    body: AskRequest, request: Request, service: Any, state: Any, params: AskParams
+) -> StreamingResponse:
+    events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def on_hits(hits: list[Hit]) -> None:
+        events.put_nowait(("hits", hits))
+
+    def on_text(text: str) -> None:
+        events.put_nowait(("text", text))
+
+    work = asyncio.ensure_future(service.ask(replace(params, on_hits=on_hits, on_text=on_text)))
+    # errors found before retrieval ends (unknown adapter or index, empty question) are plain
+    # 4xx responses, raised here; after that, the stream has begun
+    first = asyncio.ensure_future(events.get())
+    await asyncio.wait({work, first}, return_when=asyncio.FIRST_COMPLETED)
+    if not first.done():
+        first.cancel()
+        work.result()  # raises the error (the service always reports its passages first)
+        raise RuntimeError("the answer came without its passages")
+    _, hits = first.result()
+
+    async def stream() -> AsyncIterator[str]:
+        sent = ""
+        try:
+            yield _event(
+                "passages",
+                [
+                    {
+                        "id": h.passage.id,
+                        "doc_id": h.passage.doc_id,
+                        "title": h.passage.title,
+                        "text": h.passage.text,
+                        "score": h.score,
+                    }
+                    for h in hits
+                ],
+            )
+            while True:
+                get = asyncio.ensure_future(events.get())
+                await asyncio.wait({work, get}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    break
+                piece = _delta(sent, get.result()[1])
+                if piece:
+                    sent += piece
+                    yield _event("token", {"text": piece})
+            try:
+                result = work.result()
+            except LoragError as exc:
+                yield _event("error", {"status": status_for(exc), "detail": str(exc)})
+                return
+            except Exception:
+                log.exception("a streamed answer failed")
+                yield _event("error", {"status": 500, "detail": "Internal Server Error"})
+                return
+            rest = _delta(sent, result.answer)
+            if rest:
+                yield _event("token", {"text": rest})
+            response = _respond(body, request, state, result)
+            yield _event("done", response.model_dump(mode="json"))
+        finally:
+            if not work.done():  # the client left: its row leaves the engine
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -41,6 +41,11 @@ class AskRequest(BaseModel):
         pattern=INDEX_NAME,
         description="A named index under the index root; default: the active one (GET /index).",
     )
+    stream: bool = Field(
+        False,
+        description="Answer as server-sent events: passages, then the answer's text as it is "
+        "decoded, then the whole response (see POST /ask).",
+    )
 
     _check_question = field_validator("question")(_no_control_chars)
 

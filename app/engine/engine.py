@@ -91,6 +91,9 @@ class EngineRequest:
     decoding: Decoding = "thorough"
     scores: Sequence[float] = ()
     lease: Lease | None = None
+    # called on the event loop with the answer's text so far, as it grows, while the request
+    # decodes in the step batch (concat, RAG-Token); never for rows run whole
+    on_text: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if (self.adapter is None) != (self.lease is None):
@@ -102,6 +105,7 @@ class _GenItem:
     request: EngineRequest
     future: asyncio.Future[EngineResult]
     enqueued: float = field(default_factory=time.perf_counter)
+    streamed: str = ""  # the text last handed to request.on_text
 
 
 @dataclass
@@ -493,8 +497,9 @@ class Engine:
             return
         for key, version in zip(keys, versions, strict=True):
             running[key] = (admitted[key], version)
-        self._finish(loop, finished, running)
         self._record(loop, len(rows), time.perf_counter() - started, joined=was_running)
+        self._finish(loop, finished, running)
+        self._stream(loop, stepper, running)
 
     def _step(
         self,
@@ -511,8 +516,9 @@ class Engine:
                 item, _ = running.pop(key)  # type: ignore[call-overload]  # keys are ours
                 self._settle(loop, item, exc)
             return
-        self._finish(loop, finished, running)
         loop.call_soon_threadsafe(self._count_step)
+        self._finish(loop, finished, running)
+        self._stream(loop, stepper, running)
 
     def _finish(
         self,
@@ -523,6 +529,22 @@ class Engine:
         for key, answer in finished:
             item, version = running.pop(key)
             self._settle(loop, item, EngineResult(answer, version))
+
+    def _stream(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stepper: StepBatch,
+        running: dict[int, tuple[_GenItem, str | None]],
+    ) -> None:
+        """Hand each streaming request's text so far to its on_text (when it grew)."""
+        for key, (item, _) in running.items():
+            on_text = item.request.on_text
+            if on_text is None or item.future.done():
+                continue
+            text = stepper.text_of(key)
+            if text is not None and text != item.streamed:
+                item.streamed = text
+                loop.call_soon_threadsafe(on_text, text)
 
     def _rename(self, stepper: StepBatch, running: dict[int, tuple[_GenItem, str | None]]) -> None:
         """Re-read the PEFT name of every running row's version (None while merged)."""

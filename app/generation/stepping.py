@@ -354,6 +354,17 @@ class StepBatch:
     def keys(self) -> list[Hashable]:
         return [r.key for r in self._rows]
 
+    def text_of(self, key: Hashable) -> str | None:
+        """The answer so far of a running request, as its final answer will begin (concat and
+        RAG-Token: greedy tokens are final once chosen); None for RAG-Sequence, whose answer is
+        chosen at the end, and for a key not running."""
+        for row in self._rows:
+            if row.key == key:
+                if row.seq is not None:
+                    return None
+                return self.g.decode_answer(torch.tensor(row.tokens)).text
+        return None
+
     @property
     def adapters(self) -> list[str | None]:
         """The PEFT adapter name of every batch row."""
