@@ -118,6 +118,7 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
         expect_wait_ms=settings.expect_wait_ms,
         on_batch=state.metrics.observe_batch,
         stepper=_step_batch(components.generator, settings) if settings.step_batching else None,
+        prefill_tokens_per_step=settings.prefill_tokens_per_step,
     )
     engine.start()
     state.components = components

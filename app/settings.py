@@ -78,7 +78,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0)
 
     # engine
-    max_batch_size: int = Field(8, ge=1, description="Most requests decoded together.")
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Most rows decoded together (a RAG-Token or RAG-Sequence request takes one "
+        "per passage).",
+    )
     batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill.")
     expect_wait_ms: float = Field(
         200.0,
@@ -88,8 +93,16 @@ class Settings(BaseSettings):
     )
     step_batching: bool = Field(
         True,
-        description="Step-level batching: concat requests join a running batch between decoding "
+        description="Step-level batching: requests join a running batch between decoding "
         "steps and leave when their answer ends (off: every batch decodes to its longest answer).",
+    )
+    prefill_tokens_per_step: int = Field(
+        1024,
+        ge=0,
+        description="Step-level batching: most prompt tokens prefilled between two decoding steps "
+        "while rows are decoding (more joiners wait for the next step boundary), which bounds "
+        "the pause a burst of arrivals puts between two tokens of a running answer; at least "
+        "one request joins at each boundary. 0: no limit.",
     )
 
     # security

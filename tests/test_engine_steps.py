@@ -261,3 +261,42 @@ def test_a_rag_request_wider_than_the_batch_runs_alone(client_factory) -> None:
     assert first.status_code == 200 and got.status_code == 200
     assert got.json()["answer"] == want["answer"]
     assert max(widths) == 3 and 2 not in widths[widths.index(3) :]  # alone, after the first
+
+
+@pytest.mark.parametrize("budget", [0, 1])
+def test_the_prefill_budget_puts_decoding_steps_between_joiners(client_factory, budget) -> None:
+    """LORAG_PREFILL_TOKENS_PER_STEP: while a row decodes, a burst of arrivals joins a budget's
+    worth of prompt tokens at a time (at least one request) with a decoding step between, not
+    all in one prefill; without a limit (0) the burst joins together."""
+    client = client_factory(
+        "t5", prefill_tokens_per_step=budget, max_batch_size=8, batch_wait_ms=1, expect_wait_ms=0
+    )
+    engine = slow_steps(client)
+    stepper = engine._stepper
+    log: list[object] = []
+    join, step = stepper.join, stepper.step
+
+    def logged_join(rows, keys):
+        log.append(len(rows))
+        return join(rows, keys)
+
+    def logged_step():
+        log.append("step")
+        return step()
+
+    stepper.join, stepper.step = logged_join, logged_step
+    burst = [body(i, tokens=3) for i in range(1, 5)]
+    alone = [client.post("/ask", json=b).json()["answer"] for b in burst]
+    log.clear()
+    done = client.portal.call(
+        post_all, client, [(0.0, body(0, tokens=40))] + [(0.2, b) for b in burst]
+    )
+    assert [r.json()["answer"] for _, r in done[1:]] == alone
+    joins = [i for i, e in enumerate(log) if e != "step"][1:]  # after the long row's own
+    sizes = [log[i] for i in joins]
+    assert sum(sizes) == 4
+    if budget:
+        assert sizes == [1, 1, 1, 1]
+        assert all(log[a + 1] == "step" for a in joins)  # a step after every joiner
+    else:
+        assert max(sizes) >= 2  # the burst joined together

@@ -156,9 +156,11 @@ class Engine:
         expect_wait_ms: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
         stepper: StepBatch | None = None,
+        prefill_tokens_per_step: int = 0,
     ) -> None:
         self._decoder = decoder
         self._stepper = stepper
+        self._prefill_budget = prefill_tokens_per_step  # 0: no limit
         # step-level sessions: items handed to a running session, and whether one runs
         self._lock = threading.Lock()
         self._inbox: deque[_GenItem | _OpItem] = deque()
@@ -427,6 +429,8 @@ class Engine:
             joiners: list[_GenItem] = []
             whole: list[_GenItem] = []
             width = stepper.width  # batch rows, running and joining
+            tokens = 0  # prompt tokens of the joiners, against the budget while rows decode
+            budget = self._prefill_budget if running else 0
             while backlog and isinstance(backlog[0], _GenItem):
                 item = backlog[0]
                 if item.future.done():  # cancelled while it waited
@@ -437,6 +441,13 @@ class Engine:
                     need = stepper.rows_for(req.mode, len(req.passages))
                     if width + need > self._max_batch and (running or joiners):
                         break  # full: it waits for rows to leave, and so does what follows
+                    if budget:
+                        cost = stepper.prompt_tokens(
+                            req.question, req.passages, req.max_new_tokens, req.mode
+                        )
+                        if joiners and tokens + cost > budget:
+                            break  # the running rows decode a step before the next joiners
+                        tokens += cost
                     joiners.append(item)
                     width += need
                 elif len(whole) < self._max_batch:

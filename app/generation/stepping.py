@@ -70,6 +70,7 @@ from app.generation.rag_search import Hypotheses, marginal
 from app.generation.rag_sequence import check_decoding, rank
 from app.generation.types import Decoding, GenRow
 from app.lora.batched import RowPlan
+from app.retrieval.types import Passage
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,20 @@ class StepBatch:
     @property
     def keys(self) -> list[Hashable]:
         return [r.key for r in self._rows]
+
+    def prompt_tokens(
+        self, question: str, passages: Sequence[Passage], max_new_tokens: int, mode: str
+    ) -> int:
+        """The tokens join() would prefill for such a request: its prompt (concat), or its
+        passages' prompts padded to the longest (the RAG modes; pruning not counted)."""
+        g = self.g
+        if mode == "concat":
+            limit = g.max_input_tokens(max_new_tokens)
+            return len(g._tokenize(g.prompt(question, passages, max_new_tokens), limit))
+        if not passages:
+            return 0
+        enc = g.encode_pairs(question, passages, reserve=max_new_tokens)
+        return int(enc["input_ids"].numel())
 
     def text_of(self, key: Hashable) -> str | None:
         """The answer so far of a running request, as its final answer will begin (concat and
