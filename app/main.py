@@ -119,6 +119,8 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
         on_batch=state.metrics.observe_batch,
         stepper=_step_batch(components.generator, settings) if settings.step_batching else None,
         prefill_tokens_per_step=settings.prefill_tokens_per_step,
+        on_first_token=state.metrics.first_token.observe,
+        on_token_gap=state.metrics.token_gap.observe,
     )
     engine.start()
     state.components = components

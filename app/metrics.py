@@ -48,6 +48,19 @@ class Metrics:
         self.batch_seconds = Histogram(
             "lorag_batch_seconds", "Generation time per batch", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.first_token = Histogram(
+            "lorag_time_to_first_token_seconds",
+            "Step batch: from a request reaching the engine to its first token (its prefill)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_gap = Histogram(
+            "lorag_token_gap_seconds",
+            "Step batch: time between two tokens of the running answers (a decoding step, and "
+            "the joiners' prefill before it)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("lorag_queue_depth", "Items waiting for the model", registry=r)
         self.running_rows = Gauge(
             "lorag_running_rows",

@@ -300,3 +300,21 @@ def test_the_prefill_budget_puts_decoding_steps_between_joiners(client_factory, 
         assert all(log[a + 1] == "step" for a in joins)  # a step after every joiner
     else:
         assert max(sizes) >= 2  # the burst joined together
+
+
+def test_first_token_and_token_gap_metrics(client_factory) -> None:
+    """/metrics: each step-batched request's time to its first token, and the gaps between
+    two tokens of running answers (at least the slowed step each)."""
+    client = client_factory("t5", batch_wait_ms=1, expect_wait_ms=0)
+    slow_steps(client)
+    client.portal.call(post_all, client, [(0.0, body(0, tokens=10)), (0.05, body(1, tokens=4))])
+    text = client.get("/metrics").text
+
+    def sample(name: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith(name + " "))
+        return float(line.split()[-1])
+
+    assert sample("lorag_time_to_first_token_seconds_count") == 2
+    gaps = sample("lorag_token_gap_seconds_count")
+    assert gaps >= 8  # about one per step of the 10-token answer
+    assert sample('lorag_token_gap_seconds_bucket{le="0.01"}') == 0  # no step under 20 ms

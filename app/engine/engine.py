@@ -157,10 +157,17 @@ class Engine:
         on_batch: Callable[[int, float], None] | None = None,
         stepper: StepBatch | None = None,
         prefill_tokens_per_step: int = 0,
+        on_first_token: Callable[[float], None] | None = None,
+        on_token_gap: Callable[[float], None] | None = None,
     ) -> None:
         self._decoder = decoder
         self._stepper = stepper
         self._prefill_budget = prefill_tokens_per_step  # 0: no limit
+        # step batch latencies (event loop): a request's wait for its first token; the time
+        # between two tokens of the running answers (two decoding steps, and any joins between)
+        self._on_first_token = on_first_token
+        self._on_token_gap = on_token_gap
+        self._last_step: float | None = None  # model thread
         # step-level sessions: items handed to a running session, and whether one runs
         self._lock = threading.Lock()
         self._inbox: deque[_GenItem | _OpItem] = deque()
@@ -384,6 +391,7 @@ class Engine:
         """
         stepper = self._stepper
         assert stepper is not None
+        self._last_step = None
         backlog: deque[_GenItem | _OpItem] = deque()
         running: dict[int, tuple[_GenItem, str | None]] = {}  # id(item) -> (item, version)
         try:
@@ -506,9 +514,12 @@ class Engine:
             for key in keys:
                 self._settle(loop, admitted[key], exc)
             return
+        now = time.perf_counter()
         for key, version in zip(keys, versions, strict=True):
             running[key] = (admitted[key], version)
-        self._record(loop, len(rows), time.perf_counter() - started, joined=was_running)
+            if self._on_first_token is not None:
+                loop.call_soon_threadsafe(self._on_first_token, now - admitted[key].enqueued)
+        self._record(loop, len(rows), now - started, joined=was_running)
         self._finish(loop, finished, running)
         self._stream(loop, stepper, running)
 
@@ -528,7 +539,11 @@ class Engine:
                 self._settle(loop, item, exc)
             return
         loop.call_soon_threadsafe(self._count_step)
+        now = time.perf_counter()
+        if self._on_token_gap is not None and self._last_step is not None:
+            loop.call_soon_threadsafe(self._on_token_gap, now - self._last_step)
         self._finish(loop, finished, running)
+        self._last_step = now if running else None  # nobody waits for the next step
         self._stream(loop, stepper, running)
 
     def _finish(
