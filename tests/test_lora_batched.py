@@ -225,6 +225,22 @@ def test_decoding_steps_with_few_adapters_equal_peft(saved, names: list[str], be
         torch.testing.assert_close(step_got, step_ref, atol=ATOL, rtol=ATOL)
 
 
+def test_dense_steps_without_a_cache_equal_peft(saved) -> None:
+    model = load(saved)
+    kw = generate_kwargs(inputs(model, len(FEW), seed=6), output_logits=True)
+    kw["return_dict_in_generate"] = True
+    lora = BatchedLora(model, gather_cache_bytes=0)
+    plan = lora.plan(FEW)
+    assert plan.dense_slots is not None and not plan.cache_dense
+    with torch.inference_mode():
+        ref = model.generate(**kw, adapter_names=FEW)
+        with lora.rows(plan):
+            got = model.generate(**kw)
+    assert not plan._dense  # nothing kept
+    for step_got, step_ref in zip(got.logits, ref.logits, strict=True):
+        torch.testing.assert_close(step_got, step_ref, atol=ATOL, rtol=ATOL)
+
+
 def test_many_adapters_per_row_keep_the_gathered_products(saved) -> None:
     plan = BatchedLora(load(saved)).plan(MIXED)  # 3 adapters in 6 rows
     assert plan.dense_slots is None

@@ -27,7 +27,7 @@ row j the adapter of row j // k, while the encoder of a seq2seq model still sees
 
 The trade-off: the stacks duplicate the adapters' weights, and the per-call gather cache holds
 B rows' A and B for every layer (bounded by `gather_cache_bytes`; beyond it rows are gathered at
-each step instead).
+each step instead); the dense products' cache, the D adapters' A and B, likewise.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class _Batch:
     epoch: int = 0  # BatchedLora.epoch when planned: a refresh makes the plan stale
     # the batch's distinct adapter slots (no base), when decoding steps use the dense products
     dense_slots: torch.Tensor | None = None
+    cache_dense: bool = True  # keep their A and B for the plan (within gather_cache_bytes)
     _index: dict[int, torch.Tensor] = field(default_factory=dict)
     _names: dict[int, list[str]] = field(default_factory=dict)
     _gathered: dict[tuple[int, int], Gathered] = field(default_factory=dict)
@@ -151,7 +152,8 @@ class _Batch:
             a = stack.a.index_select(0, self.dense_slots)
             b = stack.b.index_select(0, self.dense_slots)
             got = (a.view(-1, a.shape[-1]), b.view(-1, b.shape[-1]))
-            self._dense[i] = got
+            if self.cache_dense:
+                self._dense[i] = got
         return got
 
     def mask(self, i: int, stack: LayerStack, n: int, scaled: bool) -> torch.Tensor:
@@ -357,6 +359,7 @@ class BatchedLora:
         dense = None
         if mode == "mixed" and len(names) >= DENSE_ROWS_PER_ADAPTER * len(adapters):
             dense = torch.tensor(adapters, dtype=torch.long, device=device)
+        cache_dense = len(adapters) * self._slot_bytes <= self.gather_cache_bytes
         return _Batch(
             names,
             slots,
@@ -367,6 +370,7 @@ class BatchedLora:
             cache_gathers=cache,
             epoch=self.epoch,
             dense_slots=dense,
+            cache_dense=cache_dense,
         )
 
 
