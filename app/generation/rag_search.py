@@ -110,85 +110,106 @@ def beam_search(
     """
     groups, k = log_prior.shape
     device = log_prior.device
+    search = [
+        BeamGroup(k, num_beams, eos_token_id, pad_token_id, length_penalty, device)
+        for _ in range(groups)
+    ]
     lp = runner.start()
-    n = 1  # open beams per group; grows to num_beams after the first step
-    beams = _Beams([[[]] for _ in range(groups)], torch.zeros(groups, 1, k, device=device))
-    alive_score = torch.zeros(groups, 1, device=device)
-    done: list[list[_Done]] = [[] for _ in range(groups)]
-    closed = [False] * groups
     for t in range(max_new_tokens):
+        n = search[0].n
         lp4 = lp.view(groups, n, k, -1)
-        vocab = lp4.shape[-1]
-        cand = (alive_score[:, :, None] + marginal(log_prior, lp4)).view(groups, -1)
-        top_val, top_idx = cand.topk(min(2 * num_beams, cand.shape[1]), dim=1)  # [G, 2N]
-        ranked = [
-            [(i // vocab, i % vocab, v) for i, v in zip(idx, val, strict=True)]
-            for idx, val in zip(top_idx.tolist(), top_val.tolist(), strict=True)
-        ]
-        src, toks, scores, docs, seqs = [], [], [], [], []
-        for g in range(groups):
-            picked: list[tuple[int, int, float]] = [(0, pad_token_id, 0.0)] * num_beams
-            if not closed[g]:  # a closed group's rows stay busy with padding, nothing is kept
-                picked = _pick(ranked[g], beams, lp4, g, done[g], num_beams, eos_token_id,
-                               length_penalty)  # fmt: skip
-                best_open = picked[0][2] / (t + 1) ** length_penalty
-                closed[g] = len(done[g]) >= num_beams and done[g][-1].score >= best_open
-            for beam, tok, val in picked:
+        src, toks = [], []
+        for g, group in enumerate(search):
+            for beam, tok in group.advance(log_prior[g], lp4[g]):
                 src.append((g * n + beam) * k + torch.arange(k, device=device))
                 toks.append(tok)
-                scores.append(val)
-                docs.append(beams.doc[g, beam] + lp4[g, beam, :, tok])
-                seqs.append([*beams.tokens[g][beam], tok])
-        n = num_beams
-        beams = _Beams([seqs[g * n : (g + 1) * n] for g in range(groups)], torch.stack(docs))
-        beams.doc = beams.doc.view(groups, n, k)
-        alive_score = torch.tensor(scores, device=device).view(groups, n)
-        if all(closed) or t == max_new_tokens - 1:
+        if all(group.closed for group in search) or t == max_new_tokens - 1:
             break
         tokens = torch.tensor(toks, device=device).repeat_interleave(k)
         lp = runner.step(tokens, torch.cat(src))
-    for g in range(groups):
-        if closed[g]:
-            continue
-        for beam in range(n):  # out of length: open beams compete as they are
-            seq = beams.tokens[g][beam]
-            val = float(alive_score[g, beam])
-            done[g].append(_Done(val / len(seq) ** length_penalty, val, seq, beams.doc[g, beam]))
-        done[g].sort(key=lambda d: -d.score)
-    return _pack(done, num_return, pad_token_id, device)
+    return _pack([group.finish() for group in search], num_return, pad_token_id, device)
 
 
-@dataclass(slots=True)
-class _Beams:
-    tokens: list[list[list[int]]]  # [G][n] generated tokens of each open beam
-    doc: Tensor  # [G, n, K] per-passage log-probs of those tokens
+class BeamGroup:
+    """One group's beam search (beam_search above), a step at a time: what a step batch runs
+    for one request, and beam_search for each of its groups."""
 
+    def __init__(
+        self,
+        k: int,
+        num_beams: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        length_penalty: float,
+        device: torch.device,
+    ) -> None:
+        self.num_beams = num_beams
+        self.eos = eos_token_id
+        self.pad = pad_token_id
+        self.length_penalty = length_penalty
+        self.n = 1  # open beams; num_beams after the first step
+        self.tokens: list[list[int]] = [[]]  # [n] generated tokens of each open beam
+        self.doc = torch.zeros(1, k, device=device)  # [n, K] per-passage log-probs of those
+        self.alive = torch.zeros(1, device=device)  # [n] marginal log-prob of each open beam
+        self.done: list[_Done] = []
+        self.closed = False  # holds num_beams finished ones no open beam can beat
+        self.t = 0  # steps taken
 
-def _pick(
-    ranked: list[tuple[int, int, float]],  # top 2N (beam, token, score), best first
-    beams: _Beams,
-    lp4: Tensor,  # [G, n, K, V]
-    g: int,
-    done: list[_Done],
-    num_beams: int,
-    eos_token_id: int,
-    length_penalty: float,
-) -> list[tuple[int, int, float]]:
-    """Split one group's candidates into finished hypotheses (into `done`) and next beams."""
-    picked: list[tuple[int, int, float]] = []
-    for rank, (beam, tok, val) in enumerate(ranked):
-        if tok == eos_token_id:
-            if rank < num_beams:  # an EOS counts only when it ranks within the beam width
-                doc = beams.doc[g, beam] + lp4[g, beam, :, tok]
-                seq = [*beams.tokens[g][beam], tok]
-                done.append(_Done(val / len(seq) ** length_penalty, val, seq, doc))
-        else:
-            picked.append((beam, tok, val))
-        if len(picked) == num_beams:
-            break
-    done.sort(key=lambda d: -d.score)
-    del done[num_beams:]
-    return picked
+    def advance(self, log_prior: Tensor, lp: Tensor) -> list[tuple[int, int]]:
+        """One step from log_prior [K] and the open beams' rows' log-probs lp [n, K, V]: the
+        (open beam, token) each of the num_beams next beams continues. A closed group's rows
+        continue beam 0 with padding, which nothing reads."""
+        vocab = lp.shape[-1]
+        cand = (self.alive[:, None] + marginal(log_prior[None], lp[None])[0]).view(-1)
+        top_val, top_idx = cand.topk(min(2 * self.num_beams, cand.shape[0]))  # [2N]
+        ranked = [
+            (i // vocab, i % vocab, v)
+            for i, v in zip(top_idx.tolist(), top_val.tolist(), strict=True)
+        ]
+        picked: list[tuple[int, int, float]] = [(0, self.pad, 0.0)] * self.num_beams
+        if not self.closed:
+            picked = self._pick(ranked, lp)
+            best_open = picked[0][2] / (self.t + 1) ** self.length_penalty
+            self.closed = len(self.done) >= self.num_beams and self.done[-1].score >= best_open
+        self.doc = torch.stack([self.doc[beam] + lp[beam, :, tok] for beam, tok, _ in picked])
+        self.tokens = [[*self.tokens[beam], tok] for beam, tok, _ in picked]
+        self.alive = torch.tensor([val for _, _, val in picked], device=self.alive.device)
+        self.n = self.num_beams
+        self.t += 1
+        return [(beam, tok) for beam, tok, _ in picked]
+
+    def finish(self) -> list[_Done]:
+        """The finished hypotheses, best first (out of length: open beams compete as they are)."""
+        if not self.closed:
+            for beam in range(self.n):
+                seq = self.tokens[beam]
+                val = float(self.alive[beam])
+                score = val / len(seq) ** self.length_penalty
+                self.done.append(_Done(score, val, seq, self.doc[beam]))
+            self.done.sort(key=lambda d: -d.score)
+            self.closed = True
+        return self.done
+
+    def _pick(
+        self, ranked: list[tuple[int, int, float]], lp: Tensor
+    ) -> list[tuple[int, int, float]]:
+        """Split the top 2N (beam, token, score), best first, into finished hypotheses (into
+        done) and the next beams."""
+        picked: list[tuple[int, int, float]] = []
+        for rank, (beam, tok, val) in enumerate(ranked):
+            if tok == self.eos:
+                if rank < self.num_beams:  # an EOS counts only when it ranks within the width
+                    doc = self.doc[beam] + lp[beam, :, tok]
+                    seq = [*self.tokens[beam], tok]
+                    score = val / len(seq) ** self.length_penalty
+                    self.done.append(_Done(score, val, seq, doc))
+            else:
+                picked.append((beam, tok, val))
+            if len(picked) == self.num_beams:
+                break
+        self.done.sort(key=lambda d: -d.score)
+        del self.done[self.num_beams :]
+        return picked
 
 
 def _pack(done: list[list[_Done]], num_return: int, pad: int, device: torch.device) -> Hypotheses:
