@@ -90,9 +90,8 @@ def _step_batch(generator: Generator, settings: Settings) -> StepBatch | None:
     if why is not None:
         log.warning("step-level batching off for %s: %s", generator.model_id, why)
         return None
-    # the RAG modes step greedy only; with beams they run whole, in RagDecoder
-    greedy = settings.num_beams == 1
-    return StepBatch(generator, rag_token=greedy, rag_sequence=greedy, min_prior=settings.min_prior)
+    # RAG-Token steps with or without beams; RAG-Sequence with beams runs whole, in RagDecoder
+    return StepBatch(generator, min_prior=settings.min_prior, num_beams=settings.num_beams)
 
 
 async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> None:

@@ -156,20 +156,27 @@ def test_a_hot_swap_between_steps_leaves_running_rows_on_their_version(
     assert after.json()["answer"] != v1["answer"]
 
 
-def test_beam_search_requests_run_whole_between_steps(client_factory) -> None:
-    """With beams the RAG modes are not stepped: such a request runs whole at a step boundary
-    (and answers as alone), while a concat row decodes."""
+def test_with_beams_rag_token_joins_and_rag_sequence_runs_whole(client_factory) -> None:
+    """LORAG_NUM_BEAMS 2: a RAG-Token request joins the running batch (its beam search a step
+    at a time, beams x passages rows); a RAG-Sequence request, whose hypotheses are beams per
+    passage, runs whole at a step boundary. Both answer as alone, while a concat row decodes."""
     client = client_factory("t5", num_beams=2, max_batch_size=8, batch_wait_ms=1)
     engine = slow_steps(client)
-    assert engine._stepper is not None and not engine._stepper.takes_mode("token")
-    long, beams = body(0, tokens=40), body(1, tokens=4, mode="token")
-    alone = [client.post("/ask", json=b).json() for b in (long, beams)]
+    stepper = engine._stepper
+    assert stepper is not None and stepper.takes_mode("token")
+    assert not stepper.takes_mode("sequence")
+    long = body(0, tokens=40)
+    token, sequence = body(1, tokens=6, mode="token"), body(2, tokens=4, mode="sequence")
+    alone = [client.post("/ask", json=b).json() for b in (long, token, sequence)]
     joined_before, batches_before = engine.stats.joined_running, engine.stats.batches
-    done = client.portal.call(post_all, client, [(0.0, long), (0.2, beams)])
-    assert [r.json()["answer"] for _, r in done] == [a["answer"] for a in alone]
-    assert done[1][0] < done[0][0]  # answered while the long row still decoded
-    assert engine.stats.joined_running == joined_before  # it did not join
-    assert engine.stats.batches - batches_before == 2
+    done = client.portal.call(post_all, client, [(0.0, long), (0.2, token), (0.3, sequence)])
+    for (_, got), want in zip(done, alone, strict=True):
+        assert got.json()["answer"] == want["answer"]
+        weights = [p["weight"] for p in got.json()["passages"]]
+        assert weights == pytest.approx([p["weight"] for p in want["passages"]], abs=1e-6)
+    assert done[1][0] < done[0][0] and done[2][0] < done[0][0]  # while the long row decoded
+    assert engine.stats.joined_running - joined_before == 1  # the token request joined
+    assert engine.stats.batches - batches_before == 3  # the sequence one ran whole
 
 
 def test_step_batching_off_decodes_whole_batches(client_factory) -> None:

@@ -369,6 +369,38 @@ def test_rag_token_requests_of_different_lengths_share_a_call_as_alone(world: Wo
     same_answers(together, rag_alone(gen, rows))
 
 
+@pytest.mark.parametrize("beams", [2, 3])
+def test_rag_token_beam_search_steps_as_alone(world: World, beams: int) -> None:
+    """RAG-Token with beams: each request's beam search advances a step at a time in the
+    running batch (its rows reordered and grown as beams fork), beside concat rows and greedy
+    nothing else; answers and weights equal RagDecoder(num_beams) alone, pruning included."""
+    gen = world.gen
+    a1, a2 = world.names
+    rows = [
+        GenRow("Where is Alpha?", [P1, P2], None, 8, "token", scores=[2.0, 1.0]),
+        GenRow("Who founded Beta and when was it?", [P2], a1, 5),
+        GenRow("gamma?", [P3, P1, P2], a2, 9, "token", scores=[0.5, 0.4, 3.0]),
+        GenRow("Cheese?", [P1, P2, P3], a1, 6, "token", scores=[3.0, 2.9, -4.0]),
+    ]
+    decoder = RagDecoder(gen, num_beams=beams, min_prior=0.05)
+    want = [decoder.run([r])[0] if r.mode == "token" else alone(gen, [r])[0] for r in rows]
+    batch = StepBatch(gen, num_beams=beams, min_prior=0.05)
+    assert batch.rows_for("token", 3) == 3 * beams
+    widths: list[int] = []
+    done: dict[Hashable, Answer] = {}
+    join_at = [0, 0, 1, 3]
+    step = 0
+    while len(done) < len(rows):
+        joining = [i for i, t in enumerate(join_at) if t == step]
+        done.update(batch.join([rows[i] for i in joining], joining))
+        widths.append(batch.width)
+        done.update(batch.step())
+        step += 1
+        assert step < 100
+    same_answers([done[i] for i in range(len(rows))], want)
+    assert max(widths) > 2 + 1 + 3  # beams forked rows
+
+
 def test_rows_of_other_modes_are_refused(world: World) -> None:
     batch = StepBatch(world.gen, rag_token=False, rag_sequence=False)
     assert batch.takes_mode("concat") and not batch.takes_mode("token")

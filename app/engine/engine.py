@@ -26,10 +26,10 @@ and start a session on the model thread; from then on, requests that arrive join
 batch at the next decoding step boundary (prefilled together) while its rows number at most
 `max_batch_size` (a RAG-Token or RAG-Sequence request takes one row per passage), and each
 request leaves the step its answer ends, its future answered at once. Requests the step batch
-does not take (beam search: LORAG_NUM_BEAMS > 1) and adapter operations run whole at a step
-boundary, in queue order, while the running rows wait. The session ends when nothing runs and
-nothing waits. Without a StepBatch (`LORAG_STEP_BATCHING=false`, or a model it cannot pad
-exactly) every batch runs whole, as described first.
+does not take (RAG-Sequence with beams: LORAG_NUM_BEAMS > 1) and adapter operations run whole
+at a step boundary, in queue order, while the running rows wait. The session ends when nothing
+runs and nothing waits. Without a StepBatch (`LORAG_STEP_BATCHING=false`, or a model it cannot
+pad exactly) every batch runs whole, as described first.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def beam_search(
             break
         tokens = torch.tensor(toks, device=device).repeat_interleave(k)
         lp = runner.step(tokens, torch.cat(src))
-    return _pack([group.finish() for group in search], num_return, pad_token_id, device)
+    return pack([group.finish() for group in search], num_return, pad_token_id, device)
 
 
 class BeamGroup:
@@ -212,7 +212,7 @@ class BeamGroup:
         return picked
 
 
-def _pack(done: list[list[_Done]], num_return: int, pad: int, device: torch.device) -> Hypotheses:
+def pack(done: list[list[_Done]], num_return: int, pad: int, device: torch.device) -> Hypotheses:
     best = [d[:num_return] for d in done]
     width = max(len(h.tokens) for hyps in best for h in hyps)
     groups = len(best)

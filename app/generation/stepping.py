@@ -26,6 +26,9 @@ RAG-Token requests (greedy) step here too: a request is a group of rows, one per
 passage, contiguous in the batch; at each step the group's next-token log-probs are
 marginalized over its passages with its prior (as app/generation/rag_search.greedy_search) and
 the one chosen token is fed to all its rows. Its answer carries p(z|x,y) over its own tokens.
+With beams (num_beams > 1), its rows are beams x kept passages, and each step is a step of its
+beam search (rag_search.BeamGroup, the same search RagDecoder runs): the rows are reordered
+and forked as the beams are, at that step boundary.
 RAG-Sequence requests (greedy) too: each kept passage's row decodes its own hypothesis and
 leaves when that ends; when the last has ended, the hypotheses are marginalized as
 app/generation/rag_sequence.rank does ("thorough": one teacher-forced pass of every hypothesis
@@ -66,7 +69,7 @@ from app.generation.backends import Generator
 from app.generation.decoding import Answer, rag_eos_id
 from app.generation.rag import doc_posterior, doc_prior, expand_to_docs, kept_docs
 from app.generation.rag_runners import CausalRunner, Runner, Seq2SeqRunner
-from app.generation.rag_search import Hypotheses, marginal
+from app.generation.rag_search import BeamGroup, Hypotheses, marginal, pack
 from app.generation.rag_sequence import check_decoding, rank
 from app.generation.types import Decoding, GenRow
 from app.lora.batched import RowPlan
@@ -121,7 +124,8 @@ class _Marginal:
     doc_index: torch.Tensor  # [1, K'] which of the request's passages each row reads
     n_docs: int  # K, the request's passages
     eos: int  # the one end token RAG-Token stops on
-    doc_lp: torch.Tensor  # [K'] log p(y|x,z) of the tokens so far
+    doc_lp: torch.Tensor  # [K'] log p(y|x,z) of the tokens so far (greedy)
+    beams: BeamGroup | None = None  # with num_beams > 1: its beam search (open beams x K' rows)
 
 
 @dataclass
@@ -155,7 +159,8 @@ class _Row:
     @property
     def n(self) -> int:
         if self.rag is not None:
-            return int(self.rag.prior.shape[1])
+            k = int(self.rag.prior.shape[1])
+            return k * self.rag.beams.n if self.rag.beams is not None else k
         if self.seq is not None:
             return len(self.seq.open)
         return 1
@@ -308,14 +313,16 @@ class StepBatch:
         rag_token: bool = True,
         rag_sequence: bool = True,
         min_prior: float | None = None,
+        num_beams: int = 1,
     ) -> None:
         why = step_support(generator)
         if why is not None:
             raise ValueError(f"step-level decoding is not supported: {why}")
         self.g = generator
-        # take RAG-Token / RAG-Sequence requests (greedy: the engine's num_beams 1)
+        # take RAG-Token / RAG-Sequence requests (RAG-Sequence greedy only)
         self.rag_token = rag_token
-        self.rag_sequence = rag_sequence
+        self.rag_sequence = rag_sequence and num_beams == 1  # with beams, it runs whole
+        self.num_beams = num_beams  # RAG-Token's beam search (RagDecoder's num_beams)
         self.min_prior = min_prior  # the prior pruning of RAG-Token, as RagDecoder's
         self._in_place = in_place_cache  # False: transformers' concatenating layers (benchmarks)
         self._rows: list[_Row] = []
@@ -346,10 +353,12 @@ class StepBatch:
             or (mode == "sequence" and self.rag_sequence)
         )
 
-    @staticmethod
-    def rows_for(mode: str, passages: int) -> int:
-        """Batch rows a request may take (the RAG modes: one per passage, before pruning)."""
-        return 1 if mode == "concat" else max(1, passages)
+    def rows_for(self, mode: str, passages: int) -> int:
+        """Batch rows a request may take (the RAG modes: one per passage before pruning, times
+        the beams for RAG-Token)."""
+        if mode == "concat":
+            return 1
+        return max(1, passages) * (self.num_beams if mode == "token" else 1)
 
     @property
     def keys(self) -> list[Hashable]:
@@ -371,11 +380,11 @@ class StepBatch:
 
     def text_of(self, key: Hashable) -> str | None:
         """The answer so far of a running request, as its final answer will begin (concat and
-        RAG-Token: greedy tokens are final once chosen); None for RAG-Sequence, whose answer is
-        chosen at the end, and for a key not running."""
+        RAG-Token: greedy tokens are final once chosen); None for RAG-Sequence and beam search,
+        whose answer is chosen at the end, and for a key not running."""
         for row in self._rows:
             if row.key == key:
-                if row.seq is not None:
+                if row.seq is not None or (row.rag is not None and row.rag.beams is not None):
                     return None
                 return self.g.decode_answer(torch.tensor(row.tokens)).text
         return None
@@ -445,12 +454,13 @@ class StepBatch:
         self._keep_encoder_states(joined, state)
         if self._in_place:
             _grow_in_place(state)
-        done, keep = self._advance(joined, state, logits)
+        done, keep, nxt = self._advance(joined, state, logits)
         keys_done = {k for k, _ in done}
         alive = [r for r in joined if r.key not in keys_done]
         if alive:
-            if len(keep) < state.mask.shape[0]:
+            if keep != list(range(state.mask.shape[0])):
                 state = _select_state(state, keep)
+            state.last = torch.tensor(nxt, dtype=torch.long, device=state.mask.device)
             self._merge(alive, state)
         return finished + done
 
@@ -465,11 +475,16 @@ class StepBatch:
                 logits = self._decode_seq2seq(state, extra)
             else:
                 logits = self._decode_causal(state, extra)
-        finished, keep = self._advance(self._rows, state, logits)
-        if len(keep) < state.mask.shape[0]:
+        finished, keep, nxt = self._advance(self._rows, state, logits)
+        if finished:
             done = {k for k, _ in finished}
             self._rows = [r for r in self._rows if r.key not in done]
-            self._state = _select_state(state, keep) if keep else None
+        if not keep:
+            self._state = None
+            return finished
+        if keep != list(range(state.mask.shape[0])):  # rows left, or beams were reordered
+            state = self._state = _select_state(state, keep)
+        state.last = torch.tensor(nxt, dtype=torch.long, device=state.mask.device)
         return finished
 
     def _hypotheses(self, row: GenRow) -> tuple[list[list[int]], _Hypotheses]:
@@ -542,6 +557,9 @@ class StepBatch:
             rag_eos_id(g),
             torch.zeros(prior.shape[1], device=g.device),
         )
+        if self.num_beams > 1:
+            pad = g.tokenizer.pad_token_id
+            rag.beams = BeamGroup(prior.shape[1], self.num_beams, rag.eos, pad, 1.0, g.device)
         return pairs, rag
 
     # ---- model calls ----------------------------------------------------------------------
@@ -643,19 +661,22 @@ class StepBatch:
 
     def _advance(
         self, rows: Sequence[_Row], state: _State, logits: torch.Tensor
-    ) -> tuple[list[Finished], list[int]]:
-        """Append each request's greedy token; the requests that end here, with their answers,
-        and the batch rows that go on decoding.
+    ) -> tuple[list[Finished], list[int], list[int]]:
+        """Append each request's next token; the requests that end here, with their answers;
+        the batch rows that go on decoding (a row may appear twice: a beam continued by two
+        beams), and the token each of them feeds next.
 
         logits [rows' width, V]: a concat request's row gives its token (argmax, as generate()'s
         greedy search); a RAG-Token request's rows give one token for all of them (argmax of
         the marginal, as rag_search.greedy_search); a RAG-Sequence request's rows each give
-        their own (argmax of the log-probs, the same search with one passage per group)."""
+        their own (argmax of the log-probs, the same search with one passage per group); a
+        RAG-Token request with beams takes a beam-search step (rag_search.BeamGroup)."""
         chosen = logits.float().argmax(-1)  # [B]
         picks = chosen.tolist()
         eos = self.g.eos_ids
         finished: list[Finished] = []
         keep: list[int] = []
+        nxt: list[int] = []
         at = 0
         for row in rows:
             n = row.n
@@ -664,8 +685,21 @@ class StepBatch:
                 going = self._advance_hypotheses(row, seq, logits[at : at + n], chosen, at)
                 if seq.open:
                     keep += [at + i for i in going]
+                    nxt += [int(chosen[at + i]) for i in going]
                 else:
                     finished.append((row.key, self._rank(row, seq)))
+                at += n
+                continue
+            if rag is not None and rag.beams is not None:
+                group, k = rag.beams, rag.prior.shape[1]
+                lp = torch.log_softmax(logits[at : at + n].float(), dim=-1).view(group.n, k, -1)
+                beams = group.advance(rag.prior[0], lp)
+                if group.closed or group.t >= row.limit:
+                    finished.append((row.key, self._beam_answer(row, rag, group)))
+                else:
+                    for beam, tok in beams:
+                        keep += range(at + beam * k, at + beam * k + k)
+                        nxt += [tok] * k
                 at += n
                 continue
             if rag is None:
@@ -686,9 +720,19 @@ class StepBatch:
                     finished.append((row.key, _rag_answer(self.g, row, rag)))
             else:
                 keep += range(at, at + n)
+                nxt += [token] * n
             at += n
-        state.last = chosen
-        return finished, keep
+        return finished, keep, nxt
+
+    def _beam_answer(self, row: _Row, rag: _Marginal, group: BeamGroup) -> Answer:
+        """A RAG-Token beam search's answer, as rag_token._decode makes it."""
+        g = self.g
+        hyps = pack([group.finish()], 1, g.tokenizer.pad_token_id, rag.prior.device)
+        doc_lp = hyps.doc_logprob[:, 0].masked_fill(~torch.isfinite(rag.prior), float("-inf"))
+        posterior = doc_posterior(rag.prior, doc_lp)  # [1, K']
+        weights = expand_to_docs(posterior, rag.doc_index.to(posterior.device), rag.n_docs, 0.0)
+        decoded = g.decode_answer(hyps.sequences[0, 0, : row.limit])
+        return Answer(decoded.text, weights[0].tolist(), decoded.tokens)
 
     def _advance_hypotheses(
         self, row: _Row, seq: _Hypotheses, logits: torch.Tensor, chosen: torch.Tensor, at: int
@@ -791,7 +835,8 @@ def _select_state(state: _State, keep: list[int]) -> _State:
     state.mask = mask[:, first:]
     for layer in state.self_layers():
         _set(layer, *(t.index_select(0, idx)[:, :, first:] for t in _kv(layer)))
-    state.last = state.last.index_select(0, idx)
+    if state.last.numel():  # (a fresh prefill's state has no next tokens yet)
+        state.last = state.last.index_select(0, idx)
     if state.enc_hidden is not None and state.enc_mask is not None:
         enc_mask = state.enc_mask.index_select(0, idx)
         used = enc_mask.any(0)
