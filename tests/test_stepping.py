@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.generation import stepping
 from app.generation.backends import Generator, sync_batched_lora
 from app.generation.decoding import Answer, RagDecoder
 from app.generation.loading import load_generator
@@ -399,6 +400,37 @@ def test_rag_token_beam_search_steps_as_alone(world: World, beams: int) -> None:
         assert step < 100
     same_answers([done[i] for i in range(len(rows))], want)
     assert max(widths) > 2 + 1 + 3  # beams forked rows
+
+
+@pytest.mark.parametrize("beams", [2, 3])
+def test_rag_sequence_beam_search_steps_as_alone(
+    world: World, beams: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAG-Sequence with beams: each kept passage runs its own beam search in the batch (its
+    rows its open beams, leaving when it closes); then every passage's beams are marginalized
+    ("thorough" and "fast"): answers and weights equal RagDecoder(num_beams) alone."""
+    gen = world.gen
+    a1, a2 = world.names
+    rows = [
+        GenRow("Where is Alpha?", [P1, P2], None, 7, "sequence", scores=[2.0, 1.0]),
+        GenRow("Who founded Beta and when was it?", [P2], a1, 5),
+        GenRow("gamma?", [P3, P1, P2], a2, 6, "sequence", "fast", [0.5, 0.4, 3.0]),
+        GenRow("Cheese?", [P1, P2, P3], a1, 5, "sequence", scores=[3.0, 2.9, -4.0]),
+    ]
+    decoder = RagDecoder(gen, num_beams=beams, min_prior=0.05)
+    want = [decoder.run([r])[0] if r.mode == "sequence" else alone(gen, [r])[0] for r in rows]
+    batch = StepBatch(gen, num_beams=beams, min_prior=0.05)
+    ranked: list[tuple[int, ...]] = []
+    real_rank = stepping.rank
+
+    def spy(runner, log_prior, pairs, hyps, **kw):  # what is marginalized: N per passage
+        ranked.append(tuple(hyps.sequences.shape[:2]))
+        return real_rank(runner, log_prior, pairs, hyps, **kw)
+
+    monkeypatch.setattr(stepping, "rank", spy)
+    done = run(batch, rows, join_at=[0, 0, 1, 3])
+    same_answers([done[i] for i in range(len(rows))], want)
+    assert sorted(ranked) == sorted([(2, beams), (3, beams), (2, beams)])  # kept passages x N
 
 
 def test_rows_of_other_modes_are_refused(world: World) -> None:

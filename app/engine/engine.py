@@ -20,14 +20,15 @@ over their retrieval times and the batches alternate small and large (a convoy: 
 Adapter operations queue in the same order as requests, so a request admitted before a
 swap runs before it.
 
-Step-level scheduling (with a `StepBatch`, app/generation/stepping.py): greedy requests, in
-every decoding mode, do not run to the end of their batch. The first rows form a batch as above
-and start a session on the model thread; from then on, requests that arrive join the running
-batch at the next decoding step boundary (prefilled together) while its rows number at most
-`max_batch_size` (a RAG-Token or RAG-Sequence request takes one row per passage), and each
-request leaves the step its answer ends, its future answered at once. Requests the step batch
-does not take (RAG-Sequence with beams: LORAG_NUM_BEAMS > 1) and adapter operations run whole
-at a step boundary, in queue order, while the running rows wait. The session ends when nothing
+Step-level scheduling (with a `StepBatch`, app/generation/stepping.py): requests, in every
+decoding mode, greedy or with beams, do not run to the end of their batch. The first rows form
+a batch as above and start a session on the model thread; from then on, requests that arrive
+join the running batch at the next decoding step boundary (prefilled together, up to
+LORAG_PREFILL_TOKENS_PER_STEP prompt tokens while rows decode) while its rows number at most
+`max_batch_size` (a RAG-Token or RAG-Sequence request takes one row per passage and beam),
+and each request leaves the step its answer ends, its future answered at once. Adapter
+operations, and requests a step batch was built not to take, run whole at a step boundary, in
+queue order, while the running rows wait. The session ends when nothing
 runs and nothing waits. Without a StepBatch (`LORAG_STEP_BATCHING=false`, or a model it cannot
 pad exactly) every batch runs whole, as described first.
 """

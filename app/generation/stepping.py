@@ -32,7 +32,8 @@ and forked as the beams are, at that step boundary.
 RAG-Sequence requests (greedy) too: each kept passage's row decodes its own hypothesis and
 leaves when that ends; when the last has ended, the hypotheses are marginalized as
 app/generation/rag_sequence.rank does ("thorough": one teacher-forced pass of every hypothesis
-under every kept passage, then, on the model thread, between two steps).
+under every kept passage, then, on the model thread, between two steps). With beams, each kept
+passage runs its own beam search (its rows: its open beams) and leaves when that closes.
 
 Greedy decoding is exact here: tokens equal `generate_decoded` on the row alone, and RAG-Token
 and RAG-Sequence answers and weights equal `RagDecoder.run` on the request alone
@@ -142,6 +143,14 @@ class _Hypotheses:
     tokens: list[list[int]]  # [P] each pair's hypothesis so far
     logprob: torch.Tensor  # [P] log p(hypothesis so far | x, z)
     encoder_states: torch.Tensor | None = None  # [P, L, d] seq2seq "thorough": from the prefill
+    # with num_beams > 1: each pair's beam search (its rows: its open beams), instead of tokens
+    beams: list[BeamGroup] | None = None
+
+    @property
+    def rows(self) -> int:
+        if self.beams is None:
+            return len(self.open)
+        return sum(self.beams[p].n for p in self.open)
 
 
 @dataclass
@@ -162,7 +171,7 @@ class _Row:
             k = int(self.rag.prior.shape[1])
             return k * self.rag.beams.n if self.rag.beams is not None else k
         if self.seq is not None:
-            return len(self.seq.open)
+            return self.seq.rows
         return 1
 
 
@@ -321,7 +330,7 @@ class StepBatch:
         self.g = generator
         # take RAG-Token / RAG-Sequence requests (RAG-Sequence greedy only)
         self.rag_token = rag_token
-        self.rag_sequence = rag_sequence and num_beams == 1  # with beams, it runs whole
+        self.rag_sequence = rag_sequence
         self.num_beams = num_beams  # RAG-Token's beam search (RagDecoder's num_beams)
         self.min_prior = min_prior  # the prior pruning of RAG-Token, as RagDecoder's
         self._in_place = in_place_cache  # False: transformers' concatenating layers (benchmarks)
@@ -355,10 +364,10 @@ class StepBatch:
 
     def rows_for(self, mode: str, passages: int) -> int:
         """Batch rows a request may take (the RAG modes: one per passage before pruning, times
-        the beams for RAG-Token)."""
+        the beams)."""
         if mode == "concat":
             return 1
-        return max(1, passages) * (self.num_beams if mode == "token" else 1)
+        return max(1, passages) * self.num_beams
 
     @property
     def keys(self) -> list[Hashable]:
@@ -511,6 +520,11 @@ class StepBatch:
             [[] for _ in range(n)],
             torch.zeros(n, device=g.device),
         )
+        if self.num_beams > 1:
+            pad = g.tokenizer.pad_token_id
+            seq.beams = [
+                BeamGroup(1, self.num_beams, seq.eos, pad, 1.0, g.device) for _ in range(n)
+            ]
         return prompts, seq
 
     def _keep_encoder_states(self, rows: Sequence[_Row], state: _State) -> None:
@@ -682,10 +696,10 @@ class StepBatch:
             n = row.n
             rag, seq = row.rag, row.seq
             if seq is not None:
-                going = self._advance_hypotheses(row, seq, logits[at : at + n], chosen, at)
+                going, tokens = self._advance_hypotheses(row, seq, logits[at : at + n])
                 if seq.open:
                     keep += [at + i for i in going]
-                    nxt += [int(chosen[at + i]) for i in going]
+                    nxt += tokens
                 else:
                     finished.append((row.key, self._rank(row, seq)))
                 at += n
@@ -735,35 +749,54 @@ class StepBatch:
         return Answer(decoded.text, weights[0].tolist(), decoded.tokens)
 
     def _advance_hypotheses(
-        self, row: _Row, seq: _Hypotheses, logits: torch.Tensor, chosen: torch.Tensor, at: int
-    ) -> list[int]:
-        """One token for each open hypothesis of a RAG-Sequence request; the positions (among
-        its open rows) of those that go on. Ended ones close: their rows leave."""
-        lp = torch.log_softmax(logits.float(), dim=-1)  # [open, V]
-        going, still = [], []
+        self, row: _Row, seq: _Hypotheses, logits: torch.Tensor
+    ) -> tuple[list[int], list[int]]:
+        """One step of each open pair of a RAG-Sequence request: the rows (among its rows) that
+        go on and their next tokens. A pair whose hypothesis ended (greedy), or whose beam
+        search did, closes: its rows leave."""
+        lp = torch.log_softmax(logits.float(), dim=-1)  # [rows, V]
+        going: list[int] = []
+        tokens: list[int] = []
+        still: list[int] = []
+        if seq.beams is not None:
+            at = 0
+            for pair in seq.open:
+                group = seq.beams[pair]
+                m = group.n
+                beams = group.advance(seq.log_prior.new_zeros(1), lp[at : at + m, None])
+                if not group.closed and group.t < row.limit:
+                    still.append(pair)
+                    going += [at + beam for beam, _ in beams]
+                    tokens += [tok for _, tok in beams]
+                at += m
+            seq.open = still
+            return going, tokens
         for i, pair in enumerate(seq.open):
             token = int(lp[i].argmax())
-            chosen[at + i] = token
             seq.tokens[pair].append(token)
             seq.logprob[pair] += lp[i, token]
             if token != seq.eos and len(seq.tokens[pair]) < row.limit:
                 going.append(i)
+                tokens.append(token)
                 still.append(pair)
         seq.open = still
-        return going
+        return going, tokens
 
     def _rank(self, row: _Row, seq: _Hypotheses) -> Answer:
         """A RAG-Sequence request's answer: its hypotheses marginalized (rag_sequence.rank)."""
         g = self.g
-        n = len(seq.tokens)
-        width = max(len(t) for t in seq.tokens)
         pad = g.tokenizer.pad_token_id
-        seqs = torch.full((n, 1, width), pad, dtype=torch.long, device=g.device)
-        for i, t in enumerate(seq.tokens):
-            seqs[i, 0, : len(t)] = torch.tensor(t, device=g.device)
-        lengths = torch.tensor([[len(t)] for t in seq.tokens], device=g.device)
-        logprob = seq.logprob[:, None]
-        hyps = Hypotheses(seqs, lengths, logprob, logprob[:, :, None], logprob / lengths)
+        if seq.beams is not None:  # every pair's num_beams best, as rag_sequence searches
+            hyps = pack([b.finish() for b in seq.beams], self.num_beams, pad, g.device)
+        else:
+            n = len(seq.tokens)
+            width = max(len(t) for t in seq.tokens)
+            seqs = torch.full((n, 1, width), pad, dtype=torch.long, device=g.device)
+            for i, t in enumerate(seq.tokens):
+                seqs[i, 0, : len(t)] = torch.tensor(t, device=g.device)
+            lengths = torch.tensor([[len(t)] for t in seq.tokens], device=g.device)
+            logprob = seq.logprob[:, None]
+            hyps = Hypotheses(seqs, lengths, logprob, logprob[:, :, None], logprob / lengths)
         with torch.inference_mode():
             out = rank(
                 self._scorer(row, seq),
