@@ -29,7 +29,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from typing import TypedDict, cast
+from typing import Any, TypedDict, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -93,9 +93,9 @@ def fixed_length(ids: torch.Tensor) -> GreedyKwargs:
 
 def plain_generate(model: T5ForConditionalGeneration, kw: GreedyKwargs) -> torch.Tensor:
     """model.generate(**kw): the token ids [B, T] (no return_dict_in_generate: a tensor)."""
-    # transformers types GenerationMixin's self as its GenerativePreTrainedModel protocol, which
-    # mypy finds no PreTrainedModel matches (hf_device_map's type, read-only device and dtype)
-    out = model.generate(**kw)  # type: ignore[misc]
+    # transformers 5.23 types GenerationMixin's self as a protocol that mypy finds no
+    # PreTrainedModel matches (5.24 does not): called untyped, so both check
+    out = cast(Any, model).generate(**kw)
     return cast(torch.Tensor, out)
 
 

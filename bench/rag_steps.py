@@ -17,7 +17,10 @@ Rounds rotate the variants (A B, B A, ...). Printed per round and as medians: th
 over all requests; last, steps/whole ratios (latency: lower is better).
 
     .venv/bin/python -m bench.rag_steps [--requests 40] [--rate 2] [--rounds 3]
-        [--top-k 3] [--max-new-tokens 24] [--batch 16] [--mix concat,token,sequence]
+        [--top-k 3] [--max-new-tokens 24] [--batch 16] [--mix concat,token,sequence] [--beams 1]
+
+--beams N runs the RAG modes with beam search (RagDecoder and StepBatch num_beams): a RAG
+request then takes N rows per passage.
 """
 
 from __future__ import annotations
@@ -82,15 +85,21 @@ def workload(
 
 
 async def serve(
-    gen: Generator, reqs: list[EngineRequest], arrivals: list[float], *, rag: bool, batch: int
+    gen: Generator,
+    reqs: list[EngineRequest],
+    arrivals: list[float],
+    *,
+    rag: bool,
+    batch: int,
+    beams: int = 1,
 ) -> tuple[float, dict[str, list[float]]]:
     """Seconds from the first arrival to the last answer, and latencies per mode."""
     engine = Engine(
-        RagDecoder(gen),
+        RagDecoder(gen, num_beams=beams),
         NoAdapters(),
         max_batch_size=batch,
         batch_wait_ms=2,
-        stepper=StepBatch(gen, rag_token=rag, rag_sequence=rag),
+        stepper=StepBatch(gen, rag_token=rag, rag_sequence=rag, num_beams=beams),
     )
     engine.start()
     modes = [*dict.fromkeys(r.mode for r in reqs), "all"]
@@ -120,6 +129,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mix", default="concat,token", help="modes, taking turns")
+    ap.add_argument("--beams", type=int, default=1, help="num_beams of the RAG modes")
     args = ap.parse_args()
     mix = [cast(Mode, m) for m in args.mix.split(",")]
     if not set(mix) <= {"concat", "token", "sequence"}:
@@ -130,7 +140,8 @@ def main() -> None:
         gen = load_generator(str(model), cache_dir=Path(tmp))
     reqs = workload(args.requests, args.top_k, args.max_new_tokens, mix, seed=0)
     variants = {"steps": True, "whole": False}
-    asyncio.run(serve(gen, reqs[:4], [0.0] * 4, rag=True, batch=args.batch))  # warm-up
+    warm = reqs[:4]
+    asyncio.run(serve(gen, warm, [0.0] * 4, rag=True, batch=args.batch, beams=args.beams))
     results: dict[str, list[tuple[float, dict[str, list[float]]]]] = {v: [] for v in variants}
     names = list(variants)
     for r in range(args.rounds):
@@ -139,7 +150,7 @@ def main() -> None:
         arrivals = [sum(gaps[: i + 1]) - gaps[0] for i in range(len(gaps))]
         for name in names[r % 2 :] + names[: r % 2]:
             wall, lat = asyncio.run(
-                serve(gen, reqs, arrivals, rag=variants[name], batch=args.batch)
+                serve(gen, reqs, arrivals, rag=variants[name], batch=args.batch, beams=args.beams)
             )
             results[name].append((wall, lat))
             print(
@@ -159,7 +170,7 @@ def main() -> None:
     print(
         f"requests={args.requests} rate={args.rate}/s top_k={args.top_k} "
         f"max_new_tokens={args.max_new_tokens} batch={args.batch} rounds={args.rounds} "
-        f"mix={args.mix}"
+        f"mix={args.mix} beams={args.beams}"
     )
     modes = [*dict.fromkeys(mix), "all"]
     for name in names:
