@@ -370,8 +370,8 @@ def test_rag_token_requests_of_different_lengths_share_a_call_as_alone(world: Wo
     same_answers(together, rag_alone(gen, rows))
 
 
-@pytest.mark.parametrize("beams", [2, 3])
-def test_rag_token_beam_search_steps_as_alone(world: World, beams: int) -> None:
+@pytest.mark.parametrize(("beams", "in_place"), [(2, True), (3, True), (2, False)])
+def test_rag_token_beam_search_steps_as_alone(world: World, beams: int, in_place: bool) -> None:
     """RAG-Token with beams: each request's beam search advances a step at a time in the
     running batch (its rows reordered and grown as beams fork), beside concat rows and greedy
     nothing else; answers and weights equal RagDecoder(num_beams) alone, pruning included."""
@@ -385,7 +385,7 @@ def test_rag_token_beam_search_steps_as_alone(world: World, beams: int) -> None:
     ]
     decoder = RagDecoder(gen, num_beams=beams, min_prior=0.05)
     want = [decoder.run([r])[0] if r.mode == "token" else alone(gen, [r])[0] for r in rows]
-    batch = StepBatch(gen, num_beams=beams, min_prior=0.05)
+    batch = StepBatch(gen, num_beams=beams, min_prior=0.05, in_place_cache=in_place)
     assert batch.rows_for("token", 3) == 3 * beams
     widths: list[int] = []
     done: dict[Hashable, Answer] = {}

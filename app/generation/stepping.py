@@ -491,7 +491,10 @@ class StepBatch:
         if not keep:
             self._state = None
             return finished
-        if keep != list(range(state.mask.shape[0])):  # rows left, or beams were reordered
+        if len(keep) == state.mask.shape[0]:  # no row left: at most beams were reordered
+            with torch.inference_mode():  # the cache is made of inference tensors
+                _reorder_beams(state, keep)
+        else:
             state = self._state = _select_state(state, keep)
         state.last = torch.tensor(nxt, dtype=torch.long, device=state.mask.device)
         return finished
@@ -857,6 +860,26 @@ def _rag_answer(g: Generator, row: _Row, rag: _Marginal) -> Answer:
     weights = expand_to_docs(posterior, rag.doc_index.to(posterior.device), rag.n_docs, 0.0)
     decoded = g.decode_answer(torch.tensor(row.tokens))
     return Answer(decoded.text, weights[0].tolist(), decoded.tokens)
+
+
+def _reorder_beams(state: _State, keep: list[int]) -> None:
+    """Row i of state becomes a copy of row keep[i], in place, for the rows that change: a
+    beam-search step, whose new beams continue beams of the same request and passage, so the
+    encoder side (cross-attention, encoder states) is the same for both rows and stays."""
+    moved = [(i, j) for i, j in enumerate(keep) if i != j]
+    if not moved:
+        return
+    dst = torch.tensor([i for i, _ in moved], dtype=torch.long, device=state.mask.device)
+    src = torch.tensor([j for _, j in moved], dtype=torch.long, device=state.mask.device)
+    state.mask[dst] = state.mask[src]
+    for layer in state.self_layers():
+        if isinstance(layer, _GrowingLayer):  # the whole buffer, spare columns included
+            layer._k[dst] = layer._k[src]
+            layer._v[dst] = layer._v[src]
+        else:
+            keys, values = _kv(layer)
+            keys[dst] = keys[src]
+            values[dst] = values[src]
 
 
 def _select_state(state: _State, keep: list[int]) -> _State:
