@@ -96,3 +96,18 @@ def test_a_client_that_stops_reading_takes_its_row_out(client_factory) -> None:
         time.sleep(0.01)
     assert engine.running == 0
     assert engine.stats.steps - steps < 100  # not the 200 steps it asked for
+
+
+def test_a_failure_after_the_stream_began_is_an_error_event(client_factory) -> None:
+    """The request times out while decoding: the stream already said 200, so the failure comes
+    as an error event with the status it would have had (504), and the row leaves."""
+    client = client_factory("t5", request_timeout_s=0.3, batch_wait_ms=1, expect_wait_ms=0)
+    engine = slow_steps(client)
+    got = events(client, {**body(1, tokens=200), "stream": True})
+    assert got[0][0] == "passages" and got[-1][0] == "error"
+    assert got[-1][1]["status"] == 504 and "longer than" in got[-1][1]["detail"]
+    assert "done" not in [k for k, _ in got]
+    deadline = time.monotonic() + 10
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0
