@@ -59,6 +59,27 @@ async def post_all(client: Any, sends: list[tuple[float, dict]]) -> list[tuple[f
         return list(await asyncio.gather(*(one(d, b) for d, b in sends)))
 
 
+def post_watching(
+    client: Any, engine: Any, sends: list[tuple[float, dict]]
+) -> tuple[list[tuple[float, Any]], list[int]]:
+    """post_all, and the engine's running rows sampled every 2 ms meanwhile."""
+    widths: list[int] = []
+
+    async def run() -> list[tuple[float, Any]]:
+        async def watch() -> None:
+            while True:
+                widths.append(engine.running_rows)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await post_all(client, sends)
+        finally:
+            watcher.cancel()
+
+    return client.portal.call(run), widths
+
+
 def test_rows_join_a_running_batch_leave_when_done_and_answer_as_alone(
     client_factory, tiny_generators, adapters_root, backend
 ) -> None:
@@ -193,26 +214,10 @@ def test_a_full_batch_makes_rows_wait_for_a_slot_and_they_join_as_rows_leave(
     bodies = [body(i, tokens=4 + 3 * i) for i in range(6)]
     alone = [client.post("/ask", json=b).json()["answer"] for b in bodies]
     joined_before = engine.stats.joined_running
-    most = 0
-
-    async def run() -> list[Any]:
-        nonlocal most
-
-        async def watch() -> None:
-            nonlocal most
-            while True:
-                most = max(most, engine.running_rows)
-                await asyncio.sleep(0.005)
-
-        watcher = asyncio.create_task(watch())
-        try:  # a fixed arrival order, 30 ms apart: each arrives while rows of other lengths run
-            return await post_all(client, [(0.03 * i, b) for i, b in enumerate(bodies)])
-        finally:
-            watcher.cancel()
-
-    resps = [r for _, r in client.portal.call(run)]
-    assert [r.json()["answer"] for r in resps] == alone
-    assert most == 2  # never more rows than max_batch_size, and the slots were used
+    # a fixed arrival order, 30 ms apart: each arrives while rows of other lengths run
+    done, widths = post_watching(client, engine, [(0.03 * i, b) for i, b in enumerate(bodies)])
+    assert [r.json()["answer"] for _, r in done] == alone
+    assert max(widths) == 2  # never more rows than max_batch_size, and the slots were used
     assert engine.stats.joined_running - joined_before >= 3  # waiting rows took freed slots
 
 
@@ -224,21 +229,8 @@ def test_a_rag_request_takes_a_row_per_passage_of_the_batch(client_factory, mode
     engine = slow_steps(client)
     long, rag = body(0, tokens=25), body(1, tokens=5, mode=mode)
     alone = [client.post("/ask", json=b).json() for b in (long, rag)]
-    widths: list[int] = []
-
-    async def run() -> list[tuple[float, Any]]:
-        async def watch() -> None:
-            while True:
-                widths.append(engine.running_rows)
-                await asyncio.sleep(0.002)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            return await post_all(client, [(0.0, long), (0.1, rag)])
-        finally:
-            watcher.cancel()
-
-    (t_long, r_long), (t_rag, r_rag) = client.portal.call(run)
+    done, widths = post_watching(client, engine, [(0.0, long), (0.1, rag)])
+    (t_long, r_long), (t_rag, r_rag) = done
     assert [r_long.json()["answer"], r_rag.json()["answer"]] == [a["answer"] for a in alone]
     assert t_rag > t_long  # it waited for the long row: 1 + 2 rows do not fit in 2
     assert max(widths) == 2 and 1 in widths
@@ -252,21 +244,8 @@ def test_a_rag_request_wider_than_the_batch_runs_alone(client_factory) -> None:
     wide = {**body(1, tokens=4, mode="token"), "top_k": 3}
     want = client.post("/ask", json=wide).json()
     assert len(want["passages"]) == 3
-    widths: list[int] = []
-
-    async def run() -> list[tuple[float, Any]]:
-        async def watch() -> None:
-            while True:
-                widths.append(engine.running_rows)
-                await asyncio.sleep(0.002)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            return await post_all(client, [(0.0, body(0, tokens=12)), (0.05, wide)])
-        finally:
-            watcher.cancel()
-
-    (_, first), (_, got) = client.portal.call(run)
+    done, widths = post_watching(client, engine, [(0.0, body(0, tokens=12)), (0.05, wide)])
+    (_, first), (_, got) = done
     assert first.status_code == 200 and got.status_code == 200
     assert got.json()["answer"] == want["answer"]
     assert max(widths) == 3 and 2 not in widths[widths.index(3) :]  # alone, after the first

@@ -10,9 +10,11 @@ PEFT's adapter_names) must give exactly those tokens, and the same passage weigh
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,13 +81,18 @@ def alone(gen: Generator, rows: list[GenRow]) -> list[Answer]:
     return out
 
 
-def run(batch: StepBatch, rows: list[GenRow], join_at: list[int]) -> dict[Hashable, Answer]:
-    """Row i joins before step join_at[i]; step until every row is done."""
+def run(
+    batch: StepBatch, rows: list[GenRow], join_at: list[int], widths: list[int] | None = None
+) -> dict[Hashable, Answer]:
+    """Row i joins before step join_at[i]; step until every row is done (the batch's width at
+    each step into widths)."""
     done: dict[Hashable, Answer] = {}
     step = 0
     while len(done) < len(rows):
         joining = [i for i, t in enumerate(join_at) if t == step]
         done.update(batch.join([rows[i] for i in joining], joining))
+        if widths is not None:
+            widths.append(batch.width)
         done.update(batch.step())
         step += 1
         assert step < 100
@@ -93,20 +100,27 @@ def run(batch: StepBatch, rows: list[GenRow], join_at: list[int]) -> dict[Hashab
     return done
 
 
+@contextmanager
+def lora_path(gen: Generator, stacked: bool) -> Iterator[None]:
+    """The stacked per-row LoRA (gen.batched), or PEFT's own adapter_names path."""
+    batched = gen.batched
+    if not stacked:
+        gen.batched = None
+    try:
+        yield
+    finally:
+        gen.batched = batched
+
+
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "peft"])
 def test_rows_joining_and_leaving_answer_as_alone(world: World, stacked: bool) -> None:
     gen = world.gen
     assert step_support(gen) is None
-    batched = gen.batched
-    if not stacked:
-        gen.batched = None  # PEFT's own adapter_names path
-    try:
+    with lora_path(gen, stacked):
         rows = workload(world.names)
         want = alone(gen, rows)
         assert len({d.text for d in want}) >= 4  # adapters and questions really differ
         done = run(StepBatch(gen), rows, join_at=[0, 0, 2, 3, 3, 7])
-    finally:
-        gen.batched = batched
     assert [done[i] for i in range(len(rows))] == want
 
 
@@ -156,11 +170,9 @@ def test_a_long_prompt_joining_pads_the_running_rows(world: World) -> None:
     assert [done[i] for i in range(3)] == alone(gen, rows)
 
 
-@pytest.mark.parametrize("kind", ["t5", "llama"])
-def test_rows_keep_their_answers_through_a_merge_and_an_unmerge(kind: str, tmp_path: Path) -> None:
-    """The merge policy may merge the one adapter into the weights between two steps (rows
-    then run as the base, renamed None) and unmerge it again: the answers stay those of the
-    unmerged adapter alone."""
+def merging(kind: str, tmp_path: Path) -> tuple[Generator, AdapterRegistry, str | None]:
+    """A generator with one adapter "a" under a registry that merges a single adapter in use,
+    and that adapter's PEFT name (unmerged)."""
     model_dir = BUILDERS[kind](tmp_path)
     save_lora_adapter(model_dir, tmp_path / "adapters" / "a", seed=1)
     gen = load_generator(str(model_dir), cache_dir=tmp_path)
@@ -171,7 +183,15 @@ def test_rows_keep_their_answers_through_a_merge_and_an_unmerge(kind: str, tmp_p
         on_change=lambda m: sync_batched_lora(gen, m),
     )
     reg.install("a", reg.prepare("a"))
-    peft = reg.peft_name("a")
+    return gen, reg, reg.peft_name("a")
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_rows_keep_their_answers_through_a_merge_and_an_unmerge(kind: str, tmp_path: Path) -> None:
+    """The merge policy may merge the one adapter into the weights between two steps (rows
+    then run as the base, renamed None) and unmerge it again: the answers stay those of the
+    unmerged adapter alone."""
+    gen, reg, peft = merging(kind, tmp_path)
     rows = [GenRow(q, [P1, P2], peft, 12) for q in ("Where is Alpha?", "Who founded Beta?")]
     want = alone(gen, rows)
     assert want != alone(gen, [GenRow(r.question, r.passages, None, 12) for r in rows])
@@ -196,17 +216,7 @@ def test_a_rag_sequence_request_scored_while_merged(kind: str, tmp_path: Path) -
     """The merge policy merges the request's adapter between two steps and it is renamed None:
     its "thorough" scoring pass runs on the merged weights without PEFT's adapter names, and
     the answer is the adapter's (up to the merge's rounding)."""
-    model_dir = BUILDERS[kind](tmp_path)
-    save_lora_adapter(model_dir, tmp_path / "adapters" / "a", seed=1)
-    gen = load_generator(str(model_dir), cache_dir=tmp_path)
-    reg = AdapterRegistry(
-        gen,
-        tmp_path / "adapters",
-        policy=ResidencyPolicy(merge_single=True),
-        on_change=lambda m: sync_batched_lora(gen, m),
-    )
-    reg.install("a", reg.prepare("a"))
-    peft = reg.peft_name("a")
+    gen, reg, peft = merging(kind, tmp_path)
     row = GenRow("Where is Alpha?", [P1, P2, P3], peft, 6, "sequence", scores=[1.0, 0.5, 0.2])
     want = rag_alone(gen, [row])[0]
     base = rag_alone(
@@ -303,6 +313,12 @@ def rag_alone(gen: Generator, rows: list[GenRow], min_prior: float | None = None
     return [RagDecoder(gen, min_prior=min_prior).run([r])[0] for r in rows]
 
 
+def reference(gen: Generator, rows: list[GenRow], **decoder: Any) -> list[Answer]:
+    """Each row alone: concat through generate_decoded, the RAG modes through RagDecoder."""
+    rag = RagDecoder(gen, **decoder)
+    return [alone(gen, [r])[0] if r.mode == "concat" else rag.run([r])[0] for r in rows]
+
+
 def same_answers(got: list[Answer], want: list[Answer]) -> None:
     assert [(a.text, a.tokens) for a in got] == [(a.text, a.tokens) for a in want]
     for a, b in zip(got, want, strict=True):
@@ -317,29 +333,14 @@ def test_rag_token_requests_step_as_alone(world: World, stacked: bool) -> None:
     running batch among concat rows, and answer exactly as RagDecoder answers each alone:
     tokens, and p(z|x,y) over the request's own tokens."""
     gen = world.gen
-    batched = gen.batched
-    if not stacked:
-        gen.batched = None
-    try:
+    widths: list[int] = []
+    with lora_path(gen, stacked):
         rows = token_workload(world.names)
-        want = [rag_alone(gen, [r])[0] if r.mode == "token" else alone(gen, [r])[0] for r in rows]
+        want = reference(gen, rows)
         assert len({a.text for a in want}) >= 4
         for a, r in zip(want, rows, strict=True):
             assert a.weights is None or len(a.weights) == len(r.passages)
-        batch = StepBatch(gen)
-        widths: list[int] = []
-        done: dict[Hashable, Answer] = {}
-        join_at = [0, 0, 2, 3, 3, 5]
-        step = 0
-        while len(done) < len(rows):
-            joining = [i for i, t in enumerate(join_at) if t == step]
-            done.update(batch.join([rows[i] for i in joining], joining))
-            widths.append(batch.width)
-            done.update(batch.step())
-            step += 1
-            assert step < 100
-    finally:
-        gen.batched = batched
+        done = run(StepBatch(gen), rows, [0, 0, 2, 3, 3, 5], widths)
     same_answers([done[i] for i in range(len(rows))], want)
     assert max(widths) >= 6  # token requests took a row per passage
 
@@ -383,21 +384,11 @@ def test_rag_token_beam_search_steps_as_alone(world: World, beams: int, in_place
         GenRow("gamma?", [P3, P1, P2], a2, 9, "token", scores=[0.5, 0.4, 3.0]),
         GenRow("Cheese?", [P1, P2, P3], a1, 6, "token", scores=[3.0, 2.9, -4.0]),
     ]
-    decoder = RagDecoder(gen, num_beams=beams, min_prior=0.05)
-    want = [decoder.run([r])[0] if r.mode == "token" else alone(gen, [r])[0] for r in rows]
+    want = reference(gen, rows, num_beams=beams, min_prior=0.05)
     batch = StepBatch(gen, num_beams=beams, min_prior=0.05, in_place_cache=in_place)
     assert batch.rows_for("token", 3) == 3 * beams
     widths: list[int] = []
-    done: dict[Hashable, Answer] = {}
-    join_at = [0, 0, 1, 3]
-    step = 0
-    while len(done) < len(rows):
-        joining = [i for i, t in enumerate(join_at) if t == step]
-        done.update(batch.join([rows[i] for i in joining], joining))
-        widths.append(batch.width)
-        done.update(batch.step())
-        step += 1
-        assert step < 100
+    done = run(batch, rows, [0, 0, 1, 3], widths)
     same_answers([done[i] for i in range(len(rows))], want)
     assert max(widths) > 2 + 1 + 3  # beams forked rows
 
@@ -417,8 +408,7 @@ def test_rag_sequence_beam_search_steps_as_alone(
         GenRow("gamma?", [P3, P1, P2], a2, 6, "sequence", "fast", [0.5, 0.4, 3.0]),
         GenRow("Cheese?", [P1, P2, P3], a1, 5, "sequence", scores=[3.0, 2.9, -4.0]),
     ]
-    decoder = RagDecoder(gen, num_beams=beams, min_prior=0.05)
-    want = [decoder.run([r])[0] if r.mode == "sequence" else alone(gen, [r])[0] for r in rows]
+    want = reference(gen, rows, num_beams=beams, min_prior=0.05)
     batch = StepBatch(gen, num_beams=beams, min_prior=0.05)
     ranked: list[tuple[int, ...]] = []
     real_rank = stepping.rank
@@ -466,16 +456,11 @@ def test_rag_sequence_requests_step_as_alone(world: World, stacked: bool) -> Non
     leaving when its hypothesis ends) and are marginalized when the last ends: answers and
     p(z|x,y) equal RagDecoder alone, "thorough" (rescored under every passage) and "fast"."""
     gen = world.gen
-    batched = gen.batched
-    if not stacked:
-        gen.batched = None
-    try:
+    with lora_path(gen, stacked):
         rows = sequence_workload(world.names)
-        want = [alone(gen, [r])[0] if r.mode == "concat" else rag_alone(gen, [r])[0] for r in rows]
+        want = reference(gen, rows)
         assert len({a.text for a in want}) >= 4
         done = run(StepBatch(gen), rows, join_at=[0, 0, 1, 2, 3, 2, 6])
-    finally:
-        gen.batched = batched
     same_answers([done[i] for i in range(len(rows))], want)
 
 
