@@ -28,9 +28,9 @@ LORAG_PREFILL_TOKENS_PER_STEP prompt tokens while rows decode) while its rows nu
 `max_batch_size` (a RAG-Token or RAG-Sequence request takes one row per passage and beam),
 and each request leaves the step its answer ends, its future answered at once. Adapter
 operations, and requests a step batch was built not to take, run whole at a step boundary, in
-queue order, while the running rows wait. The session ends when nothing
-runs and nothing waits. Without a StepBatch (`LORAG_STEP_BATCHING=false`, or a model it cannot
-pad exactly) every batch runs whole, as described first.
+queue order, while the running rows wait. The session ends when nothing runs and nothing
+waits. Without a StepBatch (`LORAG_STEP_BATCHING=false`, or a model it cannot pad exactly)
+every batch runs whole, as described first.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class EngineRequest:
     scores: Sequence[float] = ()
     lease: Lease | None = None
     # called on the event loop with the answer's text so far, as it grows, while the request
-    # decodes in the step batch (concat, RAG-Token); never for rows run whole
+    # decodes in the step batch (concat, greedy RAG-Token); never for rows run whole
     on_text: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
@@ -217,8 +217,8 @@ class Engine:
 
     @property
     def running_rows(self) -> int:
-        """Batch rows decoding in the step batch now (a RAG-Token request has one per
-        passage); at most max_batch_size, unless one request alone has more."""
+        """Batch rows decoding in the step batch now (a RAG request has one per passage and
+        beam); at most max_batch_size, unless one request alone has more."""
         return self._stepper.width if self._stepper is not None else 0
 
     @property

@@ -300,7 +300,7 @@ def _pad_to(t: torch.Tensor, dim: int, size: int, *, left: bool) -> torch.Tensor
 
 
 class StepBatch:
-    """The running batch of greedy rows on the model thread.
+    """The running batch on the model thread: concat rows, RAG requests as groups of rows.
 
         batch = StepBatch(generator)
         done = batch.join(rows, keys)   # prefill new rows; rows done at once come back
@@ -328,11 +328,10 @@ class StepBatch:
         if why is not None:
             raise ValueError(f"step-level decoding is not supported: {why}")
         self.g = generator
-        # take RAG-Token / RAG-Sequence requests (RAG-Sequence greedy only)
-        self.rag_token = rag_token
-        self.rag_sequence = rag_sequence
-        self.num_beams = num_beams  # RAG-Token's beam search (RagDecoder's num_beams)
-        self.min_prior = min_prior  # the prior pruning of RAG-Token, as RagDecoder's
+        self.rag_token = rag_token  # take RAG-Token requests
+        self.rag_sequence = rag_sequence  # take RAG-Sequence requests
+        self.num_beams = num_beams  # the RAG modes' beam search, as RagDecoder's (1: greedy)
+        self.min_prior = min_prior  # the RAG modes' prior pruning, as RagDecoder's
         self._in_place = in_place_cache  # False: transformers' concatenating layers (benchmarks)
         self._rows: list[_Row] = []
         self._state: _State | None = None
@@ -351,7 +350,7 @@ class StepBatch:
 
     @property
     def width(self) -> int:
-        """Running batch rows (a RAG-Token request has one per kept passage)."""
+        """Running batch rows (a RAG request has one per kept passage and open beam)."""
         return sum(r.n for r in self._rows)
 
     def takes_mode(self, mode: str) -> bool:
