@@ -9,6 +9,8 @@ the figures are medians over rounds, tokens/s = rows * new tokens / wall time of
 --planned adds ours with each configuration's plan (BatchedLora.plan: the rows' gathered A and B)
 made once before the rounds and reused by every call, as the step engine reuses a plan across
 the decoding steps of unchanged rows; printed as a ratio to the base.
+--bf16-stacks adds ours with the stacks cast to bfloat16 for the call (half the bytes a step
+reads; outputs no longer PEFT's), printed as a ratio to the base.
 --gathered adds ours with the dense decoding steps off (every mixed batch through gathered
 rows), and prints ours / that per configuration: the A/B of the dense products.
 
@@ -29,6 +31,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypedDict, cast
 
 import torch
@@ -99,6 +102,20 @@ def plain_generate(model: T5ForConditionalGeneration, kw: GreedyKwargs) -> torch
     return cast(torch.Tensor, out)
 
 
+def _cast_stacks(lora: BatchedLora, dtype: torch.dtype) -> None:
+    """Every stack of lora in dtype (refresh() rebuilds them from the adapters)."""
+    for layer in lora._layers.values():
+        st = layer.stack
+        if st is None:
+            continue
+        pairs = tuple(
+            None if p is None else (p[0].to(dtype), p[1].to(dtype), p[2]) for p in st.pairs
+        )
+        layer.stack = replace(
+            st, a=st.a.to(dtype), b=st.b.to(dtype), scale=st.scale.to(dtype), pairs=pairs
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -117,6 +134,12 @@ def main() -> None:
         "--planned",
         action="store_true",
         help="also run ours with one plan made before the rounds and reused by every call",
+    )
+    ap.add_argument(
+        "--bf16-stacks",
+        action="store_true",
+        help="also run ours with the stacked adapters cast to bfloat16 (half the bytes; not "
+        "PEFT's numbers): whether lower precision pays through torch's CPU ops",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,6 +164,13 @@ def main() -> None:
                 if mode == "peft":
                     return model.generate(**kw, adapter_names=names)
                 assert names is not None
+                if mode == "bf16":  # stacks cast for this call, rebuilt in fp32 after it
+                    _cast_stacks(fast, torch.bfloat16)
+                    try:
+                        with fast.rows(names):
+                            return model.generate(**kw)
+                    finally:
+                        fast.refresh()
                 if mode == "planned":  # the rows' plan (and its gathers) made once, reused
                     with fast.rows(plans[tuple(names)]):
                         return model.generate(**kw)
@@ -171,6 +201,8 @@ def main() -> None:
             cases[f"gathered/{n}"] = run(batch, names, "gathered")
         if args.planned:
             cases[f"planned/{n}"] = run(batch, names, "planned")
+        if args.bf16_stacks:
+            cases[f"bf16/{n}"] = run(batch, names, "bf16")
         rows.update({f"base/b{batch}": batch, f"peft/{n}": batch, f"ours/{n}": batch})
         # warm-up, and a check: random weights leave near-ties between logits, so float32
         # rounding may flip a greedy token; the logits themselves are checked in the tests
@@ -214,12 +246,14 @@ def main() -> None:
                 f"{tok / statistics.median(p):>7.1f} {tok / statistics.median(o):>7.1f} "
                 f"{p_ratio:>9.3f} {o_ratio:>9.3f} {agree[n]:>7.3f}"
             )
-        if args.planned:
+        for variant, what in (("planned", "with a reused plan"), ("bf16", "with bf16 stacks")):
+            if f"{variant}/{args.distinct[0]}" not in t:
+                continue
             for n in args.distinct:
                 batch = 64 if n > 16 else 16
-                b, o = t[f"base/b{batch}"], t[f"planned/{n}"]
+                b, o = t[f"base/b{batch}"], t[f"{variant}/{n}"]
                 ratio = statistics.median(bi / oi for bi, oi in zip(b, o, strict=True))
-                print(f"{n:>8} distinct: ours with a reused plan / base {ratio:.3f}")
+                print(f"{n:>8} distinct: ours {what} / base {ratio:.3f}")
         if args.gathered:
             for n in args.distinct:
                 o, g = t[f"ours/{n}"], t[f"gathered/{n}"]
