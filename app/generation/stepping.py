@@ -501,9 +501,8 @@ class StepBatch:
     def _hypotheses(self, row: GenRow) -> tuple[list[list[int]], _Hypotheses]:
         """A RAG-Sequence request's prompts, one per kept passage (as RagDecoder encodes them)."""
         g = self.g
-        enc = g.encode_pairs(row.question, row.passages, reserve=row.max_new_tokens)
-        scores = torch.tensor([list(row.scores)], dtype=torch.float32)  # [1, K]
-        log_prior = doc_prior(scores, self.min_prior).to(g.device)
+        enc, log_prior = self._passage_prompts(row)
+        log_prior = log_prior.to(g.device)
         pairs = torch.isfinite(log_prior).reshape(-1).nonzero().squeeze(-1)  # as rag_sequence
         ids, mask = enc["input_ids"], enc["attention_mask"]
         kept_ids, kept_mask = ids.index_select(0, pairs), mask.index_select(0, pairs)
@@ -557,12 +556,18 @@ class StepBatch:
         runner.encoder_states = seq.encoder_states
         return runner
 
+    def _passage_prompts(self, row: GenRow) -> tuple[Any, torch.Tensor]:
+        """A RAG request's (question, passage) prompts, encoded as RagDecoder encodes them, and
+        its log prior [1, K] (-inf where min_prior prunes)."""
+        enc = self.g.encode_pairs(row.question, row.passages, reserve=row.max_new_tokens)
+        scores = torch.tensor([list(row.scores)], dtype=torch.float32)  # [1, K]
+        return enc, doc_prior(scores, self.min_prior)
+
     def _pairs(self, row: GenRow) -> tuple[list[list[int]], _Marginal]:
         """A RAG-Token request's prompts, one per kept passage (as RagDecoder encodes them)."""
         g = self.g
-        enc = g.encode_pairs(row.question, row.passages, reserve=row.max_new_tokens)
-        scores = torch.tensor([list(row.scores)], dtype=torch.float32)  # [1, K]
-        doc_index, prior = kept_docs(doc_prior(scores, self.min_prior))  # [1, K']
+        enc, log_prior = self._passage_prompts(row)
+        doc_index, prior = kept_docs(log_prior)  # [1, K']
         ids = enc["input_ids"].cpu()
         mask = enc["attention_mask"].cpu().bool()
         pairs = [ids[j][mask[j]].tolist() for j in doc_index[0].tolist()]
