@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from app.contracts import GenRow
 from app.errors import IndexNotFound
 from app.generation.backends import Generator, sync_batched_lora
 from app.generation.loading import load_generator, prepare_default_generator
-from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
 from app.lora.residency import ResidencyPolicy
 from app.retrieval.ann import spec_from_settings

@@ -13,14 +13,13 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from app.contracts import Decoding, Hit, Mode
 from app.engine.coalesce import Coalescer
 from app.engine.engine import Engine, EngineRequest, Expected
 from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError, NotReadyError
-from app.generation.types import Decoding, Mode
 from app.lora.bundle import PreparedTask
 from app.lora.registry import AdapterInfo, AdapterRegistry, Lease
 from app.lora.tasks import TaskBundles
-from app.retrieval.types import Hit
 
 T = TypeVar("T")
 

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.contracts import Mode
+
 DEFAULT = "default"  # the packaged offline model for that role
 
 
@@ -68,7 +70,7 @@ class Settings(BaseSettings):
     # request defaults and limits
     top_k: int = Field(5, ge=1, le=50)
     max_new_tokens: int = Field(64, ge=1, le=512)
-    mode: Literal["concat", "token", "sequence"] = Field(
+    mode: Mode = Field(
         "concat", description="Decoding mode when the request does not say (see README)."
     )
     num_beams: int = Field(1, ge=1, le=8, description="Beams for the token/sequence modes.")

@@ -22,7 +22,7 @@ import time
 import torch
 
 from app.bootstrap import load_components
-from app.generation.types import GenRow
+from app.contracts import GenRow
 from app.settings import Settings
 from bench.step_batching import questions as demo_questions
 

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from app.contracts import Passage
 from app.retrieval.builder import collect_passages, embed_passages
 from app.retrieval.encoders import SentenceTransformerEncoder, default_encoder_path
-from app.retrieval.types import Passage
 
 logger = logging.getLogger("bench.index_build")
 LOOP_BATCH = 32  # SentenceTransformer.encode's default batch size

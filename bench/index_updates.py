@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from app.contracts import Passage
 from app.retrieval.ann import AnnSpec
 from app.retrieval.live import LiveIndex
 from app.retrieval.store import PassageIndex
-from app.retrieval.types import Passage
 from app.retrieval.updates import Document, Prepared
 
 DIM = 384

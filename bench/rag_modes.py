@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from app.bootstrap import load_components
+from app.contracts import GenRow
 from app.generation.decoding import RagDecoder
-from app.generation.types import GenRow
 from app.settings import Settings
 
 MODES: list[tuple[str, str]] = [

@@ -38,14 +38,13 @@ from typing import cast
 
 import torch
 
+from app.contracts import Mode, Passage
 from app.engine.engine import Engine, EngineRequest
 from app.generation.backends import Generator
 from app.generation.decoding import RagDecoder
 from app.generation.loading import load_generator
 from app.generation.stepping import StepBatch
-from app.generation.types import Mode
 from app.lora.registry import Lease
-from app.retrieval.types import Passage
 from bench.serve_throughput import pct, t5_small_shaped
 
 

@@ -274,9 +274,8 @@ def ceiling(args: argparse.Namespace) -> None:
 
     import torch
 
+    from app.contracts import GenRow, Passage
     from app.generation.loading import load_generator
-    from app.generation.types import GenRow
-    from app.retrieval.types import Passage
 
     torch.set_num_threads(int(os.environ.get("LORAG_TORCH_THREADS", "0")) or 1)
     with tempfile.TemporaryDirectory() as tmp:

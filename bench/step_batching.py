@@ -42,9 +42,9 @@ from typing import Any
 import torch
 
 from app.bootstrap import load_components
+from app.contracts import GenRow
 from app.generation.backends import Decoded, Generator
 from app.generation.stepping import StepBatch
-from app.generation.types import GenRow
 from app.settings import Settings
 
 

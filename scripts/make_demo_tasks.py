@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.contracts import Passage
 from app.retrieval.chunking import chunk_document
 from app.retrieval.sources import read_sources
-from app.retrieval.types import Passage
 
 log = logging.getLogger("make_demo_tasks")
 

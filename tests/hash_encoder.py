@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from app.retrieval.types import Passage
+from app.contracts import Passage
 
 DIM = 64
 

@@ -245,8 +245,8 @@ def test_index_from_another_encoder_is_refused_with_the_reason(
 ):
     import numpy as np
 
+    from app.contracts import Passage
     from app.retrieval.store import PassageIndex
-    from app.retrieval.types import Passage
 
     other = PassageIndex.build(
         [Passage("d#0", "d", "t", "text")], np.ones((1, 8), dtype=np.float32), "other-encoder"

@@ -196,8 +196,8 @@ def test_named_indexes_switch_atomically_and_ask_can_name_one(
 def test_an_index_of_another_encoder_is_refused_naming_it(app_factory: Factory, root: Path) -> None:
     import numpy as np
 
+    from app.contracts import Passage
     from app.retrieval.store import PassageIndex
-    from app.retrieval.types import Passage
 
     PassageIndex.build(
         [Passage("d#0", "d", "t", "text")], np.ones((1, 384), dtype=np.float32), "other-encoder"

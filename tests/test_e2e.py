@@ -108,8 +108,8 @@ def test_real_models_answer_cite_and_take_adapters(index_root: Path, tmp_path: P
 def test_serve_refuses_an_index_built_with_another_encoder(tmp_path: Path, tiny_generators):
     import numpy as np
 
+    from app.contracts import Passage
     from app.retrieval.store import PassageIndex
-    from app.retrieval.types import Passage
 
     PassageIndex.build(
         [Passage("d#0", "d", "t", "x")], np.ones((1, 8), dtype=np.float32), "some-other-encoder"

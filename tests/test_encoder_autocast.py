@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from transformers import DPRContextEncoder, DPRQuestionEncoder
 
+from app.contracts import Passage
 from app.retrieval.encoders import EncoderLoadError, load_encoder
-from app.retrieval.types import Passage
 from tests.test_retrieval_encoders import dpr_folder, tiny_sentence_transformer
 
 PASSAGES = [

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import pytest
 
+from app.contracts import GenRow
 from app.engine.coalesce import Coalescer
 from app.engine.engine import Engine, EngineRequest
 from app.errors import InvalidInputError
 from app.generation.decoding import Answer
-from app.generation.types import GenRow
 
 
 class EchoDecoder:

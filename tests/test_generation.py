@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.contracts import GenRow, Passage
 from app.errors import AdapterNotFound
 from app.generation.backends import CausalGenerator, Generator, Seq2SeqGenerator
 from app.generation.loading import load_generator
-from app.generation.types import GenRow
-from app.retrieval.types import Passage
 from tests.tiny import load_tiny, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 
 P1 = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")

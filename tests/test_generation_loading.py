@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from app.contracts import GenRow, Passage
 from app.errors import InvalidInputError
 from app.generation import loading
 from app.generation.backends import CausalGenerator
 from app.generation.loading import default_gguf, load_generator, prepare_default_generator
-from app.generation.types import GenRow
-from app.retrieval.types import Passage
 
 FRANCE = Passage(
     "fr#0",

@@ -16,12 +16,11 @@ import pytest
 import torch
 from peft import PeftModel
 
+from app.contracts import GenRow, Passage
 from app.errors import AdapterNotFound, InvalidInputError
 from app.generation.backends import Generator
 from app.generation.loading import load_generator
-from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
-from app.retrieval.types import Passage
 from tests.tiny import load_tiny, save_lora_adapter, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 
 P1 = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")

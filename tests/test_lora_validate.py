@@ -17,12 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.contracts import GenRow, Passage
 from app.errors import AdapterInvalid, AdapterPathNotFound, UnsafePath
 from app.generation.loading import load_generator
-from app.generation.types import GenRow
 from app.lora.paths import resolve_under
 from app.lora.registry import AdapterRegistry
-from app.retrieval.types import Passage
 from tests.tiny import save_lora_adapter, tiny_bart, tiny_llama, tiny_t5
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {

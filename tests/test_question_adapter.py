@@ -15,12 +15,12 @@ import torch
 from peft import PeftModel
 from transformers import BertModel
 
+from app.contracts import Passage
 from app.errors import InvalidInputError
 from app.generation.loading import load_generator
 from app.lora.bundle import MANIFEST_NAME, QUESTION_DIR, prepare_task, read_manifest
 from app.retrieval.encoders import SentenceTransformerEncoder, load_encoder
 from app.retrieval.question_adapters import QuestionAdapters, tower_of
-from app.retrieval.types import Passage
 from app.settings import Settings
 from app.training.losses import Sample, batch_nll
 from app.training.options import TrainOptions

@@ -11,13 +11,12 @@ import pytest
 import torch
 from peft import PeftModel
 
+from app.contracts import GenRow, Passage
 from app.errors import AdapterNotFound
 from app.generation.backends import Generator
 from app.generation.loading import load_generator
-from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
 from app.lora.residency import AdapterBudgetExceeded, ResidencyPolicy, Resident, plan_eviction
-from app.retrieval.types import Passage
 from tests.tiny import save_lora_adapter, tiny_t5
 
 P = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import app.retrieval.builder as builder
+from app.contracts import Passage
 from app.errors import IndexInvalid, InvalidInputError
 from app.retrieval.builder import build_index, collect_passages
 from app.retrieval.encoders import TextEncoder, load_encoder
 from app.retrieval.retriever import Retriever
 from app.retrieval.store import PassageIndex
-from app.retrieval.types import Passage
 from tests.test_retrieval_encoders import WORDS, tiny_sentence_transformer
 
 

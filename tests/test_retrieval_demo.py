@@ -11,9 +11,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from app.contracts import Passage
 from app.retrieval.chunking import chunk_document
 from app.retrieval.sources import Document, read_sources
-from app.retrieval.types import Passage
 
 SOURCES = Path(__file__).resolve().parents[1] / "index" / "sources"
 DEMO = SOURCES / "demo.jsonl"

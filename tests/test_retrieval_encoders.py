@@ -23,6 +23,7 @@ from transformers import (
     DPRQuestionEncoder,
 )
 
+from app.contracts import Passage
 from app.errors import InvalidInputError
 from app.retrieval.encoders import (
     DPREncoder,
@@ -31,7 +32,6 @@ from app.retrieval.encoders import (
     TextEncoder,
     load_encoder,
 )
-from app.retrieval.types import Passage
 
 WORDS = [
     *("the", "a", "of", "and", "is", "was", "in", "glacier", "ice", "snow", "flows", "piano"),

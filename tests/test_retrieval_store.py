@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import app.retrieval.store as store
+from app.contracts import Passage
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
 from app.retrieval.store import PassageIndex
-from app.retrieval.types import Passage
 
 DIM = 16
 

@@ -19,15 +19,14 @@ from typing import Any
 import pytest
 import torch
 
+from app.contracts import GenRow, Passage
 from app.generation import stepping
 from app.generation.backends import Generator, sync_batched_lora
 from app.generation.decoding import Answer, RagDecoder
 from app.generation.loading import load_generator
 from app.generation.stepping import StepBatch, step_support
-from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
 from app.lora.residency import ResidencyPolicy
-from app.retrieval.types import Passage
 from tests.test_generation import BUILDERS
 from tests.tiny import save_lora_adapter
 

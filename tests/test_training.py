@@ -15,11 +15,10 @@ import torch
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from app.contracts import GenRow, Passage
 from app.generation.backends import Generator
 from app.generation.loading import load_generator
-from app.generation.types import GenRow
 from app.lora.registry import AdapterRegistry
-from app.retrieval.types import Passage
 from app.settings import Settings
 from app.training.eval import heldout_loss
 from app.training.losses import Sample

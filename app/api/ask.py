@@ -17,8 +17,8 @@ from app.api.deps import ApiDep, ServiceDep, StateDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import status_for
 from app.api.schemas import AskRequest, AskResponse, PassageOut, Timings
+from app.contracts import BASE_ADAPTER, Hit
 from app.errors import LoragError
-from app.retrieval.types import Hit
 from app.service import AskParams, AskResult
 
 router = APIRouter(tags=["ask"])
@@ -61,7 +61,7 @@ async def ask(
 
 
 def _respond(body: AskRequest, request: Request, state: Any, result: AskResult) -> AskResponse:
-    labels = (body.adapter or "__base__", result.mode)
+    labels = (body.adapter or BASE_ADAPTER, result.mode)
     state.metrics.ask_latency.labels(*labels).observe(result.timings_ms["total"] / 1000)
     state.metrics.generated_tokens.labels(*labels).inc(result.generated_tokens)
     return AskResponse(

@@ -7,7 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+from app.contracts import NAME_PATTERN, Mode
+
+ADAPTER_NAME = NAME_PATTERN
 INDEX_NAME = ADAPTER_NAME  # a folder under index_dir, by the same rule
 
 
@@ -27,7 +29,7 @@ class AskRequest(BaseModel):
     )
     top_k: int | None = Field(None, ge=1, le=50, description="Passages to retrieve (default 5).")
     max_new_tokens: int | None = Field(None, ge=1, le=512)
-    mode: Literal["concat", "token", "sequence"] | None = Field(
+    mode: Mode | None = Field(
         None,
         description="concat: one prompt with all passages; token: RAG-Token, marginalizing "
         "over passages at every token; sequence: RAG-Sequence, per-passage answers "

@@ -45,12 +45,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from app.contracts import Decoding, GenRow, Mode, Passage
 from app.errors import GenerationTimeout, LoragError, NotReadyError
 from app.generation.decoding import Answer
 from app.generation.stepping import StepBatch
-from app.generation.types import Decoding, GenRow, Mode
 from app.lora.registry import Lease
-from app.retrieval.types import Passage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

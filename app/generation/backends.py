@@ -23,15 +23,14 @@ import torch
 from peft import PeftModel
 from transformers import BatchEncoding, GenerationConfig, PreTrainedTokenizerBase
 
+from app.contracts import BASE_ADAPTER, GeneratorKind, GenRow, Passage
 from app.errors import AdapterNotFound
 from app.generation.prompts import PromptBuilder
-from app.generation.types import GenRow
 from app.lora.batched import BatchedLora
-from app.retrieval.types import Passage
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+BASE = BASE_ADAPTER
 _HUGE = 1_000_000  # tokenizers say model_max_length=1e30 when they do not know
 
 
@@ -41,7 +40,7 @@ class Decoded(NamedTuple):
 
 
 class Generator(ABC):
-    kind: ClassVar[Literal["seq2seq", "causal"]]
+    kind: ClassVar[GeneratorKind]
 
     def __init__(
         self,

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from transformers import BatchEncoding
 
+from app.contracts import GenRow
 from app.generation.backends import Generator
 from app.generation.rag import RagOutput
 from app.generation.rag_sequence import causal_rag_sequence_generate, rag_sequence_generate
 from app.generation.rag_token import causal_rag_token_generate, rag_token_generate
-from app.generation.types import GenRow
 
 
 @dataclass(frozen=True, slots=True)

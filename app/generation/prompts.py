@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
 
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from app.retrieval.types import Passage
+from app.contracts import GeneratorKind, Passage
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,7 @@ def passage_block(number: int, passage: Passage, text: str | None = None) -> str
 class PromptBuilder:
     """Renders (question, passages) into one prompt string that fits max_tokens."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, kind: Literal["seq2seq", "causal"]
-    ) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, kind: GeneratorKind) -> None:
         self.tokenizer = tokenizer
         self.kind = kind
         self.chat = kind == "causal" and bool(getattr(tokenizer, "chat_template", None))

@@ -66,15 +66,14 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from app.contracts import Decoding, GenRow, Passage
 from app.generation.backends import Generator
 from app.generation.decoding import Answer, rag_eos_id
 from app.generation.rag import doc_posterior, doc_prior, expand_to_docs, kept_docs
 from app.generation.rag_runners import CausalRunner, Runner, Seq2SeqRunner
 from app.generation.rag_search import BeamGroup, Hypotheses, marginal, pack
 from app.generation.rag_sequence import check_decoding, rank
-from app.generation.types import Decoding, GenRow
 from app.lora.batched import RowPlan
-from app.retrieval.types import Passage
 
 log = logging.getLogger(__name__)
 

@@ -43,12 +43,13 @@ import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
 
+from app.contracts import BASE_ADAPTER
 from app.errors import AdapterNotFound
 from app.lora.stacks import LayerStack, Pair, build_stack, is_stackable
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+BASE = BASE_ADAPTER
 DEFAULT_GATHER_CACHE_BYTES = 512 * 2**20
 # From this rank up, a mixed batch computes h = x @ A.T per row (bmm(x, A_rows.T)); below it
 # A @ x.T (bmm(A_rows, x.T)). MKL's batched kernel for A @ x.T falls off a cliff at r 16 (one

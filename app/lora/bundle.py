@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from app import __version__
+from app.contracts import Mode
 from app.errors import AdapterInvalid, AdapterPathNotFound
 from app.lora.paths import resolve_under
 from app.lora.validate import BaseLayout, ValidatedAdapter, validate_adapter
@@ -38,7 +39,7 @@ QUESTION_DIR = "question_encoder"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 16
 MODES = ("concat", "token", "sequence")
-ModeName = Literal["concat", "token", "sequence"]
+ModeName = Mode
 
 
 @dataclass(frozen=True)

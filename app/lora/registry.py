@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +50,7 @@ import torch
 from peft import PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM
 from peft.utils import set_peft_model_state_dict
 
+from app.contracts import NAME_RE
 from app.errors import AdapterInvalid, AdapterNotFound, InvalidInputError
 from app.generation.backends import Generator
 from app.lora.paths import resolve_under
@@ -59,7 +59,6 @@ from app.lora.validate import TASK_TYPES, BaseLayout, ValidatedAdapter, describe
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PEFT_CLASSES = {"seq2seq": PeftModelForSeq2SeqLM, "causal": PeftModelForCausalLM}
 
 PreparedAdapter = ValidatedAdapter  # what prepare() hands to install()

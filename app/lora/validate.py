@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -24,12 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from transformers.pytorch_utils import Conv1D
 
+from app.contracts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GeneratorKind
 from app.errors import AdapterInvalid, UnsafePath
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = ADAPTER_CONFIG
+WEIGHTS_NAME = ADAPTER_WEIGHTS
 PICKLE_NAME = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
@@ -51,15 +52,13 @@ class LinearShape:
 class BaseLayout:
     """What validation needs to know of the base model, captured once before any wrapping."""
 
-    kind: Literal["seq2seq", "causal"]
+    kind: GeneratorKind
     model_id: str
     modules: dict[str, str]  # every module name -> its class name
     linears: dict[str, LinearShape]  # the layers LoRA can target
 
     @classmethod
-    def of(
-        cls, model: torch.nn.Module, kind: Literal["seq2seq", "causal"], model_id: str
-    ) -> BaseLayout:
+    def of(cls, model: torch.nn.Module, kind: GeneratorKind, model_id: str) -> BaseLayout:
         modules, linears = {}, {}
         for name, module in model.named_modules():
             if not name:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from app.contracts import Passage
 from app.errors import InvalidInputError
 from app.retrieval.ann import AnnSpec
 from app.retrieval.chunking import chunk_document
@@ -25,7 +26,6 @@ from app.retrieval.encoders import TextEncoder
 from app.retrieval.live import folder_lock, remove_stale_temp
 from app.retrieval.sources import Document, read_sources
 from app.retrieval.store import IndexManifest, PassageIndex
-from app.retrieval.types import Passage
 
 logger = logging.getLogger(__name__)
 

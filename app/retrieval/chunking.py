@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 
+from app.contracts import Passage
 from app.errors import InvalidInputError
-from app.retrieval.types import Passage
 
 # a word that ends a sentence: . ! or ? at its end, perhaps followed by closing quotes or brackets
 _SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")

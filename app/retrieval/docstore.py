@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.contracts import Passage
 from app.errors import IndexInvalid, InvalidInputError
-from app.retrieval.types import Passage
 
 
 @dataclass(frozen=True)

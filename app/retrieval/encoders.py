@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from app.contracts import Passage
 from app.errors import InvalidInputError
-from app.retrieval.types import Passage
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

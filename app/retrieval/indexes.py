@@ -14,12 +14,12 @@ with another encoder is refused with both fingerprints named (IndexInvalid, HTTP
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from app.contracts import NAME_RE
 from app.errors import IndexNotFound, InvalidInputError
 from app.retrieval.ann import AnnSpec
 from app.retrieval.live import LiveIndex
@@ -27,8 +27,7 @@ from app.retrieval.store import MANIFEST_FILE, PassageIndex
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_NAME = re.compile(INDEX_NAME)
+_NAME = NAME_RE
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from app.contracts import Hit
 from app.errors import IndexInvalid, InvalidInputError
 from app.retrieval.encoders import TextEncoder
 from app.retrieval.indexes import IndexCatalog
 from app.retrieval.store import PassageIndex
-from app.retrieval.types import Hit
 
 
 class Retriever:

@@ -57,11 +57,11 @@ from typing import Any
 import faiss
 import numpy as np
 
+from app.contracts import Hit, Passage
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
 from app.retrieval import ann, wal
 from app.retrieval.ann import AnnSpec
 from app.retrieval.docstore import DocStore, StoredDocument, group_by_document
-from app.retrieval.types import Hit, Passage
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.contracts import Passage
 from app.errors import InvalidInputError
 from app.retrieval.chunking import chunk_document
-from app.retrieval.types import Passage
 
 if TYPE_CHECKING:  # importing the encoders pulls in torch; the CLI and tests' workers need not
     from app.retrieval.encoders import TextEncoder

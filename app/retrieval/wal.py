@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from app.contracts import Passage
 from app.errors import IndexInvalid
 from app.retrieval.docstore import StoredDocument
-from app.retrieval.types import Passage
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.contracts import Passage
 from app.errors import InvalidInputError
-from app.retrieval.types import Passage
 
 MAX_ANSWER_CHARS = 1000  # a training answer longer than this is almost surely a data error
 MAX_QUESTION_CHARS = 2000  # as Settings.max_question_chars: what /ask accepts

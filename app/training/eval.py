@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from app.contracts import GenRow
 from app.generation.backends import Generator
-from app.generation.types import GenRow
 from app.training.losses import Sample, answer_ids, batch_nll
 from app.training.options import Objective
 

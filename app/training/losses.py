@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from app.contracts import Passage
 from app.generation.backends import Generator
 from app.generation.rag import IGNORE_INDEX
 from app.generation.rag_loss import Mode, causal_rag_nll, rag_nll
 from app.generation.rag_runners import causal_answer_logits
-from app.retrieval.types import Passage
 from app.training.options import Objective
 
 

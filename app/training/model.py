@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from app.contracts import GeneratorKind
 from app.errors import InvalidInputError
 from app.generation.backends import CausalGenerator, Generator, Seq2SeqGenerator
 from app.generation.loading import (
@@ -122,9 +122,7 @@ def _num_blocks(model: torch.nn.Module) -> int:
     raise InvalidInputError("cannot tell how many layers the base has; drop --last-layers")
 
 
-def add_lora(
-    generator: Generator, opts: TrainOptions, *, kind: Literal["seq2seq", "causal"]
-) -> None:
+def add_lora(generator: Generator, opts: TrainOptions, *, kind: GeneratorKind) -> None:
     """Wrap generator.model in a PeftModel holding one fresh, trainable LoRA adapter."""
     model = generator.model
     layers = None

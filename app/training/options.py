@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from app.contracts import MODES, Mode
 from app.errors import InvalidInputError
 from app.lora.registry import check_name
 
-Objective = Literal["concat", "token", "sequence"]
-OBJECTIVES: tuple[Objective, ...] = ("concat", "token", "sequence")
+Objective = Mode
+OBJECTIVES: tuple[Objective, ...] = MODES
 
 
 @dataclass(frozen=True)

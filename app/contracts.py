@@ -1,0 +1,55 @@
+"""What two layers share, and nothing else: the value types and literals that cross layers.
+
+Retrieval produces `Passage` and `Hit`; generation reads them; the API and the CLI speak the
+decoding literals; adapters and the generator agree on PEFT's file names and on the name of
+"no adapter". Each is defined here once, so no layer imports another's internals for them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Mode = Literal["concat", "token", "sequence"]  # concat prompt, RAG-Token, RAG-Sequence
+MODES: tuple[Mode, ...] = get_args(Mode)
+Decoding = Literal["thorough", "fast"]  # RAG-Sequence's rescoring
+GeneratorKind = Literal["seq2seq", "causal"]  # the backend families
+
+BASE_ADAPTER = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: its config ...
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # ... and its weights (never the pickle .bin)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # adapter and index names
+NAME_RE = re.compile(NAME_PATTERN)
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """One retrievable unit: about 100 words of a document (the RAG paper's unit)."""
+
+    id: str  # "<doc_id>#<chunk number>", unique in an index
+    doc_id: str  # the source document's id
+    title: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A retrieved passage and its retrieval score (inner product of the embeddings)."""
+
+    passage: Passage
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class GenRow:
+    """What the engine hands a generator: one request's question, passages and limits."""
+
+    question: str
+    passages: Sequence[Passage]
+    adapter: str | None  # the PEFT adapter name installed in the model; None = the base
+    max_new_tokens: int
+    mode: Mode = "concat"
+    decoding: Decoding = "thorough"  # RAG-Sequence only
+    scores: Sequence[float] = ()  # retrieval scores of the passages: the prior's logits
