@@ -1,0 +1,47 @@
+"""The generation side's configs: which generator to load, and how RAG answers are decoded.
+
+Plain frozen dataclasses with no torch import, so app/settings.py can build them cheaply; each
+`__post_init__` refuses a bad value and names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPE_NAMES: tuple[DType, ...] = get_args(DType)
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What app.generation.loading.load_generator loads: "default", a hub id or a path."""
+
+    spec: str
+    cache_dir: Path  # the converted default generator lives here
+    device: str = "cpu"
+    dtype: DType = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.spec:
+            raise ValueError("generator spec is empty: name a hub id, a path or 'default'")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {list(DTYPE_NAMES)}")
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """The RAG modes' decoding, shared by the whole-batch decoder and the step batch, so the
+    two cannot disagree: beams for RAG-Token and RAG-Sequence, and prior pruning."""
+
+    num_beams: int = 1  # 1: greedy
+    min_prior: float | None = None  # drop passages whose prior p(z|x) is below this
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int):
+            raise ValueError(f"num_beams must be an integer, got {self.num_beams!r}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.min_prior is not None and not 0 <= self.min_prior < 1:
+            raise ValueError(f"min_prior must be in [0, 1) or None, got {self.min_prior!r}")
