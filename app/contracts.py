@@ -2,7 +2,8 @@
 
 Retrieval produces `Passage` and `Hit`; generation reads them; the API and the CLI speak the
 decoding literals; adapters and the generator agree on PEFT's file names and on the name of
-"no adapter". Each is defined here once, so no layer imports another's internals for them.
+"no adapter"; the adapter registry reaches the generator through `AdapterHost`. Each is defined
+here once, so no layer imports another's internals for them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
+
+if TYPE_CHECKING:  # annotations only: importing this module stays free of torch
+    from torch import nn
 
 Mode = Literal["concat", "token", "sequence"]  # concat prompt, RAG-Token, RAG-Sequence
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -53,3 +57,24 @@ class GenRow:
     mode: Mode = "concat"
     decoding: Decoding = "thorough"  # RAG-Sequence only
     scores: Sequence[float] = ()  # retrieval scores of the passages: the prior's logits
+
+
+class AdapterHost(Protocol):
+    """A model that carries adapters: what the adapter registry (app/lora) needs of a generator
+    (app/generation), so that lora never imports generation. Generator satisfies it.
+
+    `model` is settable because the registry owns it while it holds the host: it wraps the base
+    model into a PeftModel on the first install, serves the plain model while one adapter is
+    merged, and puts the unwrapped base back after the last unload. The generator only reads
+    it, and nothing else may replace it once a registry holds the host.
+    """
+
+    model: nn.Module  # the module that serves: the base, a PeftModel, or the merged base
+
+    @property
+    def kind(self) -> GeneratorKind:  # picks PEFT's task type and model class
+        ...
+
+    @property
+    def model_id(self) -> str:  # the base checkpoint, checked against an adapter's config
+        ...

@@ -72,8 +72,14 @@ def make(world: tuple[Path, Path], tmp_path: Path, **policy: object) -> AdapterR
     return AdapterRegistry(gen, world[1], policy=ResidencyPolicy(**policy))  # type: ignore[arg-type]
 
 
-def lora_tensors(gen: Generator) -> int:
-    return sum(1 for n, _ in gen.model.named_parameters() if "lora_" in n)
+def generator(reg: AdapterRegistry) -> Generator:
+    """The generator make() gave the registry (which types it as the AdapterHost it needs)."""
+    assert isinstance(reg.generator, Generator)
+    return reg.generator
+
+
+def lora_tensors(reg: AdapterRegistry) -> int:
+    return sum(1 for n, _ in reg.generator.model.named_parameters() if "lora_" in n)
 
 
 def test_install_over_budget_evicts_the_least_recently_used(world, tmp_path) -> None:
@@ -89,13 +95,13 @@ def test_install_over_budget_evicts_the_least_recently_used(world, tmp_path) -> 
     assert [i.name for i in reg.list()] == ["a", "c"]
     assert reg.evictions == 1
     assert set(reg.generator.model.peft_config) == {reg.peft_name("a"), reg.peft_name("c")}
-    assert lora_tensors(reg.generator) == 2 * lora_tensors_one(world, tmp_path)
+    assert lora_tensors(reg) == 2 * lora_tensors_one(world, tmp_path)
 
 
 def lora_tensors_one(world, tmp_path) -> int:
     reg = make(world, tmp_path)
     reg.install("a", reg.prepare("a"))
-    return lora_tensors(reg.generator)
+    return lora_tensors(reg)
 
 
 def test_pinned_and_held_adapters_stay_and_a_refusal_evicts_nothing(world, tmp_path) -> None:
@@ -187,7 +193,7 @@ def test_merged_single_adapter_matches_per_row_lora_and_unmerge_restores_base(
 
 def test_a_second_install_unmerges_and_both_adapters_serve(world, tmp_path) -> None:
     reg = make(world, tmp_path, merge_single=True)
-    gen = reg.generator
+    gen = generator(reg)
     reg.install("a", reg.prepare("a"))
     alone = gen.generate([row(reg.peft_name("a"))])
     reg.begin_batch(["a"])
@@ -292,7 +298,7 @@ def test_lazy_loading_off_keeps_unloaded_names_404(
 
 
 def answer(reg: AdapterRegistry, peft: str | None) -> str:
-    return reg.generator.generate([GenRow(QUESTION, [P], peft, 6)])[0]
+    return generator(reg).generate([GenRow(QUESTION, [P], peft, 6)])[0]
 
 
 def test_a_leased_version_survives_a_swap_and_is_freed_with_its_last_lease(world, tmp_path):
@@ -303,16 +309,16 @@ def test_a_leased_version_survives_a_swap_and_is_freed_with_its_last_lease(world
     reg.install("task", reg.prepare("b"))  # the swap: later requests get b
     alone_b = answer(reg, reg.peft_name("task"))
     assert alone_a != alone_b  # the two versions really differ
-    assert reg.retired == 1 and reg.get("task").version == reg.prepare("b").version
-    # the admitted request still runs on a, the version it leased
+    assert reg.get("task").version == reg.prepare("b").version
+    # the admitted request still runs on a, the version it leased, still installed (retired)
     assert lease.version == reg.prepare("a").version
     assert answer(reg, reg.peft_name_of(lease)) == alone_a
-    assert len(reg.generator.model.peft_config) == 2
+    both = {lease.internal, reg.peft_name("task")}
+    assert set(reg.generator.model.peft_config) == both and len(both) == 2
     reg.begin_batch(["task"])  # a batch while a is still leased frees nothing
-    assert reg.retired == 1
+    assert set(reg.generator.model.peft_config) == both
     assert reg.release(lease) is True  # the last lease on a retired version
-    reg.collect()
-    assert reg.retired == 0
+    reg.collect()  # frees a: only b is installed
     assert list(reg.generator.model.peft_config) == [reg.peft_name("task")]
     assert answer(reg, reg.peft_name("task")) == alone_b
 
@@ -321,12 +327,13 @@ def test_unload_of_a_leased_adapter_waits_for_its_requests(world, tmp_path):
     reg = make(world, tmp_path, merge_single=True)
     reg.install("task", reg.prepare("a"))
     expected = answer(reg, reg.peft_name("task"))
-    with reg.lease("task") as lease:
-        reg.unload("task")
-        assert "task" not in reg and reg.list() == []
-        reg.begin_batch(["task"])  # with a retired version installed, nothing merges
-        assert reg.merged is None
-        assert answer(reg, reg.peft_name_of(lease)) == expected
+    lease = reg.acquire("task")
+    reg.unload("task")
+    assert "task" not in reg and reg.list() == []
+    reg.begin_batch(["task"])  # with a retired version installed, nothing merges
+    assert reg.merged is None
+    assert answer(reg, reg.peft_name_of(lease)) == expected
+    assert reg.release(lease) is True
     reg.collect()
     assert not isinstance(reg.generator.model, PeftModel)  # the base alone, unwrapped
     with pytest.raises(AdapterNotFound):
@@ -342,6 +349,7 @@ def test_a_leased_adapter_is_not_evicted(world, tmp_path) -> None:
     reg.install("a", reg.prepare("a"))
     reg.install("b", reg.prepare("b"))
     reg.begin_batch(["b"])  # a is the least recently used
-    with reg.lease("a"):
-        reg.install("c", reg.prepare("c"))  # evicts b, not the leased a
+    lease = reg.acquire("a")
+    reg.install("c", reg.prepare("c"))  # evicts b, not the leased a
+    reg.release(lease)
     assert [i.name for i in reg.list()] == ["a", "c"]

@@ -205,11 +205,6 @@ class BatchedLora:
 
     # ---- public API ------------------------------------------------------------------------
 
-    @property
-    def adapters(self) -> frozenset[str]:
-        """The adapter names rows() accepts (besides BASE)."""
-        return frozenset(self._known)
-
     def refresh(self) -> None:
         """Find the model's LoRA layers and rebuild the stacks from their current weights.
 

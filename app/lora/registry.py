@@ -19,17 +19,18 @@ generator serves the plain transformers model (its LoRA layers merged), and peft
 None: rows must not pass PEFT adapter_names, which merged layers refuse.
 
 Leases: a request admitted with an adapter takes a lease on the version installed at that
-moment (`lease()`), and its row runs on exactly those weights. Replacing or unloading the
-name takes it out of the name map at once (later requests get the new version, or a 404 or a
-lazy load), but weights still leased stay installed, "retired", until the last lease is
-returned; the next call on the model thread then deletes them. So a request is never failed,
-nor moved to other weights, by a swap or an unload that came after it was admitted, however
-long it waits for its batch (what LoRAX and S-LoRA do with reference-counted adapters).
+moment (`acquire()`, given back with `release()`), and its row runs on exactly those weights.
+Replacing or unloading the name takes it out of the name map at once (later requests get the
+new version, or a 404 or a lazy load), but weights still leased stay installed, "retired",
+until the last lease is returned; the next call on the model thread then deletes them. So a
+request is never failed, nor moved to other weights, by a swap or an unload that came after it
+was admitted, however long it waits for its batch (what LoRAX and S-LoRA do with
+reference-counted adapters).
 
-Threads: prepare/get/list/peft_name/hold/lease may run anywhere; install, unload and begin_batch
-mutate the model and must run on the thread that runs generation (the engine serializes them
-with batches). A lock guards only the name map and the usage counters, so readers on other
-threads never see them half-updated.
+Threads: prepare/get/list/peft_name/hold/acquire/release may run anywhere; install, unload and
+begin_batch mutate the model and must run on the thread that runs generation (the engine
+serializes them with batches). A lock guards only the name map and the usage counters, so
+readers on other threads never see them half-updated.
 """
 
 from __future__ import annotations
@@ -50,9 +51,8 @@ import torch
 from peft import PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM
 from peft.utils import set_peft_model_state_dict
 
-from app.contracts import NAME_RE
+from app.contracts import NAME_RE, AdapterHost
 from app.errors import AdapterInvalid, AdapterNotFound, InvalidInputError
-from app.generation.backends import Generator
 from app.lora.paths import resolve_under
 from app.lora.residency import ResidencyPolicy, Resident, plan_eviction
 from app.lora.validate import TASK_TYPES, BaseLayout, ValidatedAdapter, describe, validate_adapter
@@ -116,7 +116,7 @@ def check_name(name: str) -> None:
 class AdapterRegistry:
     def __init__(
         self,
-        generator: Generator,
+        generator: AdapterHost,
         root: Path,
         *,
         on_change: Callable[[torch.nn.Module], None] | None = None,
@@ -128,7 +128,7 @@ class AdapterRegistry:
         state, such as stacked LoRA weights."""
         if isinstance(generator.model, PeftModel):
             raise ValueError("the generator already holds a PeftModel; give the plain base model")
-        self.generator = generator
+        self.generator = generator  # its .model is ours to swap from now on (AdapterHost)
         self.root = root
         self._layout = BaseLayout.of(generator.model, generator.kind, generator.model_id)
         self._entries: dict[str, _Entry] = {}
@@ -223,15 +223,6 @@ class AdapterRegistry:
             self._doomed.append(lease.internal)
             return True
 
-    @contextmanager
-    def lease(self, name: str) -> Iterator[Lease]:
-        """acquire() and release() around a block."""
-        lease = self.acquire(name)
-        try:
-            yield lease
-        finally:
-            self.release(lease)
-
     def peft_name_of(self, lease: Lease) -> str | None:
         """The PEFT adapter name a row under `lease` passes (None while merged, as peft_name)."""
         with self._lock:
@@ -242,12 +233,6 @@ class AdapterRegistry:
         if not installed:  # only if the lease was returned before its row ran
             raise AdapterNotFound(lease.name)
         return None if lease.internal == self._merged else lease.internal
-
-    @property
-    def retired(self) -> int:
-        """Replaced or unloaded versions kept installed for the requests still using them."""
-        with self._lock:
-            return len(self._retired)
 
     # ---- model thread -------------------------------------------------------------------
 
