@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from app.lora.bundle import prepare_task
+from app.lora.question_adapters import QuestionAdapters
 from app.retrieval.encoders import load_encoder
-from app.retrieval.question_adapters import QuestionAdapters
 from app.retrieval.store import PassageIndex
 from app.settings import Settings
 from app.training.options import TrainOptions

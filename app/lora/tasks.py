@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from app.lora.bundle import PreparedTask, TaskManifest, prepare_task
+from app.lora.question_adapters import QuestionAdapterInfo, QuestionAdapters
 from app.retrieval.encoders import TextEncoder
-from app.retrieval.question_adapters import QuestionAdapterInfo, QuestionAdapters
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 
 from app.retrieval.encoders import TextEncoder
-from app.retrieval.question_adapters import QuestionTower
+from app.retrieval.question_tower import QuestionTower
 from app.training.losses import Sample
 from app.training.model import target_modules
 from app.training.options import TrainOptions

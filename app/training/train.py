@@ -30,7 +30,7 @@ from app.errors import InvalidInputError
 from app.generation.backends import Generator
 from app.lora.bundle import QUESTION_DIR, TaskManifest, write_manifest
 from app.retrieval.encoders import TextEncoder
-from app.retrieval.question_adapters import tower_of
+from app.retrieval.question_tower import tower_of
 from app.settings import Settings
 from app.training.data import Example, file_sha256, load_examples, split_heldout
 from app.training.eval import Metrics, answer_budget, evaluate, heldout_loss
