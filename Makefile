@@ -37,6 +37,7 @@ lint: setup
 	$(VENV)/bin/ruff check app tests bench scripts
 	$(VENV)/bin/ruff format --check app tests bench scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 format: setup
 	$(VENV)/bin/ruff check --fix app tests bench scripts
