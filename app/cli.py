@@ -10,13 +10,17 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.errors import LoragError
 from app.logs import configure_logging
-from app.retrieval.cli import add_index_parsers
+from app.retrieval.cli import IndexCommandConfig, add_index_parsers
 from app.settings import Settings
 from app.training.cli import add_train_parser
+
+if TYPE_CHECKING:
+    from app.service import AskParams, AskResult
+    from app.training.config import TrainingConfig
 
 log = logging.getLogger("lorag")
 
@@ -41,29 +45,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from app.bootstrap import prepare
+    from app.wiring import prepare
 
     prepare(_settings(args))
     return 0
 
 
+def _index_config() -> IndexCommandConfig:
+    settings = Settings()
+    return IndexCommandConfig(
+        settings.index_dir,
+        settings.encoder_spec,
+        settings.search,
+        settings.max_document_chars,
+        settings.compaction,
+    )
+
+
+def training_config(settings: Settings) -> TrainingConfig:
+    """What `lorag adapter train` reads: this service's index, encoder and roots. Built here,
+    not as a Settings property, because serving must not import app.training (pyproject)."""
+    from app.training.config import TrainingConfig
+
+    return TrainingConfig(
+        adapters_dir=settings.adapters_dir,
+        cache_dir=settings.cache_dir,
+        index_path=settings.index_path,
+        encoder=settings.encoder_spec,
+        base=settings.generator,
+        top_k=settings.top_k,
+        answer_reserve=settings.max_new_tokens,  # /ask's default answer budget
+    )
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from app.retrieval.ann import spec_from_settings
     from app.retrieval.builder import build_index
-    from app.retrieval.encoders import load_encoder
 
     settings = _settings(args)
-    encoder = load_encoder(
-        settings.encoder,
-        settings.encoder_kind,
-        device=settings.device,
-        context_spec=settings.dpr_context_encoder,
-        passage_autocast="bfloat16" if args.bf16 else None,
-    )
+    encoder = settings.encoder_spec.load(passage_autocast="bfloat16" if args.bf16 else None)
     out = settings.index_path
-    spec = spec_from_settings(settings)
+    spec = settings.search
     if args.index_type is not None:
         spec = replace(spec, kind=args.index_type)
     sources = [Path(s) for s in args.sources]
@@ -91,8 +114,8 @@ def _http(method: str, url: str, body: dict[str, Any] | None, token: str | None)
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
-    settings = Settings()
-    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    admin_token = Settings().security.admin_token
+    token = admin_token.get_secret_value() if admin_token else None
     base = args.url.rstrip("/")
     if args.action == "list":
         result = _http("GET", f"{base}/adapters", None, None)
@@ -106,39 +129,56 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"question": args.question}
-    if args.adapter:
-        body["adapter"] = args.adapter
-    if args.top_k:
-        body["top_k"] = args.top_k
-    if args.max_new_tokens:
-        body["max_new_tokens"] = args.max_new_tokens
     if args.url:
+        body: dict[str, Any] = {"question": args.question}
+        for key in ("adapter", "top_k", "max_new_tokens"):
+            if getattr(args, key):
+                body[key] = getattr(args, key)
         result = _http("POST", f"{args.url.rstrip('/')}/ask", body, None)
     else:
-        result = asyncio.run(_ask_in_process(_settings(args), body))
+        from app.service import AskParams
+
+        settings = _settings(args)
+        params = AskParams(
+            question=args.question,
+            adapter=args.adapter,
+            top_k=args.top_k,  # None: the adapter's task default, else LORAG_TOP_K
+            max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+        )
+        result = _answer(asyncio.run(_ask_in_process(settings, params)))
     print(json.dumps(result, indent=2))
     return 0
 
 
-async def _ask_in_process(settings: Settings, body: dict[str, Any]) -> Any:
-    """Answer without a server: the same app, driven in process."""
-    import httpx
+async def _ask_in_process(settings: Settings, params: AskParams) -> AskResult:
+    """Answer without a server: the service built by app/wiring.py, its engine on this loop."""
+    from app.wiring import running_service
 
-    from app.main import create_app
+    async with running_service(settings) as service:
+        return await service.ask(params)
 
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        state = app.state.lorag
-        await state.loaded.wait()
-        if state.error:
-            raise SystemExit(f"lorag: {state.error}")
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://lorag") as client:
-            resp = await client.post("/ask", json=body, timeout=600)
-        if resp.status_code != 200:
-            raise SystemExit(f"lorag: /ask -> {resp.status_code}: {resp.text}")
-        return resp.json()
+
+def _answer(result: AskResult) -> dict[str, Any]:
+    """The answer as POST /ask's JSON body gives it (without the request id)."""
+    return {
+        "answer": result.answer,
+        "adapter": result.adapter,
+        "adapter_version": result.adapter_version,
+        "mode": result.mode,
+        "passages": [
+            {
+                "id": h.passage.id,
+                "doc_id": h.passage.doc_id,
+                "title": h.passage.title,
+                "text": h.passage.text,
+                "score": h.score,
+                "weight": w,
+            }
+            for h, w in zip(result.hits, result.weights, strict=True)
+        ],
+        "timings_ms": result.timings_ms,
+        "generated_tokens": result.generated_tokens,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         "vectors within cosine 0.99998 of float32 (bench/RESULTS.md)",
     )
     s.set_defaults(func=cmd_index_build)
-    add_index_parsers(idx)  # add, delete, compact: live changes through the update log
+    add_index_parsers(
+        idx, _index_config
+    )  # add, delete, compact: live changes through the update log
 
     ad = sub.add_parser("adapter", help="manage adapters on a running server")
     ad.add_argument("--url", default="http://127.0.0.1:8000")
@@ -186,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = acts.add_parser("unload")
     s.add_argument("name")
     s.set_defaults(func=cmd_adapter)
-    add_train_parser(acts)  # local: writes adapters/NAME, needs no server
+    add_train_parser(
+        acts, lambda: training_config(Settings())
+    )  # local: writes adapters/NAME, needs no server
 
     s = sub.add_parser("ask", help="ask a question (in process, or --url a server)")
     s.add_argument("question")

@@ -69,15 +69,16 @@ def serve(settings: Settings) -> str | None:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_failure)
+    cfg = settings.server
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
         log_config=None,  # keep lorag's handler: request ids, optional JSON lines
         access_log=False,  # the request middleware logs each request with its id
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        timeout_graceful_shutdown=int(cfg.grace_s),
     )
-    server = DrainingServer(config, app.state.lorag, settings.shutdown_drain_s)
+    server = DrainingServer(config, app.state.lorag, cfg.drain_s)
     server.run()
     return failure[0] if failure else None

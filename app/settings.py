@@ -1,16 +1,72 @@
-"""The one settings object. Every field reads from the environment as LORAG_<FIELD>."""
+"""The one settings object. Every field reads from the environment as LORAG_<FIELD>.
+
+`Settings` is the env surface: flat fields, grouped by component below, each read as
+LORAG_<FIELD> (and constructible as `Settings(field=value)`). Components never see it: each
+takes its own frozen config, which a property here builds (`settings.engine`,
+`settings.decoding`, `settings.encoder_spec`, ...), and app/wiring.py hands them over. The
+configs' modules load on first use, so reading settings (`lorag --help`) imports no torch or
+faiss.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.contracts import Mode
+from app.engine.config import EngineConfig
+from app.generation.config import DecodingConfig, DType, GeneratorSpec
+
+if TYPE_CHECKING:
+    from app.lora.residency import ResidencyPolicy
+    from app.retrieval.ann import AnnSpec
+    from app.retrieval.config import EncoderSpec
+    from app.retrieval.manager import CompactionPolicy
+    from app.retrieval.updates import UpdateLimits
 
 DEFAULT = "default"  # the packaged offline model for that role
+
+
+# The root's own configs, for the HTTP edge (app/main.py) and the server (app/server.py). They
+# live here, not beside their users: app/state.py imports this module, so it must not import
+# app.api or app.server (which imports the routes), or the layers would point upwards.
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    admin_token: SecretStr | None = None  # mutating routes; None: open
+    api_token: SecretStr | None = None  # /ask; None: open
+    max_body_bytes: int = 64 * 1024
+    cors_origins: tuple[str, ...] = ()  # empty: CORS off
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
+        if "" in self.cors_origins:
+            raise ValueError("cors_origins holds an empty origin")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    drain_s: float = 5.0  # SIGTERM: /ready says 503 this long while /ask is still answered
+    grace_s: float = 30.0  # then admitted requests get this long to finish
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host is empty")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        for name in ("drain_s", "grace_s"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be >= 0 s, got {value!r}")
 
 
 class Settings(BaseSettings):
@@ -37,7 +93,7 @@ class Settings(BaseSettings):
     )
     generator: str = Field(DEFAULT, description="Generator: hub id, path or 'default'.")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     torch_threads: int = Field(
         0,
         ge=0,
@@ -167,6 +223,86 @@ class Settings(BaseSettings):
         "it into the base weights (no LoRA latency); unmerged for any other row.",
     )
 
+    # the components' configs ------------------------------------------------------------
+
     @property
     def index_path(self) -> Path:
         return self.index_dir / self.index_name
+
+    @property
+    def encoder_spec(self) -> EncoderSpec:
+        from app.retrieval.config import EncoderSpec
+
+        return EncoderSpec(self.encoder, self.encoder_kind, self.device, self.dpr_context_encoder)
+
+    @property
+    def generator_spec(self) -> GeneratorSpec:
+        return GeneratorSpec(self.generator, self.cache_dir, self.device, self.dtype)
+
+    @property
+    def search(self) -> AnnSpec:
+        """The index kind and search parameters (LORAG_INDEX_TYPE, LORAG_HNSW_*, LORAG_IVF_*)."""
+        from app.retrieval.ann import AnnSpec
+
+        return AnnSpec(
+            kind=self.index_type,
+            hnsw_m=self.hnsw_m,
+            ef_construction=self.hnsw_ef_construction,
+            ef_search=self.hnsw_ef_search,
+            nlist=self.ivf_nlist,
+            nprobe=self.ivf_nprobe,
+            pq_m=self.pq_m,
+        )
+
+    @property
+    def decoding(self) -> DecodingConfig:
+        """The RAG modes' decoding, one object for the whole-batch decoder and the step batch."""
+        return DecodingConfig(num_beams=self.num_beams, min_prior=self.min_prior)
+
+    @property
+    def engine(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            batch_wait_ms=self.batch_wait_ms,
+            expect_wait_ms=self.expect_wait_ms,
+            step_batching=self.step_batching,
+            prefill_tokens_per_step=self.prefill_tokens_per_step,
+        )
+
+    @property
+    def residency(self) -> ResidencyPolicy:
+        from app.lora.residency import ResidencyPolicy
+
+        return ResidencyPolicy.of(
+            self.adapter_memory_bytes,
+            lazy_load=self.lazy_load_adapters,
+            merge_single=self.merge_single_adapter,
+        )
+
+    @property
+    def update_limits(self) -> UpdateLimits:
+        from app.retrieval.updates import UpdateLimits
+
+        return UpdateLimits(self.max_documents_per_request, self.max_document_chars)
+
+    @property
+    def compaction(self) -> CompactionPolicy:
+        from app.retrieval.manager import CompactionPolicy
+
+        return CompactionPolicy(self.compact_log_bytes, self.compact_log_records)
+
+    @property
+    def security(self) -> SecurityConfig:
+        return SecurityConfig(
+            self.admin_token, self.api_token, self.max_body_bytes, tuple(self.cors_origins)
+        )
+
+    @property
+    def server(self) -> ServerConfig:
+        return ServerConfig(
+            host=self.host,
+            port=self.port,
+            log_level=self.log_level,
+            drain_s=self.shutdown_drain_s,
+            grace_s=self.shutdown_grace_s,
+        )

@@ -6,11 +6,11 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Literal
 
-from app.bootstrap import Components
 from app.metrics import Metrics
 from app.retrieval.manager import IndexManager
 from app.service import RagService
 from app.settings import Settings
+from app.wiring import Components
 
 # draining: SIGTERM arrived; /ready says 503 but requests are still answered (app/server.py)
 Status = Literal["loading", "ready", "draining", "failed", "stopping"]

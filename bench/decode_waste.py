@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from app.bootstrap import load_components
 from app.contracts import GenRow
 from app.settings import Settings
+from app.wiring import load_components
 from bench.step_batching import questions as demo_questions
 
 

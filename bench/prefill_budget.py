@@ -24,14 +24,14 @@ import time
 from collections.abc import Callable
 
 import torch
-
-from app.bootstrap import load_components
-from app.contracts import Passage
-from app.engine.engine import Engine, EngineRequest
 from app.generation.backends import Generator
 from app.generation.decoding import RagDecoder
 from app.generation.stepping import Finished, StepBatch
+
+from app.contracts import Passage
+from app.engine.engine import Engine, EngineRequest
 from app.settings import Settings
+from app.wiring import load_components
 from bench.rag_steps import NoAdapters, demo_passages
 from bench.serve_throughput import pct
 from bench.step_batching import questions

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from app.cli import training_config
 from app.lora.bundle import prepare_task
 from app.lora.question_adapters import QuestionAdapters
-from app.retrieval.encoders import load_encoder
 from app.retrieval.store import PassageIndex
 from app.settings import Settings
 from app.training.options import TrainOptions
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         adapters_dir=args.out / "adapters",
         generator=args.generator,
     )
-    encoder = load_encoder(settings.encoder, settings.encoder_kind, device=settings.device)
+    encoder = settings.encoder_spec.load()
     index = PassageIndex.load(settings.index_path, expect_fingerprint=encoder.fingerprint)
     rows = derive(args.source, index)
     random.Random(args.seed).shuffle(rows)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         summary_file = settings.adapters_dir / opts.name / "training_summary.json"
         training = json.loads(summary_file.read_text())["train"]
     else:
-        training = train_adapter(opts, settings).summary["train"]
+        training = train_adapter(opts, training_config(settings)).summary["train"]
     train_s = time.perf_counter() - t
 
     adapters = QuestionAdapters(encoder)

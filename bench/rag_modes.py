@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-
-from app.bootstrap import load_components
-from app.contracts import GenRow
 from app.generation.decoding import RagDecoder
+
+from app.contracts import GenRow
 from app.settings import Settings
+from app.wiring import load_components
 
 MODES: list[tuple[str, str]] = [
     ("concat", "thorough"),

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from app.bootstrap import load_components
-from app.contracts import GenRow
 from app.generation.backends import Decoded, Generator
 from app.generation.stepping import StepBatch
+
+from app.contracts import GenRow
 from app.settings import Settings
+from app.wiring import load_components
 
 
 def questions() -> list[str]:

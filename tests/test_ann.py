@@ -8,7 +8,6 @@ import pytest
 
 from app.errors import InvalidInputError
 from app.retrieval import ann
-from app.settings import Settings
 
 DIM = 32
 N = 6000
@@ -190,12 +189,6 @@ def test_pq_m_must_divide_the_dimension(data) -> None:
         ann.new_index(DIM, ann.AnnSpec(kind="ivf_pq", pq_m=5), base)
     assert ann.pq_subquantizers(384, ann.AnnSpec()) == 48
     assert ann.pq_subquantizers(100, ann.AnnSpec()) == 10
-
-
-def test_spec_from_settings() -> None:
-    settings = Settings(index_type="hnsw", hnsw_m=16, hnsw_ef_search=99, ivf_nprobe=7)
-    spec = ann.spec_from_settings(settings)
-    assert (spec.kind, spec.hnsw_m, spec.ef_search, spec.nprobe) == ("hnsw", 16, 99, 7)
 
 
 def test_cli_index_build_takes_a_type() -> None:

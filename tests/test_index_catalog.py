@@ -115,9 +115,9 @@ def test_prepare_rebuilds_an_outdated_demo_index_and_refuses_another(
 ) -> None:
     import json
 
-    from app.bootstrap import prepare
     from app.retrieval.store import FORMAT_VERSION, IndexOutdated
     from app.settings import Settings
+    from app.wiring import prepare
 
     source = tmp_path / "demo.jsonl"
     source.write_text(json.dumps({"id": "d", "title": "D", "text": "Demo text."}) + "\n")

@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import BertModel
 
+from app.cli import training_config
 from app.contracts import Passage
 from app.errors import InvalidInputError
 from app.generation.loading import load_generator
@@ -121,7 +122,7 @@ def test_joint_training_moves_the_prior_toward_the_generators_choice(
         batch_size=4,
         heldout=0.0,
     )
-    result = train_adapter(opts, settings)
+    result = train_adapter(opts, training_config(settings))
     bundle = result.path
     assert (bundle / QUESTION_DIR / "adapter_model.safetensors").is_file()
     assert not (bundle / QUESTION_DIR / "adapter_model.bin").exists()
@@ -271,7 +272,7 @@ def test_heldout_evaluation_uses_the_trained_question_encoder(st_dir: Path, tmp_
         max_steps=2,
         eval_max_new_tokens=0,
     )
-    summary = train_adapter(opts, settings).summary
+    summary = train_adapter(opts, training_config(settings)).summary
     metrics: dict[str, dict[str, float]] = summary["metrics"]  # type: ignore[assignment]
     assert metrics["before"]["examples"] == 2 and metrics["after"]["examples"] == 2
     changed = summary["question_encoder"]["heldout_top1_changed"]  # type: ignore[index]

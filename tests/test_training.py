@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from app.generation.backends import Generator
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from app.cli import training_config
 from app.contracts import GenRow, Passage
-from app.generation.backends import Generator
 from app.generation.loading import load_generator
 from app.lora.registry import AdapterRegistry
 from app.settings import Settings
@@ -118,7 +119,7 @@ def trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Traine
         target_modules="all-linear",
         eval_max_new_tokens=6,
     )
-    result = train_adapter(opts, settings)
+    result = train_adapter(opts, training_config(settings))
     return Trained(model_dir, result.path, result.summary, data)
 
 
@@ -203,7 +204,7 @@ def test_interrupt_leaves_no_folder(tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(opts, settings, on_step=ctrl_c)
+        train_adapter(opts, training_config(settings), on_step=ctrl_c)
     assert not root.exists() or list(root.iterdir()) == []
 
 
@@ -244,7 +245,7 @@ def test_qlora_adapter_serves_on_full_precision_base(tmp_path: Path) -> None:
         heldout=0.2,
         eval_max_new_tokens=0,
     )
-    result = train_adapter(opts, settings)
+    result = train_adapter(opts, training_config(settings))
     assert result.summary["base"]["quantization"] == "nf4+double-quant"  # type: ignore[index]
     metrics: dict[str, dict[str, float]] = result.summary["metrics"]  # type: ignore[assignment]
     assert metrics["after"]["loss"] < metrics["before"]["loss"] - 0.5
@@ -271,7 +272,7 @@ def test_examples_without_passages_get_the_index_top_k(index_root: Path, tmp_pat
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = Settings(index_dir=index_root, index_name="facts")
-    samples = resolve_samples(load_examples(data), settings, top_k=3)
+    samples = resolve_samples(load_examples(data), training_config(settings), top_k=3)
     # the reference: the retriever the server uses, on the same index
     encoder = load_encoder("default", "sentence-transformers")
     hits = Retriever(encoder, PassageIndex.load(index_root / "facts")).retrieve(

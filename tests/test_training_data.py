@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import training_config
 from app.errors import InvalidInputError
 from app.settings import Settings
 from app.training.data import TrainingDataError, load_examples, split_heldout
@@ -96,7 +97,7 @@ def test_bad_data_fails_before_any_model_loads(tmp_path: Path) -> None:
     opts = TrainOptions(data=data, name="x", base=str(tmp_path / "no-such-model"))
     settings = Settings(adapters_dir=tmp_path / "adapters", cache_dir=tmp_path / "cache")
     with pytest.raises(TrainingDataError, match=r"data.jsonl:2: missing field 'answer'"):
-        train_adapter(opts, settings)
+        train_adapter(opts, training_config(settings))
     assert not (tmp_path / "adapters" / "x").exists()
 
 
@@ -105,7 +106,7 @@ def test_existing_adapter_needs_force(tmp_path: Path) -> None:
     data = _write(tmp_path, [json.dumps(GOOD)])
     settings = Settings(adapters_dir=tmp_path / "adapters", cache_dir=tmp_path / "cache")
     with pytest.raises(InvalidInputError, match="exists; pass --force"):
-        train_adapter(TrainOptions(data=data, name="x", base="unused"), settings)
+        train_adapter(TrainOptions(data=data, name="x", base="unused"), training_config(settings))
 
 
 @pytest.mark.parametrize(
@@ -183,7 +184,7 @@ def test_cli_train_subcommand_reports_bad_line(
 
     parser = argparse.ArgumentParser(prog="lorag")
     adapter = parser.add_subparsers(dest="command").add_parser("adapter")
-    add_train_parser(adapter.add_subparsers(dest="action"))
+    add_train_parser(adapter.add_subparsers(dest="action"), lambda: training_config(Settings()))
     data = _write(tmp_path, [json.dumps(GOOD), json.dumps({"answer": "x"})])
     monkeypatch.setenv("LORAG_ADAPTERS_DIR", str(tmp_path / "adapters"))
     args = parser.parse_args(

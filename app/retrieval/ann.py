@@ -28,15 +28,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import faiss
 import numpy as np
 
 from app.errors import InvalidInputError
-
-if TYPE_CHECKING:
-    from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +92,6 @@ class AnnSpec:
             raise InvalidInputError(f"nlist must be at most {MAX_NLIST}, got {self.nlist}")
         if self.sq not in SQ_TYPES:
             raise InvalidInputError(f"sq {self.sq!r} is not one of {sorted(SQ_TYPES)}")
-
-
-def spec_from_settings(settings: Settings) -> AnnSpec:
-    """The AnnSpec the LORAG_INDEX_TYPE / LORAG_HNSW_* / LORAG_IVF_* settings describe."""
-    return AnnSpec(
-        kind=settings.index_type,
-        hnsw_m=settings.hnsw_m,
-        ef_construction=settings.hnsw_ef_construction,
-        ef_search=settings.hnsw_ef_search,
-        nlist=settings.ivf_nlist,
-        nprobe=settings.ivf_nprobe,
-        pq_m=settings.pq_m,
-    )
 
 
 def resolve_kind(spec: AnnSpec, n: int) -> IndexKind:

@@ -1,7 +1,8 @@
 """`lorag adapter train`: the argument parser and the command.
 
-app/cli.py wires it in with `add_train_parser(acts)` on the `adapter` subparser group. It also
-runs alone: `python -m app.training.cli --data FILE --name NAME ...`.
+app/cli.py wires it in with `add_train_parser(acts, config)` on the `adapter` subparser group,
+`config` making the TrainingConfig (from the settings) when the command runs. It also runs
+alone: `python -m app.training.cli --data FILE --name NAME ...`, which is `lorag adapter train`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from app.errors import LoragError
-from app.settings import Settings
+from app.training.config import TrainingConfig
 from app.training.options import OBJECTIVES, TrainOptions
 
 log = logging.getLogger(__name__)
@@ -66,18 +68,18 @@ def _add_arguments(s: argparse.ArgumentParser) -> None:
     )
 
 
-def add_train_parser(subparsers: Any) -> None:
+def add_train_parser(subparsers: Any, config: Callable[[], TrainingConfig]) -> None:
     """Add `train` to the `adapter` subcommand group (an argparse subparsers action)."""
     s = subparsers.add_parser("train", help="train a LoRA adapter on a JSONL file")
     _add_arguments(s)
-    s.set_defaults(func=cmd_train)
+    s.set_defaults(func=lambda args: cmd_train(args, config()))
 
 
-def options_from_args(args: argparse.Namespace, settings: Settings) -> TrainOptions:
+def options_from_args(args: argparse.Namespace, config: TrainingConfig) -> TrainOptions:
     return TrainOptions(
         data=args.data,
         name=args.name,
-        base=args.base or settings.generator,
+        base=args.base or config.base,
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
@@ -86,7 +88,7 @@ def options_from_args(args: argparse.Namespace, settings: Settings) -> TrainOpti
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
-        top_k=args.top_k or settings.top_k,
+        top_k=args.top_k or config.top_k,
         objective=args.objective,
         seed=args.seed,
         heldout=args.heldout,
@@ -103,12 +105,11 @@ def options_from_args(args: argparse.Namespace, settings: Settings) -> TrainOpti
     )
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, config: TrainingConfig) -> int:
     from app.training.train import train_adapter
 
-    settings = Settings()
     try:
-        result = train_adapter(options_from_args(args, settings), settings)
+        result = train_adapter(options_from_args(args, config), config)
     except LoragError as e:
         print(f"lorag: {e}", file=sys.stderr)
         return 2
@@ -121,13 +122,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.training.cli", description=__doc__)
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return cmd_train(args)
+    """`lorag adapter train ARGS`: the same command, its config from the same settings."""
+    from app.cli import main as lorag
+
+    return lorag(["adapter", "train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from app.generation.backends import Generator
 from app.lora.bundle import QUESTION_DIR, TaskManifest, write_manifest
 from app.retrieval.encoders import TextEncoder
 from app.retrieval.question_tower import tower_of
-from app.settings import Settings
+from app.training.config import TrainingConfig
 from app.training.data import Example, file_sha256, load_examples, split_heldout
 from app.training.eval import Metrics, answer_budget, evaluate, heldout_loss
 from app.training.losses import Sample, batch_nll
@@ -65,7 +65,7 @@ def peak_rss_mb() -> float:
 
 def resolve_samples(
     examples: Sequence[Example],
-    settings: Settings,
+    config: TrainingConfig,
     top_k: int,
     encoder: TextEncoder | None = None,
 ) -> list[Sample]:
@@ -76,8 +76,8 @@ def resolve_samples(
         from app.retrieval.retriever import Retriever
         from app.retrieval.store import PassageIndex
 
-        encoder = encoder or _load_encoder(settings)
-        index = PassageIndex.load(settings.index_path, expect_fingerprint=encoder.fingerprint)
+        encoder = encoder or config.encoder.load()
+        index = PassageIndex.load(config.index_path, expect_fingerprint=encoder.fingerprint)
         found = Retriever(encoder, index).retrieve([e.question for e in missing], top_k)
         hits = {id(e): tuple(h) for e, h in zip(missing, found, strict=True)}
         log.info("retrieved %d passages each for %d examples", top_k, len(missing))
@@ -92,26 +92,15 @@ def resolve_samples(
     return samples
 
 
-def _load_encoder(settings: Settings) -> TextEncoder:
-    from app.retrieval.encoders import load_encoder
-
-    return load_encoder(
-        settings.encoder,
-        settings.encoder_kind,
-        device=settings.device,
-        context_spec=settings.dpr_context_encoder,
-    )
-
-
 def train_adapter(
     opts: TrainOptions,
-    settings: Settings,
+    config: TrainingConfig,
     *,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train and save adapters_dir/opts.name; returns its path and the summary written there."""
     started = time.perf_counter()
-    target = settings.adapters_dir / opts.name
+    target = config.adapters_dir / opts.name
     if target.exists() and not opts.force:
         raise InvalidInputError(f"adapter folder {str(target)!r} exists; pass --force to replace")
     examples = load_examples(opts.data, max_answer_chars=opts.max_answer_chars)
@@ -120,9 +109,9 @@ def train_adapter(
     question: QuestionTraining | None = None
     if opts.question_encoder:
         # each question keeps `candidates` passages; the top_k are re-picked from them
-        encoder = _load_encoder(settings)
-        train_set = resolve_samples(train_ex, settings, opts.candidates, encoder)
-        held_cands = resolve_samples(held_ex, settings, opts.candidates, encoder)
+        encoder = config.encoder.load()
+        train_set = resolve_samples(train_ex, config, opts.candidates, encoder)
+        held_cands = resolve_samples(held_ex, config, opts.candidates, encoder)
         tower = tower_of(encoder)
         held_vectors = candidate_vectors(encoder, held_cands)
         question = QuestionTraining(
@@ -130,18 +119,18 @@ def train_adapter(
         )
         held_set = retrieve_with(tower, None, held_cands, held_vectors, opts.top_k)
     else:
-        train_set = resolve_samples(train_ex, settings, opts.top_k)
-        held_set = resolve_samples(held_ex, settings, opts.top_k)
+        train_set = resolve_samples(train_ex, config, opts.top_k)
+        held_set = resolve_samples(held_ex, config, opts.top_k)
     log.info(
         "%d training and %d held-out examples from %s", len(train_set), len(held_set), opts.data
     )
 
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)
-    source, model_id = resolve_base(opts.base, settings.cache_dir)
-    g = load_base(opts, settings.cache_dir)
+    source, model_id = resolve_base(opts.base, config.cache_dir)
+    g = load_base(opts, config.cache_dir)
     add_lora(g, opts, kind=g.kind)
-    reserve = settings.max_new_tokens  # /ask's default answer budget: prompts fit it the same way
+    reserve = config.answer_reserve  # /ask's default answer budget: prompts fit it the same way
     budget = opts.eval_max_new_tokens
     if budget is None:
         budget = answer_budget(g, held_set) if held_set else 0
@@ -199,7 +188,7 @@ def train_adapter(
         encoder=question.tower.fingerprint if question is not None else None,
     )
     path = _save_atomically(
-        g, target, summary, started, opts, settings, held_set, reserve, question, manifest
+        g, target, summary, started, opts, config, held_set, reserve, question, manifest
     )
     return TrainResult(path, json.loads((path / SUMMARY_NAME).read_text()))
 
@@ -331,7 +320,7 @@ def _save_atomically(
     summary: dict[str, Any],
     started: float,
     opts: TrainOptions,
-    settings: Settings,
+    config: TrainingConfig,
     held: Sequence[Sample],
     reserve: int,
     question: QuestionTraining | None = None,
@@ -350,7 +339,7 @@ def _save_atomically(
             write_manifest(tmp, manifest)
         if opts.qlora and held:
             summary["metrics"]["after_on_full_precision_base"] = _served_loss(
-                tmp, opts, settings, held, reserve
+                tmp, opts, config, held, reserve
             )
         summary["duration_s"] = round(time.perf_counter() - started, 1)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -371,13 +360,13 @@ def _save_atomically(
 
 
 def _served_loss(
-    folder: Path, opts: TrainOptions, settings: Settings, held: Sequence[Sample], reserve: int
+    folder: Path, opts: TrainOptions, config: TrainingConfig, held: Sequence[Sample], reserve: int
 ) -> dict[str, float]:
     """Held-out loss of a QLoRA adapter served the usual way: full-precision base, registry."""
     from app.generation.loading import load_generator
     from app.lora.registry import AdapterRegistry
 
-    g = load_generator(opts.base, cache_dir=settings.cache_dir)
+    g = load_generator(opts.base, cache_dir=config.cache_dir)
     registry = AdapterRegistry(g, folder.parent)
     registry.install(opts.name, registry.prepare(folder.name))
     loss = heldout_loss(g, held, opts.objective, batch_size=opts.batch_size, reserve=reserve)

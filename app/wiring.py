@@ -1,0 +1,246 @@
+"""The composition root: the service built from settings, in one place.
+
+The app's lifespan (app/main.py), the CLI (`lorag ask`, `prepare`, the index commands),
+training and the benches all build through here, so each component is made one way and takes
+its own config (`settings.engine`, `settings.decoding`, ...), never Settings itself.
+
+    load_components(settings)      encoder, index catalog, generator, adapter registry; warm-up
+    build_service(settings, c)     decoder, step batch, engine (not started), RagService
+    build_indexes(settings, c, s)  the IndexManager of document updates and compaction
+    running_service(settings)      all of it, started, for one-shot use (`lorag ask`, benches)
+    prepare(settings)              first run: convert the default generator, build the demo index
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from app.contracts import GenRow
+from app.engine.config import EngineConfig
+from app.engine.engine import Engine
+from app.errors import IndexNotFound
+from app.generation.backends import Generator, sync_batched_lora
+from app.generation.config import DecodingConfig, GeneratorSpec
+from app.generation.decoding import RagDecoder
+from app.generation.loading import load_generator, prepare_default_generator
+from app.generation.stepping import StepBatch, step_support
+from app.lora.registry import AdapterRegistry
+from app.lora.tasks import TaskBundles
+from app.retrieval.builder import build_index
+from app.retrieval.encoders import TextEncoder
+from app.retrieval.indexes import IndexCatalog
+from app.retrieval.manager import IndexManager
+from app.retrieval.retriever import Retriever
+from app.retrieval.store import IndexOutdated, PassageIndex
+from app.service import RagService
+from app.settings import DEFAULT, Settings
+
+if TYPE_CHECKING:
+    from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DEMO_INDEX = "demo"
+DEMO_SOURCE = Path("sources") / "demo.jsonl"  # under the index root, beside the built indexes
+
+
+@dataclass
+class Components:
+    """The heavy parts, loaded once: what the service is composed of."""
+
+    encoder: TextEncoder
+    index: PassageIndex
+    retriever: Retriever
+    generator: Generator
+    registry: AdapterRegistry
+    load_seconds: dict[str, float]
+    catalog: IndexCatalog  # the named indexes; `index` is the one active at start
+
+
+# loading ---------------------------------------------------------------------------------
+
+
+def generator_of(spec: GeneratorSpec) -> Generator:
+    return load_generator(spec.spec, device=spec.device, dtype=spec.dtype, cache_dir=spec.cache_dir)
+
+
+def load_components(settings: Settings) -> Components:
+    """Load encoder, index and generator; refuse an index built with another encoder."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    encoder = settings.encoder_spec.load()
+    times["encoder"] = time.perf_counter() - t
+    t = time.perf_counter()
+    catalog = IndexCatalog(
+        settings.index_dir,
+        settings.index_name,
+        fingerprint=encoder.fingerprint,
+        search=settings.search,
+    )
+    index = catalog.resolve(None)  # the active index loads now: a bad one fails the start
+    times["index"] = time.perf_counter() - t
+    t = time.perf_counter()
+    generator = generator_of(settings.generator_spec)
+    times["generator"] = time.perf_counter() - t
+    registry = AdapterRegistry(
+        generator,
+        settings.adapters_dir,
+        on_change=lambda model: sync_batched_lora(generator, model),
+        policy=settings.residency,
+    )
+    t = time.perf_counter()
+    _warm_up(encoder, index, generator)
+    times["warm_up"] = time.perf_counter() - t
+    log.info(
+        "loaded encoder %s, index %s (%d passages), generator %s in %s",
+        encoder.fingerprint,
+        settings.index_path,
+        len(index),
+        generator.model_id,
+        {k: round(v, 2) for k, v in times.items()},
+    )
+    retriever = Retriever(encoder, catalog)
+    return Components(encoder, index, retriever, generator, registry, times, catalog)
+
+
+def _warm_up(encoder: TextEncoder, index: PassageIndex, generator: Generator) -> None:
+    """One tiny pass through each model before /ready says yes, so the first request does not
+    pay for lazy initialization (thread pools, kernel selection, tokenizer caches)."""
+    hits = Retriever(encoder, index).retrieve(["warm-up"], 1)[0]
+    generator.generate([GenRow("warm-up", [h.passage for h in hits], None, 1)])
+
+
+def prepare(settings: Settings, *, demo_source: Path | None = None) -> None:
+    """First-run setup for the embedded default: convert the generator, build the demo index."""
+    if settings.generator == DEFAULT:
+        prepare_default_generator(settings.cache_dir)
+    try:
+        PassageIndex.load(settings.index_path)
+        return
+    except IndexNotFound:
+        if settings.index_name != DEMO_INDEX:
+            raise
+    except IndexOutdated as exc:  # built by an older lorag: the demo index is ours to rebuild
+        if settings.index_name != DEMO_INDEX:
+            raise
+        log.warning("rebuilding the demo index: %s", exc)
+    demo_source = demo_source or settings.index_dir / DEMO_SOURCE
+    log.info("building the demo index from %s into %s", demo_source, settings.index_path)
+    encoder = settings.encoder_spec.load()
+    build_index([demo_source], encoder, settings.index_path, spec=settings.search)
+
+
+# composing -------------------------------------------------------------------------------
+
+
+def _decoder(generator: Generator, decoding: DecodingConfig) -> RagDecoder:
+    """Whole-batch decoding: rows the step batch does not take, or every row without one."""
+    return RagDecoder(generator, num_beams=decoding.num_beams, min_prior=decoding.min_prior)
+
+
+def _stepper(
+    generator: Generator, decoding: DecodingConfig, config: EngineConfig
+) -> StepBatch | None:
+    """The step batch for generator, or None (whole batches): when off, or where the model
+    cannot step exactly."""
+    if not config.step_batching:
+        return None
+    why = step_support(generator)
+    if why is not None:
+        log.warning("step-level batching off for %s: %s", generator.model_id, why)
+        return None
+    # the same decoding config as _decoder's: a row decodes the same whichever path runs it
+    return StepBatch(generator, min_prior=decoding.min_prior, num_beams=decoding.num_beams)
+
+
+def _engine(
+    decoder: RagDecoder,
+    registry: AdapterRegistry,
+    config: EngineConfig,
+    stepper: StepBatch | None,
+    metrics: Metrics | None,
+) -> Engine:
+    return Engine(
+        decoder,
+        registry,
+        max_batch_size=config.max_batch_size,
+        batch_wait_ms=config.batch_wait_ms,
+        expect_wait_ms=config.expect_wait_ms,
+        on_batch=metrics.observe_batch if metrics else None,
+        stepper=stepper,
+        prefill_tokens_per_step=config.prefill_tokens_per_step,
+        on_first_token=metrics.first_token.observe if metrics else None,
+        on_token_gap=metrics.token_gap.observe if metrics else None,
+    )
+
+
+def build_service(
+    settings: Settings, components: Components, metrics: Metrics | None = None
+) -> RagService:
+    """The RagService on loaded components; its engine is built, not started (engine.start()
+    needs the running event loop)."""
+    generator, decoding, config = components.generator, settings.decoding, settings.engine
+    engine = _engine(
+        _decoder(generator, decoding),
+        components.registry,
+        config,
+        _stepper(generator, decoding, config),
+        metrics,
+    )
+    return RagService(
+        components.retriever,
+        engine,
+        components.registry,
+        request_timeout_s=settings.request_timeout_s,
+        tasks=TaskBundles.for_encoder(settings.adapters_dir, components.encoder),
+        default_top_k=settings.top_k,
+        default_mode=settings.mode,
+    )
+
+
+def build_indexes(
+    settings: Settings,
+    components: Components,
+    service: RagService,
+    metrics: Metrics | None = None,
+) -> IndexManager:
+    """Document updates and compaction on the catalog; embedding runs on the service's
+    retrieval thread, where the encoder already runs."""
+    if metrics is not None:
+        components.catalog.watch(metrics.observe_index)
+    return IndexManager(
+        components.catalog,
+        components.encoder,
+        service.in_retrieval_thread,
+        limits=settings.update_limits,
+        compaction=settings.compaction,
+    )
+
+
+@asynccontextmanager
+async def running_service(
+    settings: Settings, components: Components | None = None
+) -> AsyncIterator[RagService]:
+    """A started RagService without a server (`lorag ask`, benches): the models load in a
+    worker thread, the engine runs on this event loop and is stopped, its queue answered, on
+    exit."""
+    if components is None:
+        components = await asyncio.to_thread(load_components, settings)
+    service = build_service(settings, components)
+    service.engine.start()
+    try:
+        yield service
+    finally:
+        await service.engine.stop()
+        service.close()
