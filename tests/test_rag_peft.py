@@ -15,10 +15,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
+from app.generation.family import family_for
 from app.generation.rag import IGNORE_INDEX
-from app.generation.rag_loss import causal_rag_nll, rag_sequence_nll, rag_token_nll
-from app.generation.rag_sequence import rag_sequence_generate
-from app.generation.rag_token import causal_rag_token_generate, rag_token_generate
+from app.generation.rag_loss import rag_nll
+from tests.tensor_rag import (
+    causal_rag_token_generate,
+    rag_sequence_generate,
+    rag_sequence_nll,
+    rag_token_generate,
+    rag_token_nll,
+)
 
 VOCAB, PAD, EOS = 48, 1, 2
 K = 3
@@ -246,8 +252,8 @@ def test_causal_mixed_adapters_and_training() -> None:
     for mode in ("token", "sequence"):
         history = _train(
             model,
-            lambda mode=mode: causal_rag_nll(
-                model, ids, mask, scores, labels, mode=mode, n_docs=K, pad_token_id=PAD
+            lambda mode=mode: rag_nll(
+                family_for(model), model, ids, mask, scores, labels, mode=mode, n_docs=K
             ),
             steps=6,
         )

@@ -44,10 +44,14 @@ from transformers import (
 )
 
 from app.errors import InvalidInputError
+from app.generation.config import DecodingConfig
 from app.generation.rag import IGNORE_INDEX, doc_prior
-from app.generation.rag_loss import rag_sequence_nll, rag_token_nll
-from app.generation.rag_sequence import rag_sequence_generate
-from app.generation.rag_token import rag_token_generate
+from tests.tensor_rag import (
+    rag_sequence_generate,
+    rag_sequence_nll,
+    rag_token_generate,
+    rag_token_nll,
+)
 
 VOCAB, BOS, PAD, EOS = 48, 0, 1, 2
 
@@ -377,7 +381,8 @@ def test_sequence_generate_equals_transformers(n_docs: int, beams: int) -> None:
 
 def test_encoder_runs_once_per_pair() -> None:
     """One encoder call over all B*K rows whatever the length; the decoder then gets one new
-    token per row and step (its KV cache is reused), plus, for "thorough", one rescoring pass."""
+    token per row and step (its KV cache is reused), plus, for "thorough", one rescoring pass
+    per question (each is scored the step its last hypothesis ends)."""
     _, _, gen = _models("bart", 3, seed=6)
     ids, mask, scores = _inputs(2, 3, seed=30)
     rows: list[int] = []
@@ -418,8 +423,9 @@ def test_encoder_runs_once_per_pair() -> None:
                     )
                     case = (fn.__name__, extra, new, beams)
                     assert rows == [6], (case, rows)
-                    assert 1 <= len(widths) <= new + 1, (case, widths)
-                    steps = widths[:-1] if extra.get("decoding") == "thorough" else widths
+                    scored = 2 if extra.get("decoding") == "thorough" else 0  # B = 2 questions
+                    assert 1 <= len(widths) - scored <= new, (case, widths)
+                    steps = widths[: len(widths) - scored]
                     assert steps == [1] * len(steps), (case, widths)
     finally:
         for hook in hooks:
@@ -561,19 +567,18 @@ def test_bad_inputs_are_rejected_by_name() -> None:
         "pad_token_id": PAD,
         "decoder_start_token_id": _start_id(gen),
     }
+    labels = torch.ones(2, 4, dtype=torch.long)
+    loss: dict[str, Any] = {"decoder_start_token_id": EOS, "pad_token_id": PAD}
     cases: list[tuple[str, Callable[[], object]]] = [
-        ("n_docs=4", lambda: rag_token_generate(gen, ids, mask, scores, n_docs=4, **common)),
-        ("(2, 2)", lambda: rag_token_generate(gen, ids, mask, scores[:, :2], n_docs=3, **common)),
+        ("n_docs=4", lambda: rag_token_nll(gen, ids, mask, scores, labels, n_docs=4, **loss)),
+        ("(2, 2)", lambda: rag_token_nll(gen, ids, mask, scores[:, :2], labels, n_docs=3, **loss)),
         (
             "'greedy'",
             lambda: rag_sequence_generate(
                 gen, ids, mask, scores, n_docs=3, decoding="greedy", **common
             ),
         ),
-        ("1.5", lambda: rag_token_generate(gen, ids, mask, scores, n_docs=3, min_prior=1.5,
-                                           **common)),
-        ("num_beams", lambda: rag_token_generate(gen, ids, mask, scores, n_docs=3, num_beams=0,
-                                                 **common)),
+        ("1.5", lambda: doc_prior(scores, min_prior=1.5)),
         (
             "labels",
             lambda: rag_token_nll(
@@ -582,6 +587,10 @@ def test_bad_inputs_are_rejected_by_name() -> None:
             ),
         ),
     ]  # fmt: skip
+    # the decoding settings are refused by name where they are configured
+    for needle, bad in (("min_prior", {"min_prior": 1.5}), ("num_beams", {"num_beams": 0})):
+        with pytest.raises(ValueError, match=needle):
+            DecodingConfig(**bad)
     for needle, call in cases:
         with pytest.raises(InvalidInputError, match=re.escape(needle)):
             call()

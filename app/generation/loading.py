@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from app.errors import InvalidInputError
-from app.generation.backends import CausalGenerator, Generator, Seq2SeqGenerator
+from app.generation.generator import Generator
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ def load_generator(
 ) -> Generator:
     """A Generator for spec ("default", a hub id or a local path), in eval mode on device.
 
-    The backend follows config.is_encoder_decoder: Seq2SeqGenerator for T5/BART-like models,
-    CausalGenerator otherwise.
+    The backend family follows config.is_encoder_decoder (app/generation/family.py).
     """
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -118,12 +117,11 @@ def load_generator(
         raise InvalidInputError(f"cannot load generator {spec!r}: {e}") from e
     torch_device = torch.device(device)
     model = model.to(device=torch_device)  # type: ignore[call-arg]
-    backend = Seq2SeqGenerator if config.is_encoder_decoder else CausalGenerator
-    generator = backend(model, tokenizer, model_id=model_id, device=torch_device)
+    generator = Generator(model, tokenizer, model_id=model_id, device=torch_device)
     log.info(
         "loaded generator %s (%s, %s, %s) in %.2f s",
         model_id,
-        backend.kind,
+        generator.kind,
         dtype,
         device,
         time.perf_counter() - started,

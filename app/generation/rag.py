@@ -1,20 +1,15 @@
 """RAG math shared by both decoding modes (Lewis et al. 2020): document prior, posterior, pruning.
 
-Layout convention (as transformers' RAG models): a batch of B questions with K retrieved passages
-each is flattened to B*K rows, the K passages of question b contiguous (rows b*K .. b*K+K-1).
 Everything here works in log space; a pruned passage has log prior -inf and weight exactly 0.
-
-The decoding functions live in rag_token.py / rag_sequence.py, the training losses in rag_loss.py;
-they take plain Hugging Face models and tensors, so a PEFT model with per-row `adapter_names`
-works unchanged (see `select_row_kwargs`).
+The decoding modes live in app/generation/modes/, the training losses in rag_loss.py (whose
+layout follows transformers' RAG models: B questions with K passages each flattened to B*K rows,
+the K passages of question b contiguous).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,29 +25,6 @@ class Candidate:
 
     tokens: tuple[int, ...]
     logprob: float
-
-
-@dataclass(frozen=True, slots=True)
-class RagOutput:
-    """One decoded answer per question.
-
-    sequences: [B, T] generated tokens only (no decoder start token, no prompt), `pad_token_id`
-        after the first EOS; T is the longest answer in the batch.
-    logprob: [B] log p(y|x) of each answer under the mode that decoded it (RAG-Token: the sum of
-        the marginal token log-probs; RAG-Sequence: log sum_z p(z|x) p(y|x,z), where "fast" counts
-        only the passages whose beam produced y).
-    doc_logprob: [B, K] log p(y|x,z) per passage, -inf where the passage was pruned (or, in "fast"
-        RAG-Sequence, did not produce y).
-    doc_posterior: [B, K] p(z|x,y) = p(z|x) p(y|x,z) / p(y|x), rows sum to 1, 0 for pruned passages.
-    candidates: RAG-Sequence only: every distinct hypothesis of each question, best first
-        (the first is `sequences[b]`); empty for RAG-Token.
-    """
-
-    sequences: Tensor
-    logprob: Tensor
-    doc_logprob: Tensor
-    doc_posterior: Tensor
-    candidates: tuple[tuple[Candidate, ...], ...] = ()
 
 
 def doc_prior(doc_scores: Tensor, min_prior: float | None = None) -> Tensor:
@@ -90,11 +62,6 @@ def doc_posterior(log_prior: Tensor, doc_logprob: Tensor) -> Tensor:
     return torch.softmax(joint, dim=-1)
 
 
-def marginal_logprob(log_prior: Tensor, doc_logprob: Tensor) -> Tensor:
-    """log p(y|x) = logsumexp_z (log p(z|x) + log p(y|x,z)); [B, K] -> [B]."""
-    return torch.logsumexp(log_prior + doc_logprob, dim=-1)
-
-
 def check_layout(context_input_ids: Tensor, doc_scores: Tensor, n_docs: int) -> int:
     """Validate the [B*K, L] / [B, K] layout and return B."""
     if n_docs < 1:
@@ -111,26 +78,6 @@ def check_layout(context_input_ids: Tensor, doc_scores: Tensor, n_docs: int) -> 
             f"doc_scores must be [B, n_docs] = [{batch}, {n_docs}], got {tuple(doc_scores.shape)}"
         )
     return batch
-
-
-def select_row_kwargs(kwargs: Mapping[str, Any], n_rows: int, rows: Tensor) -> dict[str, Any]:
-    """Re-index the per-row model kwargs for a new set of rows.
-
-    A kwarg is per-row when it is a list/tuple of length `n_rows` or a tensor whose first dim is
-    `n_rows` (PEFT's `adapter_names=[...]` is the case that matters: every row of question b
-    carries b's adapter, and decoding multiplies rows by beams and candidates). Everything else is
-    forwarded unchanged. rows: [R] indices into the original n_rows rows.
-    """
-    out: dict[str, Any] = {}
-    index = rows.tolist()
-    for key, value in kwargs.items():
-        if isinstance(value, list | tuple) and len(value) == n_rows:
-            out[key] = [value[i] for i in index]
-        elif isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == n_rows:
-            out[key] = value.index_select(0, rows.to(value.device))
-        else:
-            out[key] = value
-    return out
 
 
 def kept_docs(log_prior: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,10 +98,3 @@ def expand_to_docs(compact: Tensor, doc_index: Tensor, n_docs: int, fill: float)
     """Scatter [B, K'] per-passage values back to the original [B, K] order, `fill` elsewhere."""
     out = compact.new_full((compact.shape[0], n_docs), fill)
     return out.scatter(1, doc_index, compact)
-
-
-def pair_rows(doc_index: Tensor, n_docs: int) -> Tensor:
-    """Flat row index (b*K + k) of each kept (question, passage) pair; [B, K'] -> [B*K']."""
-    batch = doc_index.shape[0]
-    base = torch.arange(batch, device=doc_index.device).unsqueeze(1) * n_docs  # [B, 1]
-    return (base + doc_index).reshape(-1)

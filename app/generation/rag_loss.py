@@ -6,7 +6,7 @@
 Averaged over the batch. Gradients reach the generator (LoRA weights of a PEFT model) and, when
 `doc_scores` requires grad, the retriever scores. Labels follow transformers' seq2seq convention:
 [B, T] target tokens, IGNORE_INDEX (-100) where no loss is taken; the decoder input is the labels
-shifted right behind `decoder_start_token_id`.
+shifted right behind the decoder start token (seq2seq), or following the prompt (causal).
 
 Label smoothing `epsilon` follows transformers' RagTokenForGeneration / RagSequenceForGeneration
 `get_nll`: loss = (1-eps) * nll + eps/V * smooth, where smooth is minus the sum over positions and
@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from app.errors import InvalidInputError
+from app.generation.family import Family
 from app.generation.rag import IGNORE_INDEX, check_layout, doc_prior
-from app.generation.rag_runners import causal_answer_logits, left_pad
 
 Mode = Literal["token", "sequence"]
 
@@ -68,143 +68,30 @@ def _check(labels: Tensor, batch: int, epsilon: float) -> None:
 
 
 def rag_nll(
-    model: nn.Module,
-    context_input_ids: Tensor,  # [B*K, L]
+    family: Family,
+    model: Any,
+    context_input_ids: Tensor,  # [B*K, L] one prompt per (question, passage), any padding
     context_attention_mask: Tensor,  # [B*K, L]
     doc_scores: Tensor,  # [B, K]
     labels: Tensor,  # [B, T]
     *,
     mode: Mode,
     n_docs: int,
-    decoder_start_token_id: int,
-    pad_token_id: int,
     epsilon: float = 0.0,
     **model_kwargs: Any,
 ) -> Tensor:
-    """Mean marginal NLL of `labels` for an encoder-decoder model; one forward over B*K rows."""
+    """Mean marginal NLL of `labels`; one teacher-forced forward over the B*K rows, by the
+    model's family (app/generation/family.py)."""
     batch = check_layout(context_input_ids, doc_scores, n_docs)
     doc_scores = doc_scores.to(context_input_ids.device)
     _check(labels, batch, epsilon)
-    inputs = labels.masked_fill(labels == IGNORE_INDEX, pad_token_id)
-    start = inputs.new_full((batch, 1), decoder_start_token_id)
-    decoder_input_ids = torch.cat([start, inputs[:, :-1]], dim=1).repeat_interleave(n_docs, 0)
-    out = model(
-        input_ids=context_input_ids,
-        attention_mask=context_attention_mask,
-        decoder_input_ids=decoder_input_ids,
-        use_cache=False,
-        return_dict=True,
-        **model_kwargs,
-    )
-    return marginal_nll(out.logits, doc_scores, labels, mode, epsilon).mean()
-
-
-def causal_rag_nll(
-    model: nn.Module,
-    context_input_ids: Tensor,  # [B*K, L] prompts (passage + question), any padding side
-    context_attention_mask: Tensor,  # [B*K, L]
-    doc_scores: Tensor,  # [B, K]
-    labels: Tensor,  # [B, T] answer tokens that follow each prompt
-    *,
-    mode: Mode,
-    n_docs: int,
-    pad_token_id: int,
-    epsilon: float = 0.0,
-    **model_kwargs: Any,
-) -> Tensor:
-    """Mean marginal NLL of answers `labels` for a decoder-only model; one pass over B*K rows."""
-    batch = check_layout(context_input_ids, doc_scores, n_docs)
-    doc_scores = doc_scores.to(context_input_ids.device)
-    _check(labels, batch, epsilon)
-    prompt_ids, prompt_mask = left_pad(context_input_ids, context_attention_mask)
     answers = labels.repeat_interleave(n_docs, 0)  # [B*K, T]
-    logits = causal_answer_logits(
+    logits = family.answer_logits(
         model,
-        prompt_ids,
-        prompt_mask,
+        context_input_ids,
+        context_attention_mask,
         answers,
         (answers != IGNORE_INDEX).long(),
-        pad_token_id,
         model_kwargs,
     )
     return marginal_nll(logits, doc_scores, labels, mode, epsilon).mean()
-
-
-def rag_token_nll(
-    model: nn.Module,
-    context_input_ids: Tensor,
-    context_attention_mask: Tensor,
-    doc_scores: Tensor,
-    labels: Tensor,
-    *,
-    n_docs: int,
-    decoder_start_token_id: int,
-    pad_token_id: int,
-    epsilon: float = 0.0,
-    **model_kwargs: Any,
-) -> Tensor:
-    """RAG-Token loss of an encoder-decoder model (see `rag_nll`)."""
-    return rag_nll(
-        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="token",
-        n_docs=n_docs, decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id,
-        epsilon=epsilon, **model_kwargs,
-    )  # fmt: skip
-
-
-def rag_sequence_nll(
-    model: nn.Module,
-    context_input_ids: Tensor,
-    context_attention_mask: Tensor,
-    doc_scores: Tensor,
-    labels: Tensor,
-    *,
-    n_docs: int,
-    decoder_start_token_id: int,
-    pad_token_id: int,
-    epsilon: float = 0.0,
-    **model_kwargs: Any,
-) -> Tensor:
-    """RAG-Sequence loss of an encoder-decoder model (see `rag_nll`)."""
-    return rag_nll(
-        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="sequence",
-        n_docs=n_docs, decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id,
-        epsilon=epsilon, **model_kwargs,
-    )  # fmt: skip
-
-
-def causal_rag_token_nll(
-    model: nn.Module,
-    context_input_ids: Tensor,
-    context_attention_mask: Tensor,
-    doc_scores: Tensor,
-    labels: Tensor,
-    *,
-    n_docs: int,
-    pad_token_id: int,
-    epsilon: float = 0.0,
-    **model_kwargs: Any,
-) -> Tensor:
-    """RAG-Token loss of a decoder-only model (see `causal_rag_nll`)."""
-    return causal_rag_nll(
-        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="token",
-        n_docs=n_docs, pad_token_id=pad_token_id, epsilon=epsilon, **model_kwargs,
-    )  # fmt: skip
-
-
-def causal_rag_sequence_nll(
-    model: nn.Module,
-    context_input_ids: Tensor,
-    context_attention_mask: Tensor,
-    doc_scores: Tensor,
-    labels: Tensor,
-    *,
-    n_docs: int,
-    pad_token_id: int,
-    epsilon: float = 0.0,
-    **model_kwargs: Any,
-) -> Tensor:
-    """RAG-Sequence loss of a decoder-only model (see `causal_rag_nll`)."""
-    return causal_rag_nll(
-        model, context_input_ids, context_attention_mask, doc_scores, labels, mode="sequence",
-        n_docs=n_docs, pad_token_id=pad_token_id, epsilon=epsilon, **model_kwargs,
-    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Greedy and beam search over groups of passage rows, marginalizing each step over the group.
+"""Beam search over groups of passage rows, marginalizing each step over the group.
 
 G groups (questions) of K rows (passages), rows laid out [G, beams, K]. At each step the K rows
 of a beam give next-token log-probs, mixed with the group's log prior:
@@ -10,14 +10,10 @@ per-passage sequence log-probs [K], so p(z|x,y) comes for free, without a second
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from app.errors import InvalidInputError
-from app.generation.rag_runners import Runner
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,97 +38,14 @@ def marginal(log_prior: Tensor, lp: Tensor) -> Tensor:
     return torch.logsumexp(lp + log_prior[:, None, :, None], dim=2)
 
 
-def greedy_search(
-    runner: Runner,
-    log_prior: Tensor,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    limits: Sequence[int] | None = None,
-) -> Hypotheses:
-    """Greedy decoding; a group that emits EOS, or reaches its own limit (limits[g], at most
-    max_new_tokens), leaves the batch (its rows are dropped). Greedy search is
-    prefix-consistent, so groups of different limits share a call and get what each gets alone,
-    its p(y|x,z) over its own tokens included."""
-    groups, k = log_prior.shape
-    device = log_prior.device
-    if limits is None:
-        limits = [max_new_tokens] * groups
-    if len(limits) != groups:
-        raise InvalidInputError(f"limits has {len(limits)} entries for {groups} groups")
-    limit = torch.tensor(limits, dtype=torch.long, device=device).clamp(max=max_new_tokens)
-    seqs = torch.full((groups, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprob = torch.zeros(groups, device=device)
-    doc_lp = torch.zeros(groups, k, device=device)
-    lengths = torch.zeros(groups, dtype=torch.long, device=device)
-    active = torch.arange(groups, device=device)  # groups still decoding, in row order
-    lp = runner.start()  # [G*K, V]
-    for t in range(max_new_tokens):
-        lp3 = lp.view(active.shape[0], k, -1)  # [A, K, V]
-        marg = marginal(log_prior[active], lp3[:, None])[:, 0]  # [A, V]
-        tok = marg.argmax(dim=-1)  # [A]
-        seqs[active, t] = tok
-        logprob[active] += marg.gather(1, tok[:, None]).squeeze(1)
-        doc_lp[active] += lp3.gather(2, tok[:, None, None].expand(-1, k, 1)).squeeze(-1)
-        lengths[active] += 1
-        going = (tok != eos_token_id) & (lengths[active] < limit[active])  # [A]
-        if t == max_new_tokens - 1 or not bool(going.any()):
-            break
-        if bool(going.all()):
-            lp = runner.step(tok.repeat_interleave(k), None)
-        else:
-            keep = going.nonzero().squeeze(-1)  # positions among the active groups
-            src = (keep[:, None] * k + torch.arange(k, device=device)).reshape(-1)
-            active = active[keep]
-            lp = runner.step(tok[keep].repeat_interleave(k), src)
-    width = int(lengths.max())
-    score = logprob / lengths.clamp(min=1)
-    return Hypotheses(
-        seqs[:, None, :width], lengths[:, None], logprob[:, None], doc_lp[:, None], score[:, None]
-    )
-
-
-def beam_search(
-    runner: Runner,
-    log_prior: Tensor,
-    max_new_tokens: int,
-    num_beams: int,
-    num_return: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    length_penalty: float = 1.0,
-) -> Hypotheses:
-    """Beam search on the marginal; finished hypotheses are ranked by logprob / len**penalty.
+class BeamGroup:
+    """One group's beam search, a step at a time (a RAG-Token request's beams, or one passage's
+    in RAG-Sequence).
 
     Like transformers' beam search: among the top 2*num_beams candidates an EOS counts only when
     ranked within the first num_beams; a group stops once it holds num_beams finished hypotheses
     and its best open beam can no longer beat the worst of them at the current length.
     """
-    groups, k = log_prior.shape
-    device = log_prior.device
-    search = [
-        BeamGroup(k, num_beams, eos_token_id, pad_token_id, length_penalty, device)
-        for _ in range(groups)
-    ]
-    lp = runner.start()
-    for t in range(max_new_tokens):
-        n = search[0].n
-        lp4 = lp.view(groups, n, k, -1)
-        src, toks = [], []
-        for g, group in enumerate(search):
-            for beam, tok in group.advance(log_prior[g], lp4[g]):
-                src.append((g * n + beam) * k + torch.arange(k, device=device))
-                toks.append(tok)
-        if all(group.closed for group in search) or t == max_new_tokens - 1:
-            break
-        tokens = torch.tensor(toks, device=device).repeat_interleave(k)
-        lp = runner.step(tokens, torch.cat(src))
-    return pack([group.finish() for group in search], num_return, pad_token_id, device)
-
-
-class BeamGroup:
-    """One group's beam search (beam_search above), a step at a time: what a step batch runs
-    for one request, and beam_search for each of its groups."""
 
     def __init__(
         self,
@@ -228,36 +141,3 @@ def pack(done: list[list[_Done]], num_return: int, pad: int, device: torch.devic
             lengths[g, i] = len(h.tokens)
             logprob[g, i], score[g, i], doc[g, i] = h.logprob, h.score, h.doc_logprob
     return Hypotheses(seqs, lengths, logprob, doc, score)
-
-
-def search(
-    runner: Runner,
-    log_prior: Tensor,
-    *,
-    max_new_tokens: int,
-    num_beams: int,
-    num_return: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    length_penalty: float = 1.0,
-    limits: Sequence[int] | None = None,
-) -> Hypotheses:
-    """Greedy search (num_beams 1; per-group `limits` allowed) or beam search."""
-    if max_new_tokens < 1:
-        raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_beams < 1:
-        raise InvalidInputError(f"num_beams must be >= 1, got {num_beams}")
-    if num_beams == 1:
-        return greedy_search(runner, log_prior, max_new_tokens, eos_token_id, pad_token_id, limits)
-    if limits is not None and len(set(limits)) > 1:
-        raise InvalidInputError("beam search needs one max_new_tokens for every group")
-    return beam_search(
-        runner,
-        log_prior,
-        max_new_tokens,
-        num_beams,
-        num_return,
-        eos_token_id,
-        pad_token_id,
-        length_penalty,
-    )

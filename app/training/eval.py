@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from app.contracts import GenRow
-from app.generation.backends import Generator
+from app.generation.generator import Generator
 from app.training.losses import Sample, answer_ids, batch_nll
 from app.training.options import Objective
 

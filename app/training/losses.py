@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from app.contracts import Passage
-from app.generation.backends import Generator
+from app.generation.generator import Generator
 from app.generation.rag import IGNORE_INDEX
-from app.generation.rag_loss import Mode, causal_rag_nll, rag_nll
-from app.generation.rag_runners import causal_answer_logits
+from app.generation.rag_loss import Mode, rag_nll
 from app.training.options import Objective
 
 
@@ -91,14 +90,8 @@ def _concat_nll(g: Generator, samples: Sequence[Sample], labels: Tensor, reserve
         n = int((labels != IGNORE_INDEX).sum())
         return out.loss * n  # transformers averages over non-ignored tokens
     valid = labels != IGNORE_INDEX
-    logits = causal_answer_logits(
-        g.model,
-        enc["input_ids"],
-        enc["attention_mask"],
-        labels.clamp(min=0),
-        valid.long(),
-        int(g.tokenizer.pad_token_id),
-        {},
+    logits = g.family.answer_logits(
+        g.model, enc["input_ids"], enc["attention_mask"], labels.clamp(min=0), valid.long(), {}
     )  # [B, T, V]
     nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum")
     return nll
@@ -128,30 +121,15 @@ def _marginal_nll(
             raise ValueError(f"doc_scores {tuple(doc_scores.shape)} != {tuple(scores.shape)}")
         scores = doc_scores
     scores = scores.to(g.device)
-    pad = int(g.tokenizer.pad_token_id)
     mode_: Mode = "token" if mode == "token" else "sequence"
-    if g.kind == "seq2seq":
-        start = g._hf.config.decoder_start_token_id
-        mean = rag_nll(
-            g.model,
-            enc["input_ids"],
-            enc["attention_mask"],
-            scores,
-            labels,
-            mode=mode_,
-            n_docs=n_docs,
-            decoder_start_token_id=int(start if start is not None else pad),
-            pad_token_id=pad,
-        )
-    else:
-        mean = causal_rag_nll(
-            g.model,
-            enc["input_ids"],
-            enc["attention_mask"],
-            scores,
-            labels,
-            mode=mode_,
-            n_docs=n_docs,
-            pad_token_id=pad,
-        )
+    mean = rag_nll(
+        g.family,
+        g.model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        scores,
+        labels,
+        mode=mode_,
+        n_docs=n_docs,
+    )
     return mean * len(samples)  # rag losses average the per-question NLL

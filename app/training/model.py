@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from app.contracts import GeneratorKind
 from app.errors import InvalidInputError
-from app.generation.backends import CausalGenerator, Generator, Seq2SeqGenerator
+from app.generation.generator import Generator
 from app.generation.loading import (
     DEFAULT_MODEL_ID,
     DEFAULT_SPEC,
@@ -77,9 +77,8 @@ def load_base(opts: TrainOptions, cache_dir: Path) -> Generator:
     # casts norms/embeddings to fp32 and lets gradients reach the first LoRA layer's input;
     # checkpointing off: on a CPU, memory is not what limits a 135M model, compute is
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    backend = Seq2SeqGenerator if config.is_encoder_decoder else CausalGenerator
     tokenizer = AutoTokenizer.from_pretrained(source)
-    return backend(model, tokenizer, model_id=model_id, device=torch.device("cpu"))
+    return Generator(model, tokenizer, model_id=model_id, device=torch.device("cpu"))
 
 
 def target_modules(model: torch.nn.Module, spec: str) -> list[str]:

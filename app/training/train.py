@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from app.errors import InvalidInputError
-from app.generation.backends import Generator
+from app.generation.generator import Generator
 from app.lora.bundle import QUESTION_DIR, TaskManifest, write_manifest
 from app.retrieval.encoders import TextEncoder
 from app.retrieval.question_tower import tower_of

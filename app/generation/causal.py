@@ -1,0 +1,136 @@
+"""The decoder-only family (llama, SmolLM2, GPT-2): the answer continues the prompt.
+
+Prompts are padded on the left, so every row's next token sits in the last column; each row is
+given its own positions (`position_ids`, the count of its real tokens), as generate() derives
+them from the mask, so a left-padded row decodes as it would alone, rotary (relative) and
+learned absolute positions (GPT-2) alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
+
+from app.contracts import GeneratorKind
+from app.generation.family import core, fill
+from app.generation.kv import State
+
+DEFAULT_CONTEXT = 2048
+
+
+class Causal:
+    kind: ClassVar[GeneratorKind] = "causal"
+    padding_side: ClassVar[Literal["left", "right"]] = "left"
+
+    def __init__(self, model: Any) -> None:
+        params = inspect.signature(core(model).forward).parameters
+        self._positions = "position_ids" in params
+        self._keep_logits = "logits_to_keep" in params
+        self._layers = sorted(
+            {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+        )
+
+    def cannot_join(self) -> str | None:
+        if self._layers != ["DynamicLayer"]:
+            return f"cache layers {self._layers} (sliding windows) cannot be padded per row"
+        return self.cannot_step()
+
+    def cannot_step(self) -> str | None:
+        return None if self._positions else "the model's forward takes no position_ids"
+
+    def prefill(
+        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
+    ) -> tuple[State, torch.Tensor]:
+        if self._keep_logits:
+            extra = {**extra, "logits_to_keep": 1}
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            use_cache=True,
+            **extra,
+        )
+        return State(out.past_key_values, mask.long(), mask.new_zeros(0)), out.logits[:, -1]
+
+    def decode(self, model: Any, state: State, extra: dict[str, Any]) -> torch.Tensor:
+        at = state.mask.sum(1, keepdim=True)  # [B, 1] the row's real tokens so far
+        state.mask = F.pad(state.mask, (0, 1), value=1)
+        out = model(
+            input_ids=state.last[:, None],
+            attention_mask=state.mask,
+            position_ids=at,
+            past_key_values=state.cache,
+            use_cache=True,
+            **extra,
+        )
+        logits: torch.Tensor = out.logits[:, -1]
+        return logits
+
+    def answer_logits(
+        self,
+        model: Any,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        answers: torch.Tensor,
+        answer_mask: torch.Tensor,
+        extra: dict[str, Any],
+        encoder_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # One pass over prompt + answer: a step batch's prefill cache has been extended by
+        # decoding by the time a RAG-Sequence request is scored, and copying it per candidate
+        # would cost as much memory as recomputing.
+        width = answers.shape[1]
+        prompt_ids, prompt_mask = left_pad(prompt_ids, prompt_mask)  # the answer follows
+        # a masked answer position is masked in attention too: its token is never read
+        input_ids = torch.cat([prompt_ids, fill(answers, answer_mask, 0)], 1)
+        mask = torch.cat([prompt_mask, answer_mask.to(prompt_mask.dtype)], dim=1)  # [P, L+T]
+        if self._keep_logits:
+            extra = {**extra, "logits_to_keep": width + 1}
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            use_cache=False,
+            **extra,
+        )
+        logits: torch.Tensor = out.logits[:, -(width + 1) : -1]  # L-1+t predicts token t
+        return logits
+
+    def max_input_tokens(self, window: int | None, max_new_tokens: int) -> int:
+        window = window or DEFAULT_CONTEXT
+        return max(window - max_new_tokens, window // 4)
+
+    def batch_window(self, window: int | None) -> int | None:
+        return window or DEFAULT_CONTEXT
+
+    def tokenize(
+        self, tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, *, chat: bool
+    ) -> list[int]:
+        # A chat template writes its own special tokens. Plain text gets the tokenizer's (a BOS
+        # for llama-style tokenizers), but not a trailing EOS: a prompt that ends the sequence
+        # would make the model continue after an end. (T5-style tokenizers append one.)
+        ids: list[int] = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+        if ids and not chat and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return ids[-max_length:]  # the budget already fits; if not, keep the prompt's end
+
+    def generated(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        return output[:, prompt_width:]
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as transformers' generate computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's padding to the left (a shared cache appends every row at one column)."""
+    order = torch.argsort(attention_mask.ne(0).to(torch.int8), dim=1, stable=True)  # pads first
+    return input_ids.gather(1, order), attention_mask.gather(1, order)

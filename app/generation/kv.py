@@ -1,0 +1,215 @@
+"""The step batch's KV cache: one cache for every running row, and the surgery on it.
+
+Rows of different lengths share one cache by left padding: every row's self-attention keys end
+at the same column, and the mask says which columns are real. The encoder side of a seq2seq row
+(its encoder states, cross-attention keys and values, mask) is padded on the right, as
+generate() pads a batch's prompts. Joins merge two states (`merge`), leaves keep some rows
+(`select`), beam steps copy rows into others (`reorder`).
+
+Between joins and leaves a step appends its keys and values in place, into spare columns of
+the self-attention cache (`GrowingLayer`), instead of transformers' concatenation of the whole
+cache at every step (for 16 rows of SmolLM2 with ~700-token prompts that copy is ~0.5 GB a
+step). Layers of other kinds (sliding windows) are left as they are: they support whole batches
+(rows leave, beams reorder) but not joins, and their padding columns are never cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
+
+
+@dataclass
+class State:
+    """The running rows' tensors, row i of each for batch row i."""
+
+    cache: Cache
+    mask: torch.Tensor  # [B, T] self-attention mask (causal: prompt + answer; seq2seq: answer)
+    last: torch.Tensor  # [B] the token each row feeds next
+    enc_hidden: torch.Tensor | None = None  # [B, S, d] seq2seq encoder output
+    enc_mask: torch.Tensor | None = None  # [B, S]
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    def self_layers(self) -> list[Any]:
+        cache = self.cache
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        return list(getattr(cache, "layers", []))
+
+    def cross_layers(self) -> list[Any]:
+        if isinstance(self.cache, EncoderDecoderCache):
+            return list(getattr(self.cache.cross_attention_cache, "layers", []))
+        return []
+
+    def plain(self) -> bool:
+        """Whether every layer is a plain (growable, paddable) dynamic layer."""
+        layers = self.self_layers() + self.cross_layers()
+        return bool(layers) and all(type(x) in (DynamicLayer, GrowingLayer) for x in layers)
+
+
+class GrowingLayer(DynamicLayer):
+    """A self-attention cache layer that appends each step's keys and values in place, into
+    spare columns; attention reads a view of the filled columns. Joins and leaves rebuild it
+    (adopt)."""
+
+    SPARE = 64  # columns of room made at each (re)build; doubled when outgrown
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self._k = self._v = keys.new_empty(0)
+        self._n = 0
+        self.adopt(keys, values)
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, spare: int = SPARE) -> None:
+        """Hold these keys and values [B, H, T, D], with room for `spare` more columns."""
+        b, h, t, d = keys.shape
+        self._k = keys.new_empty(b, h, t + spare, d)
+        self._v = values.new_empty(b, h, t + spare, values.shape[-1])
+        self._k[:, :, :t] = keys
+        self._v[:, :, :t] = values
+        self._n = t
+        self.keys, self.values = self._k[:, :, :t], self._v[:, :, :t]
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[-2]
+        if self._n + n > self._k.shape[-2]:
+            self.adopt(self._k[:, :, : self._n], self._v[:, :, : self._n], max(n, self._n))
+        self._k[:, :, self._n : self._n + n] = key_states
+        self._v[:, :, self._n : self._n + n] = value_states
+        self._n += n
+        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+        return self.keys, self.values
+
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Rows dst become copies of rows src, spare columns included."""
+        self._k[dst] = self._k[src]
+        self._v[dst] = self._v[src]
+
+
+def grow_in_place(state: State) -> None:
+    """Give state's plain self-attention layers in-place appends (GrowingLayer)."""
+    cache = state.cache
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    layers = getattr(cache, "layers", [])
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer:
+            layers[i] = GrowingLayer(*_kv(layer))
+
+
+def check_filled(state: State) -> None:
+    """Refuse a cache the prefill left without keys (before anything is merged into it)."""
+    layers = state.self_layers() + state.cross_layers()
+    if not layers:
+        raise TypeError(f"a cache of type {type(state.cache).__name__} has no layers to step")
+    for layer in layers:
+        _kv(layer)
+
+
+def merge(old: State, new: State) -> None:
+    """Append new's rows to old's (in place), padding both to the wider of the two."""
+    width = max(old.mask.shape[1], new.mask.shape[1])
+    for a, b in zip(old.self_layers(), new.self_layers(), strict=True):
+        _merge_layer(a, b, width, left=True)
+    old.mask = _cat_padded(old.mask, new.mask, width, left=True)
+    old.last = torch.cat([old.last, new.last])
+    if old.enc_hidden is not None and new.enc_hidden is not None:
+        assert old.enc_mask is not None and new.enc_mask is not None
+        span = max(old.enc_mask.shape[1], new.enc_mask.shape[1])
+        for a, b in zip(old.cross_layers(), new.cross_layers(), strict=True):
+            _merge_layer(a, b, span, left=False)
+        old.enc_hidden = _cat_padded(old.enc_hidden, new.enc_hidden, span, left=False, dim=-2)
+        old.enc_mask = _cat_padded(old.enc_mask, new.enc_mask, span, left=False)
+
+
+def select(state: State, keep: list[int]) -> State:
+    """Rows `keep` of state (in place), with the padding columns no row needs any more cut
+    (plain layers only: a sliding window's columns are not the mask's)."""
+    idx = torch.tensor(keep, dtype=torch.long, device=state.mask.device)
+    mask = state.mask.index_select(0, idx)
+    cut = state.plain()
+    real = mask.any(0)
+    first = int(real.nonzero()[0]) if cut and bool(real.any()) else 0  # all-padding columns
+    state.mask = mask[:, first:]
+    for layer in state.self_layers():
+        _set(layer, *(t.index_select(0, idx)[:, :, first:] for t in _kv(layer)))
+    if state.last.numel():  # (a fresh prefill's state has no next tokens yet)
+        state.last = state.last.index_select(0, idx)
+    if state.enc_hidden is not None and state.enc_mask is not None:
+        enc_mask = state.enc_mask.index_select(0, idx)
+        used = enc_mask.any(0)
+        end = int(used.nonzero()[-1]) + 1 if cut and bool(used.any()) else enc_mask.shape[1]
+        state.enc_mask = enc_mask[:, :end]
+        state.enc_hidden = state.enc_hidden.index_select(0, idx)[:, :end]
+        for layer in state.cross_layers():
+            _set(layer, *(t.index_select(0, idx)[:, :, :end] for t in _kv(layer)))
+    return state
+
+
+def reorder(state: State, keep: list[int]) -> None:
+    """Row i becomes a copy of row keep[i], in place, for the rows that change: a beam step,
+    whose new beams continue beams of the same request and passage, so the encoder side
+    (cross-attention, encoder states) is the same for both rows and stays."""
+    moved = [(i, j) for i, j in enumerate(keep) if i != j]
+    if not moved:
+        return
+    dst = torch.tensor([i for i, _ in moved], dtype=torch.long, device=state.mask.device)
+    src = torch.tensor([j for _, j in moved], dtype=torch.long, device=state.mask.device)
+    with torch.inference_mode():  # the cache is made of inference tensors
+        state.mask[dst] = state.mask[src]
+        for layer in state.self_layers():
+            if isinstance(layer, GrowingLayer):
+                layer.copy_rows(dst, src)
+            else:
+                keys, values = _kv(layer)
+                keys[dst] = keys[src]
+                values[dst] = values[src]
+
+
+def _kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"a {type(layer).__name__} cache layer the prefill did not fill")
+    return keys, values
+
+
+def _set(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    if isinstance(layer, GrowingLayer):
+        layer.adopt(keys, values)
+    else:
+        layer.keys, layer.values = keys, values
+
+
+def _merge_layer(a: Any, b: Any, size: int, *, left: bool) -> None:
+    """Layer a's keys and values followed by b's (new rows), both padded to size columns."""
+    (ak, av), (bk, bv) = _kv(a), _kv(b)
+    _set(a, _cat_padded(ak, bk, size, left=left), _cat_padded(av, bv, size, left=left))
+
+
+def _cat_padded(
+    a: torch.Tensor, b: torch.Tensor, size: int, *, left: bool, dim: int = -2
+) -> torch.Tensor:
+    """a and b padded along dim to size, stacked along the batch dimension."""
+    if a.dim() == 2:
+        dim = -1
+    return torch.cat([_pad_to(a, dim, size, left=left), _pad_to(b, dim, size, left=left)])
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int, *, left: bool) -> torch.Tensor:
+    """t zero-padded along dim (counted from the end, negative) to size."""
+    gap = size - t.shape[dim]
+    if gap == 0:
+        return t
+    pad = [0, 0] * (-dim - 1) + ([gap, 0] if left else [0, gap])
+    return F.pad(t, pad)

@@ -1,0 +1,89 @@
+"""What every decoding mode implements: a request's rows, and one step of its search."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from app.generation.rag import Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One request's decoded answer."""
+
+    text: str
+    weights: list[float] | None  # p(z|x, y) per passage for token/sequence; None for concat
+    tokens: int = 0  # tokens generated for the answer, its end token included
+    ids: tuple[int, ...] = ()  # those tokens
+    # the RAG modes: log p(y|x) under the mode, log p(y|x,z) per passage (-inf where pruned,
+    # or in "fast" RAG-Sequence where the passage did not propose y), RAG-Sequence's distinct
+    # hypotheses best first
+    logprob: float | None = None
+    doc_logprob: tuple[float, ...] = ()
+    candidates: tuple[Candidate, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A request's answer as token ids, before the batch turns them into text."""
+
+    ids: list[int]
+    weights: list[float] | None = None
+    logprob: float | None = None
+    doc_logprob: tuple[float, ...] = ()
+    candidates: tuple[Candidate, ...] = ()
+
+
+@dataclass(slots=True)
+class Step:
+    """What a request does with one step: its answer when it ends here; else the rows (its own
+    indices, a row may appear twice: a beam continued by two beams) that go on decoding, and
+    the token each of them feeds next."""
+
+    done: Found | None = None
+    keep: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+class Request(ABC):
+    """One request in the step batch: its rows (contiguous in the batch) and its search.
+
+    `prompts` are the rows' prompt token ids at join (one per row); `adapter` is the PEFT
+    name its rows run under (None: the base, or its adapter merged into the weights), which
+    the batch re-sets when the registry renames the request's version.
+    """
+
+    def __init__(self, key: Hashable, adapter: str | None, limit: int) -> None:
+        self.key = key
+        self.adapter = adapter
+        self.limit = limit  # max_new_tokens
+        self.prompts: list[list[int]] = []
+
+    @property
+    @abstractmethod
+    def n(self) -> int:
+        """Its batch rows now."""
+
+    @abstractmethod
+    def advance(self, logits: torch.Tensor, greedy: Sequence[int]) -> Step:
+        """One step from its rows' logits [n, V] (greedy: their argmax, computed once for the
+        batch)."""
+
+    def prefilled(self, encoder_states: torch.Tensor | None) -> None:  # noqa: B027
+        """Called after the prefill with its rows' encoder states [n, S, d] (seq2seq); most
+        modes need nothing from it."""
+
+    def partial(self) -> list[int] | None:
+        """The answer's tokens so far, as its final answer will begin; None when the answer is
+        chosen only at the end (beam search, RAG-Sequence)."""
+        return None
+
+
+def tokens_until(ids: Sequence[int], eos: int) -> list[int]:
+    """ids up to and including the first eos."""
+    out = list(ids)
+    return out[: out.index(eos) + 1] if eos in out else out

@@ -1,0 +1,422 @@
+"""Step-level (continuous) decoding: requests join a running batch between two decoding steps
+and leave the step they finish. It is the one decoding path: a whole batch is a step batch
+whose requests all join at step 0 (`decode`).
+
+The engine keeps one `StepBatch` on its model thread and, at every step boundary, drops the
+rows that finished (their KV cache rows go), prefills the rows that arrived (together, in one
+call) and merges their caches in (app/generation/kv.py). Each request is a group of rows,
+contiguous in the batch, and its decoding mode (app/generation/modes/) decides what a step does
+with its rows' logits; the backend family (app/generation/seq2seq.py, causal.py) runs the model.
+
+Exactness: tokens equal transformers' greedy generate() on the row alone, and RAG answers and
+weights equal transformers' RAG classes (tests/test_rag_seq2seq.py, test_rag_causal.py) and the
+request alone, for rows joining at different steps, leaving, and under mixed adapters
+(tests/test_stepping.py). Where a family cannot pad per row exactly (other seq2seq position
+schemes, sliding-window caches) `cannot_join` says why, and the engine starts every batch whole.
+
+The one second path, and why: a model whose generation config adds logits processors (BART
+checkpoints' forced BOS/EOS, n-gram blocking), or a decoder-only model whose forward takes no
+position ids, answers concat rows through transformers' own generate(), which applies them;
+re-implementing each processor per row here would be a copy of transformers' code. Its RAG
+rows step here as on any model (the RAG modes apply no processors).
+
+transformers' own continuous batching (generation/continuous_batching) is decoder-only and
+packs the rows into one sequence for paged attention, which per-row LoRA indexed by batch row
+(app/lora/batched.py) cannot follow; and it has no encoder-decoder path, which lorag serves
+first.
+
+Threads: the model thread only (the engine's).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Sequence
+from collections.abc import Set as AbstractSet
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from app.contracts import GenRow, Passage
+from app.generation import kv
+from app.generation.config import DecodingConfig
+from app.generation.family import Family
+from app.generation.modes.base import Answer, Found, Request
+from app.generation.modes.concat import Concat
+from app.generation.modes.sequence import RagSequence
+from app.generation.modes.token import RagToken
+from app.lora.batched import BatchedLora, RowPlan
+
+log = logging.getLogger(__name__)
+
+Finished = tuple[Hashable, Answer]  # a request's key and its answer
+
+
+class Decoded(NamedTuple):
+    text: str
+    tokens: int  # tokens the model generated for it, its end-of-sequence token included
+
+
+class Host(Protocol):
+    """What the step batch needs of a generator (app/generation/generator.py)."""
+
+    family: Family
+    device: torch.device
+    batched: BatchedLora | None  # stacked per-row LoRA, when attached
+    eos_ids: set[int]  # every end token (concat stops on any)
+    rag_eos: int  # the one end token the RAG searches stop on
+    pad_id: int
+
+    @property
+    def model(self) -> Any: ...  # read at every call: the registry may swap it between steps
+
+    def adapter_kwargs(self, adapters: Sequence[str | None]) -> dict[str, Any]: ...
+    def decode_answer(self, ids: Sequence[int]) -> Decoded: ...
+    def cannot_step(self) -> str | None: ...
+    def concat_prompt(self, row: GenRow) -> list[int]: ...
+    def passage_prompts(
+        self, question: str, passages: Sequence[Passage], new: int
+    ) -> list[list[int]]: ...
+    def generate_whole(self, rows: Sequence[GenRow]) -> list[Decoded]: ...
+
+
+class StepBatch:
+    """The running batch on the model thread.
+
+        batch = StepBatch(generator)
+        done = batch.join(rows, keys)   # prefill new rows; rows done at once come back
+        while len(batch):
+            done += batch.step()        # one token for every row; finished rows leave
+        batch.drop({key})               # a row whose client left
+
+    Adapters: each request's rows run under its PEFT adapter name; the caller re-sets names
+    with `rename` when the registry changes what a request's version is called (a merge or an
+    unmerge).
+    """
+
+    def __init__(
+        self, host: Host, decoding: DecodingConfig | None = None, *, in_place_cache: bool = True
+    ) -> None:
+        self.host = host
+        decoding = decoding or DecodingConfig()
+        self.num_beams = decoding.num_beams  # the RAG modes' beam search (1: greedy)
+        self.min_prior = decoding.min_prior  # the RAG modes' prior pruning
+        self._in_place = in_place_cache  # False: transformers' concatenating layers (benchmarks)
+        self._requests: list[Request] = []
+        self._state: kv.State | None = None
+        self._plan: tuple[tuple[str | None, ...], Any, RowPlan] | None = None
+        self.concat_whole = host.cannot_step()  # why concat rows use generate(), or None
+        if self.concat_whole is not None:
+            log.warning("concat rows decode through generate(): %s", self.concat_whole)
+
+    @property
+    def cannot_join(self) -> str | None:
+        """Why rows cannot join a running batch exactly (start every batch whole), or None."""
+        return self.host.family.cannot_join()
+
+    def __len__(self) -> int:
+        """Running requests."""
+        return len(self._requests)
+
+    @property
+    def width(self) -> int:
+        """Running batch rows (a RAG request has one per kept passage and open beam)."""
+        return sum(r.n for r in self._requests)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [r.key for r in self._requests]
+
+    def rows_for(self, mode: str, passages: int) -> int:
+        """Batch rows a request may take (the RAG modes: one per passage before pruning, times
+        the beams)."""
+        return 1 if mode == "concat" else max(1, passages) * self.num_beams
+
+    def prompt_tokens(self, row: GenRow) -> int:
+        """The tokens join() would prefill for such a request: its prompt (concat), or its
+        passages' prompts padded to the longest (the RAG modes; pruning not counted)."""
+        if row.mode == "concat":
+            return len(self.host.concat_prompt(row))
+        if not row.passages:
+            return 0
+        prompts = self.host.passage_prompts(row.question, row.passages, row.max_new_tokens)
+        return len(prompts) * max(len(p) for p in prompts)
+
+    def text_of(self, key: Hashable) -> str | None:
+        """The answer so far of a running request, as its final answer will begin; None for
+        RAG-Sequence and beam search, whose answer is chosen at the end, and for a key not
+        running."""
+        for r in self._requests:
+            if r.key == key:
+                ids = r.partial()
+                return None if ids is None else self.host.decode_answer(ids).text
+        return None
+
+    @property
+    def adapters(self) -> list[str | None]:
+        """The PEFT adapter name of every batch row."""
+        return _row_names(self._requests)
+
+    def rename(self, adapters: dict[Hashable, str | None]) -> None:
+        """Set the PEFT adapter name of the requests named by key."""
+        for r in self._requests:
+            if r.key in adapters:
+                r.adapter = adapters[r.key]
+
+    def clear(self) -> list[Hashable]:
+        """Drop every request (after a failed step); returns their keys."""
+        keys = self.keys
+        self._requests, self._state, self._plan = [], None, None
+        return keys
+
+    def drop(self, keys: AbstractSet[Hashable]) -> None:
+        """Take the requests with these keys out (their clients left)."""
+        keep = [i for i, r in enumerate(self._requests) if r.key not in keys]
+        if len(keep) < len(self._requests):
+            self._keep(keep)
+
+    # ---- joining --------------------------------------------------------------------------
+
+    def request(self, row: GenRow, key: Hashable) -> Request:
+        """The request that decodes row in its mode (its prompts tokenized)."""
+        h = self.host
+        if row.mode == "concat":
+            return Concat(key, row.adapter, row.max_new_tokens, h.concat_prompt(row), h.eos_ids)
+        prompts = h.passage_prompts(row.question, row.passages, row.max_new_tokens)
+        return self.rag_request(
+            key, row.adapter, row.max_new_tokens, row.mode, prompts, row.scores, row.decoding
+        )
+
+    def rag_request(
+        self,
+        key: Hashable,
+        adapter: str | None,
+        limit: int,
+        mode: str,
+        prompts: Sequence[list[int]],
+        scores: Sequence[float],
+        decoding: str = "thorough",
+    ) -> Request:
+        """A RAG-Token or RAG-Sequence request over prompts (one per passage)."""
+        h = self.host
+        common: dict[str, Any] = {
+            "eos": h.rag_eos,
+            "pad": h.pad_id,
+            "min_prior": self.min_prior,
+            "num_beams": self.num_beams,
+            "device": h.device,
+        }
+        if mode == "token":
+            return RagToken(key, adapter, limit, prompts, scores, **common)
+        if mode == "sequence":
+            return RagSequence(
+                key, adapter, limit, prompts, scores, decoding=decoding,  # type: ignore[arg-type]
+                scorer=self._score, **common,
+            )  # fmt: skip
+        raise ValueError(f"no decoding mode {mode!r}")
+
+    def join(self, rows: Sequence[GenRow], keys: Sequence[Hashable]) -> list[Finished]:
+        """Prefill rows (together) and add them to the batch. Each row's first token comes
+        from the prefill; a row that is finished by it (an end token, or max_new_tokens 1) is
+        returned and not added. Raises (and adds nothing) when the prefill fails."""
+        finished: list[Finished] = []
+        whole: list[tuple[Hashable, GenRow]] = []
+        requests: list[Request] = []
+        for key, row in zip(keys, rows, strict=True):
+            if row.mode == "concat" and self.concat_whole is not None:
+                whole.append((key, row))
+            elif row.mode != "concat" and not row.passages:  # nothing to marginalize over
+                finished.append((key, Answer("", [], 0)))
+            else:
+                requests.append(self.request(row, key))
+        if whole:
+            done = self.host.generate_whole([r for _, r in whole])
+            finished += [
+                (k, Answer(d.text, None, d.tokens)) for (k, _), d in zip(whole, done, strict=True)
+            ]
+        return finished + self.join_requests(requests)
+
+    def join_requests(self, requests: Sequence[Request]) -> list[Finished]:
+        """Prefill requests (their prompts together) and add them to the batch."""
+        if not requests:
+            return []
+        h = self.host
+        ids = [p for r in requests for p in r.prompts]
+        ctx, extra = self._adapters(_row_names(requests), keep=False)
+        tokens, mask = pad(ids, h.pad_id, left=h.family.padding_side == "left", device=h.device)
+        with torch.inference_mode(), ctx:
+            state, logits = h.family.prefill(h.model, tokens, mask, extra)
+        kv.check_filled(state)  # refuse caches we cannot step, before merging
+        at = 0
+        for r in requests:
+            states = state.enc_hidden[at : at + r.n] if state.enc_hidden is not None else None
+            r.prefilled(states)
+            at += r.n
+        if self._in_place:
+            kv.grow_in_place(state)
+        done, keep, nxt = self._advance(requests, logits)
+        ended = {k for k, _ in done}
+        alive = [r for r in requests if r.key not in ended]
+        if alive:
+            if keep != list(range(state.rows)):
+                state = kv.select(state, keep)
+            state.last = torch.tensor(nxt, dtype=torch.long, device=state.mask.device)
+            self._requests += alive
+            if self._state is None:
+                self._state = state
+            else:
+                kv.merge(self._state, state)
+        return done
+
+    # ---- stepping -------------------------------------------------------------------------
+
+    def step(self) -> list[Finished]:
+        """One decoding step for every row; returns the requests that finished (they leave)."""
+        state = self._state
+        if state is None:
+            return []
+        h = self.host
+        ctx, extra = self._adapters(self.adapters, keep=True)
+        with torch.inference_mode(), ctx:
+            logits = h.family.decode(h.model, state, extra)
+        finished, keep, nxt = self._advance(self._requests, logits)
+        if finished:
+            done = {k for k, _ in finished}
+            self._requests = [r for r in self._requests if r.key not in done]
+        if not keep:
+            self._state = None
+            return finished
+        if len(keep) == state.rows:  # no row left: at most beams were reordered
+            kv.reorder(state, keep)
+        else:
+            state = self._state = kv.select(state, keep)
+        state.last = torch.tensor(nxt, dtype=torch.long, device=state.mask.device)
+        return finished
+
+    def _advance(
+        self, requests: Sequence[Request], logits: torch.Tensor
+    ) -> tuple[list[Finished], list[int], list[int]]:
+        """Each request's step on its rows' logits [rows, V]: the requests that end here, with
+        their answers; the batch rows that go on decoding, and the token each feeds next."""
+        greedy = logits.float().argmax(-1).tolist()  # [rows], one call for the whole batch
+        finished: list[Finished] = []
+        keep: list[int] = []
+        nxt: list[int] = []
+        at = 0
+        for r in requests:
+            n = r.n
+            step = r.advance(logits[at : at + n], greedy[at : at + n])
+            if step.done is not None:
+                finished.append((r.key, self._answer(step.done)))
+            else:
+                keep += [at + i for i in step.keep]
+                nxt += step.tokens
+            at += n
+        return finished, keep, nxt
+
+    def _answer(self, found: Found) -> Answer:
+        decoded = self.host.decode_answer(found.ids)
+        return Answer(
+            decoded.text,
+            found.weights,
+            decoded.tokens,
+            tuple(found.ids),
+            found.logprob,
+            found.doc_logprob,
+            found.candidates,
+        )
+
+    def _score(
+        self, r: RagSequence, rows: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher-forced log p(answer_t|...) [P, T] of answers [P, T] under a RAG-Sequence
+        request's kept passages rows [P], with its adapter as it is named now (a merge between
+        two steps renames it) and PEFT's adapter_names."""
+        h = self.host
+        family = h.family
+        prompts = [r.prompts[i] for i in rows.tolist()]
+        ids, prompt_mask = pad(
+            prompts, h.pad_id, left=family.padding_side == "left", device=h.device
+        )
+        states = None
+        if r.encoder_states is not None:  # seq2seq "thorough": the prefill's
+            states = r.encoder_states.index_select(0, rows)[:, : ids.shape[1]]
+        extra = h.adapter_kwargs([r.adapter] * len(prompts))
+        logits = family.answer_logits(h.model, ids, prompt_mask, answers, mask, extra, states)
+        lp = torch.log_softmax(logits.float(), -1)
+        picked = lp.gather(-1, answers.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [P, T]
+        return picked.masked_fill(mask == 0, 0.0)
+
+    def _adapters(
+        self, names: Sequence[str | None], *, keep: bool
+    ) -> tuple[AbstractContextManager[None], dict[str, Any]]:
+        """The context and kwargs that give row i adapter names[i]: the stacked per-row LoRA
+        when attached (its plan kept across steps while the rows and the stacks stay the
+        same), else PEFT's adapter_names."""
+        h = self.host
+        extra = h.adapter_kwargs(names)
+        batched = h.batched
+        if batched is None or "adapter_names" not in extra:
+            return nullcontext(), extra
+        extra.pop("adapter_names")
+        if not keep:
+            return batched.rows(names), extra
+        key = tuple(names)
+        cached = self._plan
+        if (
+            cached is None
+            or cached[0] != key
+            or cached[1] is not batched
+            or not batched.fresh(cached[2])
+        ):
+            cached = (key, batched, batched.plan(names))
+            self._plan = cached
+        return batched.rows(cached[2]), extra
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep the requests at these indices (and their batch rows)."""
+        spans = _spans(self._requests, keep)
+        self._requests = [self._requests[i] for i in keep]
+        if not keep or self._state is None:
+            self._state = None
+            return
+        self._state = kv.select(self._state, spans)
+
+
+def decode(
+    host: Host, rows: Sequence[GenRow], decoding: DecodingConfig | None = None
+) -> list[Answer]:
+    """Every row's answer, in its own mode, as one batch that they all join at step 0."""
+    batch = StepBatch(host, decoding)
+    done = dict(batch.join(rows, range(len(rows))))
+    while len(batch):
+        done.update(batch.step())
+    return [done[i] for i in range(len(rows))]
+
+
+def pad(
+    ids: Sequence[list[int]], pad_id: int, *, left: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists padded into input ids and attention mask [B, L] (on the left or right)."""
+    width = max(len(x) for x in ids)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        span = slice(width - len(x), width) if left else slice(0, len(x))
+        tokens[i, span] = torch.tensor(x, dtype=torch.long)
+        mask[i, span] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def _row_names(requests: Sequence[Request]) -> list[str | None]:
+    """The adapter of every batch row of these requests."""
+    return [r.adapter for r in requests for _ in range(r.n)]
+
+
+def _spans(requests: Sequence[Request], keep: Sequence[int]) -> list[int]:
+    """The batch rows of the requests requests[i], i in keep."""
+    starts = [0]
+    for r in requests:
+        starts.append(starts[-1] + r.n)
+    return [j for i in keep for j in range(starts[i], starts[i + 1])]
