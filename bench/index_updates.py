@@ -98,10 +98,10 @@ def run(n: int, kind: str, ops: int, folder: Path) -> dict[str, str]:
 
 
 def embed_cost() -> str:
-    from app.retrieval.encoders import load_encoder
+    from app.retrieval.config import EncoderSpec
     from app.retrieval.updates import prepare
 
-    encoder = load_encoder("default", "sentence-transformers")
+    encoder = EncoderSpec().load()  # the packaged all-MiniLM-L6-v2
     prose = (
         "The harbour town grew around a salt market. Ships from the north brought timber and "
         "iron, and the merchants built warehouses of red brick along the quay. "
