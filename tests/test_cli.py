@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from app.cli import main
 
 
@@ -26,11 +28,18 @@ def test_index_build_then_ask_in_process(tmp_path: Path, tiny_generators, monkey
     manifest = json.loads((tmp_path / "index" / "mine" / "manifest.json").read_text())
     assert manifest["passage_count"] == 2
 
+    def no_app(*args: object, **kwargs: object) -> None:
+        raise AssertionError("lorag ask built the ASGI app")
+
+    # in process means the service itself (app/wiring.py), not the HTTP app driven in process
+    monkeypatch.setattr("app.main.create_app", no_app)
     assert (
         main(["ask", "Which lake has glowing eels?", "--index-name", "mine", "--top-k", "1"]) == 0
     )
     answer = json.loads(capsys.readouterr().out)
     assert answer["passages"][0]["title"] == "Tarn of Velm"
+    assert answer["mode"] == "concat" and answer["generated_tokens"] >= 1
+    assert sum(p["weight"] for p in answer["passages"]) == pytest.approx(1.0)
 
 
 def test_index_build_names_the_bad_line(tmp_path: Path, monkeypatch, capsys):
