@@ -15,7 +15,8 @@ import numpy as np
 
 from app.contracts import Decoding, Hit, Mode
 from app.engine.coalesce import Coalescer
-from app.engine.engine import Engine, EngineRequest, Expected
+from app.engine.engine import Engine, Expected
+from app.engine.requests import EngineRequest
 from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError, NotReadyError
 from app.lora.bundle import PreparedTask
 from app.lora.registry import AdapterInfo, AdapterRegistry, Lease

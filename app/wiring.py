@@ -29,8 +29,8 @@ from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.requests import Observers
 from app.errors import IndexNotFound
-from app.generation.generator import Generator, sync_batched_lora
 from app.generation.config import DecodingConfig, GeneratorSpec
+from app.generation.generator import Generator, sync_batched_lora
 from app.generation.loading import load_generator, prepare_default_generator
 from app.generation.step_batch import StepBatch
 from app.lora.registry import AdapterRegistry

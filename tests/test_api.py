@@ -322,13 +322,15 @@ def test_token_mode_through_the_server_equals_the_rag_function(client_factory, b
     """The served RAG-Token answer is what rag_token_generate gives on the same inputs."""
     import torch
 
-    from app.generation.rag_token import causal_rag_token_generate, rag_token_generate
+    from app.generation.step_batch import pad
+    from tests.tensor_rag import rag_token_generate
 
     client = client_factory(backend)
     data = ask(client, top_k=3, mode="token").json()
     gen = client.app.state.lorag.components.generator
     passages = client.app.state.lorag.components.retriever.retrieve([QUESTION], 3)[0]
-    enc = gen.encode_pairs(QUESTION, [h.passage for h in passages], reserve=8)
+    prompts = gen.passage_prompts(QUESTION, [h.passage for h in passages], reserve=8)
+    ids, mask = pad(prompts, gen.pad_id, left=gen.kind == "causal", device=gen.device)
     scores = torch.tensor([[h.score for h in passages]])
     kwargs = {
         "n_docs": 3,
@@ -338,13 +340,7 @@ def test_token_mode_through_the_server_equals_the_rag_function(client_factory, b
     }
     if backend == "t5":
         kwargs["decoder_start_token_id"] = gen.model.config.decoder_start_token_id
-        out = rag_token_generate(
-            gen.model, enc["input_ids"], enc["attention_mask"], scores, **kwargs
-        )
-    else:
-        out = causal_rag_token_generate(
-            gen.model, enc["input_ids"], enc["attention_mask"], scores, **kwargs
-        )
+    out = rag_token_generate(gen.model, ids, mask, scores, **kwargs)
     assert data["answer"] == gen._decode(out.sequences[0])
     got = [p["weight"] for p in data["passages"]]
     assert got == pytest.approx(out.doc_posterior[0].tolist(), abs=1e-6)

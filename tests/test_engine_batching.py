@@ -1,7 +1,8 @@
 """Scheduling: the engine's admission-aware batch forming and the retrieval coalescer.
 
-The decoder here echoes each row's question (what is generated is checked elsewhere, against
-PEFT and transformers); these tests are about which rows run together, and when.
+The step batch here echoes each row's question at its prefill (what is generated is checked
+elsewhere, against PEFT and transformers); these tests are about which rows run together, and
+when.
 """
 
 from __future__ import annotations
@@ -10,28 +11,49 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import pytest
 
 from app.contracts import GenRow
 from app.engine.coalesce import Coalescer
-from app.engine.engine import Engine, EngineRequest
+from app.engine.config import EngineConfig
+from app.engine.engine import Engine
+from app.engine.requests import EngineRequest
 from app.errors import InvalidInputError
-from app.generation.decoding import Answer
+from app.generation.modes.base import Answer
 
 
 class EchoDecoder:
+    """A step batch whose requests all end at their prefill, answering their question."""
+
+    cannot_join = None
+    width = 0
+
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
 
-    def run(self, rows: Sequence[GenRow]) -> list[Answer]:
+    def __len__(self) -> int:
+        return 0
+
+    def rows_for(self, mode: str, passages: int) -> int:
+        return 1
+
+    def join(self, rows: Sequence[GenRow], keys: Sequence[Hashable]) -> list:
         self.batches.append([r.question for r in rows])
-        return [Answer(r.question.upper(), None, 1) for r in rows]
+        return [(k, Answer(r.question.upper(), None, 1)) for k, r in zip(keys, rows, strict=True)]
+
+    def rename(self, adapters: dict) -> None:
+        assert not adapters  # nothing is ever left running
+
+    def step(self) -> list:
+        raise AssertionError("nothing is ever left running")
+
+    drop = clear = text_of = step
 
 
 class NoAdapters:
-    def begin_batch(self, names: Sequence[str | None]) -> None:
+    def begin_batch(self, names: Sequence[str | None], running: Sequence[str | None] = ()) -> None:
         pass
 
     def peft_name(self, name: str) -> str | None:
@@ -66,9 +88,8 @@ def test_a_batch_waits_for_announced_rows(announce: bool) -> None:
     decoder = EchoDecoder()
 
     async def run() -> list[str]:
-        engine = Engine(
-            decoder, NoAdapters(), max_batch_size=8, batch_wait_ms=1, expect_wait_ms=2000
-        )
+        config = EngineConfig(max_batch_size=8, batch_wait_ms=1, expect_wait_ms=2000)
+        engine = Engine(decoder, NoAdapters(), config)
         engine.start()
         try:
             return await staggered(engine, 4, 0.05, announce=announce)
@@ -87,9 +108,8 @@ def test_a_lone_request_or_a_withdrawn_one_is_not_held() -> None:
     decoder = EchoDecoder()
 
     async def run() -> tuple[float, float]:
-        engine = Engine(
-            decoder, NoAdapters(), max_batch_size=8, batch_wait_ms=1, expect_wait_ms=5000
-        )
+        config = EngineConfig(max_batch_size=8, batch_wait_ms=1, expect_wait_ms=5000)
+        engine = Engine(decoder, NoAdapters(), config)
         engine.start()
         try:
             t = time.perf_counter()

@@ -183,7 +183,7 @@ def test_with_beams_rag_requests_join_the_running_batch(client_factory) -> None:
     client = client_factory("t5", num_beams=2, max_batch_size=16, batch_wait_ms=1)
     engine = slow_steps(client)
     stepper = engine._stepper
-    assert stepper is not None and stepper.takes_mode("token") and stepper.takes_mode("sequence")
+    assert stepper.num_beams == 2 and stepper.rows_for("token", 2) == 4
     long = body(0, tokens=40)
     token, sequence = body(1, tokens=6, mode="token"), body(2, tokens=4, mode="sequence")
     alone = [client.post("/ask", json=b).json() for b in (long, token, sequence)]
@@ -198,11 +198,18 @@ def test_with_beams_rag_requests_join_the_running_batch(client_factory) -> None:
 
 
 def test_step_batching_off_decodes_whole_batches(client_factory) -> None:
-    client = client_factory("t5", step_batching=False)
-    engine = client.app.state.lorag.service.engine
-    assert engine._stepper is None
-    assert client.post("/ask", json=body(1, tokens=4)).status_code == 200
-    assert engine.stats.steps == 0
+    """LORAG_STEP_BATCHING=false: a request that arrives while a batch decodes waits for that
+    batch to end (no row joins a running batch), and answers as alone."""
+    client = client_factory("t5", step_batching=False, batch_wait_ms=1, expect_wait_ms=0)
+    engine = slow_steps(client)
+    long, short = body(0, tokens=25), body(1, tokens=4)
+    alone = [client.post("/ask", json=b).json()["answer"] for b in (long, short)]
+    joined_before = engine.stats.joined_running
+    done, widths = post_watching(client, engine, [(0.0, long), (0.1, short)])
+    (t_long, r_long), (t_short, r_short) = done
+    assert [r_long.json()["answer"], r_short.json()["answer"]] == alone
+    assert t_short > t_long  # it waited for the whole batch, short as it is
+    assert engine.stats.joined_running == joined_before and max(widths) == 1
     assert "lorag_running_rows 0.0" in client.get("/metrics").text
 
 

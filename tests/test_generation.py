@@ -6,29 +6,22 @@ transformers' own generate on the same input ids.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from app.contracts import GenRow, Passage
 from app.errors import AdapterNotFound
-from app.generation.backends import CausalGenerator, Generator, Seq2SeqGenerator
+from app.generation.causal import Causal
+from app.generation.generator import Generator
 from app.generation.loading import load_generator
-from tests.tiny import load_tiny, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
+from app.generation.seq2seq import Seq2Seq
+from app.generation.step_batch import decode, pad
+from tests.tiny import BUILDERS, load_tiny, tiny_llama
 
 P1 = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")
 P2 = Passage("b#0", "b", "Beta", "Beta was founded in 1204 by monks who brewed dark beer there.")
 P3 = Passage("c#0", "c", "", "An untitled passage about gamma rays and their long wavelength.")
-
-BUILDERS: dict[str, Callable[..., Path]] = {
-    "t5": tiny_t5,
-    "bart": tiny_bart,
-    "llama": tiny_llama,
-    "llama-chat": lambda p: tiny_llama(p, chat=True, name="tiny-llama-chat"),
-    "gpt2": tiny_gpt2,
-}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -51,11 +44,9 @@ def rows() -> list[GenRow]:
 
 
 def test_backend_follows_config(gen: Generator, model_dir: Path) -> None:
-    want = (
-        Seq2SeqGenerator if "t5" in model_dir.name or "bart" in model_dir.name else CausalGenerator
-    )
-    assert isinstance(gen, want)
-    assert gen.kind == ("causal" if isinstance(gen, CausalGenerator) else "seq2seq")
+    want = Seq2Seq if "t5" in model_dir.name or "bart" in model_dir.name else Causal
+    assert isinstance(gen.family, want)
+    assert gen.kind == ("causal" if want is Causal else "seq2seq")
     assert not gen.model.training
     assert gen.tokenizer.pad_token is not None
     assert gen.tokenizer.padding_side == ("left" if gen.kind == "causal" else "right")
@@ -83,7 +74,7 @@ def test_greedy_matches_transformers_generate(gen: Generator, model_dir: Path) -
 
 
 def test_token_counts_are_the_tokens_generate_produced(gen: Generator, model_dir: Path) -> None:
-    """generate_decoded counts each row's generated tokens up to and including its end token."""
+    """An answer counts the row's generated tokens up to and including its end token."""
     ref = load_tiny(model_dir)
     for row in rows():
         n = row.max_new_tokens
@@ -93,7 +84,7 @@ def test_token_counts_are_the_tokens_generate_produced(gen: Generator, model_dir
         new = out[0, start:].tolist()
         ends = [i for i, t in enumerate(new) if t in gen.eos_ids]
         expected = ends[0] + 1 if ends else len(new)
-        [decoded] = gen.generate_decoded([row])
+        [decoded] = decode(gen, [row])
         assert decoded.tokens == expected
         assert 0 < decoded.tokens <= n
 
@@ -134,16 +125,14 @@ def test_long_passages_are_cut_to_the_context_window(gen: Generator) -> None:
     assert isinstance(answer, str)
 
 
-def test_encode_pairs_one_padded_row_per_passage(gen: Generator) -> None:
-    enc = gen.encode_pairs("Where is Alpha?", [P1, P2, P3])
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    assert ids.shape == mask.shape and ids.shape[0] == 3
-    lengths = mask.sum(1)
-    assert len(set(lengths.tolist())) > 1
+def test_passage_prompts_one_padded_row_per_passage(gen: Generator) -> None:
+    prompts = gen.passage_prompts("Where is Alpha?", [P1, P2, P3])
+    assert len(prompts) == 3 and len({len(p) for p in prompts}) > 1
+    left = gen.family.padding_side == "left"
+    ids, mask = pad(prompts, gen.pad_id, left=left, device=gen.device)
     for i, p in enumerate([P1, P2, P3]):
-        alone = gen.encode_pairs("Where is Alpha?", [p])["input_ids"][0]
-        kept = ids[i][mask[i].bool()]
-        assert torch.equal(kept, alone)
+        alone = gen.passage_prompts("Where is Alpha?", [p])[0]
+        assert ids[i][mask[i].bool()].tolist() == alone == prompts[i]
     pad_col = 0 if gen.kind == "causal" else -1  # left padding for causal, right for seq2seq
     assert int(mask[:, pad_col].min()) == 0
 

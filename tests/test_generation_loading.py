@@ -10,7 +10,6 @@ import pytest
 from app.contracts import GenRow, Passage
 from app.errors import InvalidInputError
 from app.generation import loading
-from app.generation.backends import CausalGenerator
 from app.generation.loading import default_gguf, load_generator, prepare_default_generator
 
 FRANCE = Passage(
@@ -62,7 +61,7 @@ def test_default_generator_converts_once_and_answers(tmp_path: Path) -> None:
     load_s = time.perf_counter() - started
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
     assert load_s < 15, load_s
-    assert isinstance(gen, CausalGenerator) and gen.prompts.chat
+    assert gen.kind == "causal" and gen.prompts.chat
     assert gen.model_id == loading.DEFAULT_MODEL_ID
     question = "What is the capital of France?"
     with_passage, closed_book = gen.generate(

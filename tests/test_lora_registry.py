@@ -18,8 +18,9 @@ from peft import PeftModel
 
 from app.contracts import GenRow, Passage
 from app.errors import AdapterNotFound, InvalidInputError
-from app.generation.backends import Generator
+from app.generation.generator import Generator
 from app.generation.loading import load_generator
+from app.generation.step_batch import pad
 from app.lora.registry import AdapterRegistry
 from tests.tiny import load_tiny, save_lora_adapter, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 
@@ -218,10 +219,13 @@ def test_on_change_sees_the_serving_model(gen: Generator, world: World) -> None:
 def test_forward_on_encoded_pairs_gives_each_row_its_adapter(
     gen: Generator, reg: AdapterRegistry
 ) -> None:
-    """The scoring path RAG decoding uses: encode_pairs, then forward with per-row adapters."""
+    """The scoring path RAG decoding uses: one prompt per passage, padded as the family pads,
+    then forward with per-row adapters."""
     p1, p2 = load(reg, "one", "a1"), load(reg, "two", "a2")
     adapters = [p1, None, p2, p1]
-    enc = gen.encode_pairs("Where is Alpha?", [P1, P2, P1, P2])
+    prompts = gen.passage_prompts("Where is Alpha?", [P1, P2, P1, P2])
+    ids, mask = pad(prompts, gen.pad_id, left=gen.kind == "causal", device=gen.device)
+    enc = {"input_ids": ids, "attention_mask": mask}
     inputs = dict(enc)
     if gen.kind == "seq2seq":
         start = gen.model.config.decoder_start_token_id

@@ -13,7 +13,7 @@ from peft import PeftModel
 
 from app.contracts import GenRow, Passage
 from app.errors import AdapterNotFound
-from app.generation.backends import Generator
+from app.generation.generator import Generator
 from app.generation.loading import load_generator
 from app.lora.registry import AdapterRegistry
 from app.lora.residency import AdapterBudgetExceeded, ResidencyPolicy, Resident, plan_eviction

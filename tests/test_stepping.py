@@ -1,11 +1,11 @@
 """Step-level decoding (app/generation/stepping.py) on tiny T5, BART, llama and GPT-2 models.
 
-The reference for every row is the same row generated alone with `generate_decoded` (whose
-greedy decode is checked against transformers' generate in test_generation.py), and for a
-RAG-Token request the request alone through `RagDecoder` (checked against transformers'
-RagTokenForGeneration in test_rag_seq2seq.py): rows that join a running batch at different
-steps, leave it as they finish, and run under different adapters (stacked per-row LoRA and
-PEFT's adapter_names) must give exactly those tokens, and the same passage weights.
+The reference for every concat row is the same row generated alone by transformers' greedy
+generate() (`Generator.generate_whole`), and for a RAG request the request decoded alone
+(`decode`, checked against transformers' RAG classes in test_rag_seq2seq.py): rows that join a
+running batch at different steps, leave it as they finish, and run under different adapters
+(stacked per-row LoRA and PEFT's adapter_names) must give exactly those tokens, and the same
+passage weights.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import pytest
 import torch
 
 from app.contracts import GenRow, Passage
-from app.generation import stepping
-from app.generation.backends import Generator, sync_batched_lora
-from app.generation.decoding import Answer, RagDecoder
+from app.generation.config import DecodingConfig
+from app.generation.generator import Generator, sync_batched_lora
 from app.generation.loading import load_generator
-from app.generation.stepping import StepBatch, step_support
+from app.generation.modes.base import Answer
+from app.generation.modes.sequence import RagSequence
+from app.generation.step_batch import StepBatch, decode
 from app.lora.registry import AdapterRegistry
 from app.lora.residency import ResidencyPolicy
-from tests.test_generation import BUILDERS
-from tests.tiny import save_lora_adapter
+from tests.tiny import BUILDERS, save_lora_adapter
 
 P1 = Passage("a#0", "a", "Alpha", "Alpha is a small town on the river Lek, famous for cheese.")
 P2 = Passage("b#0", "b", "Beta", "Beta was founded in 1204 by monks who brewed dark beer there.")
@@ -75,7 +75,7 @@ def workload(names: list[str]) -> list[GenRow]:
 def alone(gen: Generator, rows: list[GenRow]) -> list[Answer]:
     out = []
     for r in rows:
-        d = gen.generate_decoded([r])[0]
+        d = gen.generate_whole([r])[0]  # transformers' generate()
         out.append(Answer(d.text, None, d.tokens))
     return out
 
@@ -114,7 +114,7 @@ def lora_path(gen: Generator, stacked: bool) -> Iterator[None]:
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "peft"])
 def test_rows_joining_and_leaving_answer_as_alone(world: World, stacked: bool) -> None:
     gen = world.gen
-    assert step_support(gen) is None
+    assert gen.cannot_step() is None and StepBatch(gen).cannot_join is None
     with lora_path(gen, stacked):
         rows = workload(world.names)
         want = alone(gen, rows)
@@ -239,13 +239,17 @@ def test_unsupported_models_are_named(tmp_path: Path) -> None:
 
     gen = load_generator(str(tiny_t5(tmp_path)), cache_dir=tmp_path)
     gen.model.generation_config.no_repeat_ngram_size = 3
-    why = step_support(gen)
+    why = gen.cannot_step()
     assert why is not None and "NoRepeatNGram" in why
-    with pytest.raises(ValueError, match="not supported"):
-        StepBatch(gen)
+    # its concat rows go through transformers' generate(), which applies the n-gram blocking
+    batch = StepBatch(gen)
+    assert batch.concat_whole == why
+    row = GenRow("Where is Alpha?", [P1, P2], None, 12)
+    done = batch.join([row], ["r"])
+    assert done == [("r", alone(gen, [row])[0])] and len(batch) == 0
     gen.model.generation_config.no_repeat_ngram_size = 0
     gen.model.config.model_type = "pegasus"
-    assert "pegasus" in (step_support(gen) or "")
+    assert "pegasus" in (StepBatch(gen).cannot_join or "")
 
 
 def test_decode_state_shrinks_as_rows_leave(world: World) -> None:
@@ -309,13 +313,13 @@ def token_workload(names: list[str]) -> list[GenRow]:
 
 
 def rag_alone(gen: Generator, rows: list[GenRow], min_prior: float | None = None) -> list[Answer]:
-    return [RagDecoder(gen, min_prior=min_prior).run([r])[0] for r in rows]
+    return [decode(gen, [r], DecodingConfig(min_prior=min_prior))[0] for r in rows]
 
 
-def reference(gen: Generator, rows: list[GenRow], **decoder: Any) -> list[Answer]:
-    """Each row alone: concat through generate_decoded, the RAG modes through RagDecoder."""
-    rag = RagDecoder(gen, **decoder)
-    return [alone(gen, [r])[0] if r.mode == "concat" else rag.run([r])[0] for r in rows]
+def reference(gen: Generator, rows: list[GenRow], **decoding: Any) -> list[Answer]:
+    """Each row alone: concat through transformers' generate(), a RAG request decoded alone."""
+    config = DecodingConfig(**decoding)
+    return [alone(gen, [r])[0] if r.mode == "concat" else decode(gen, [r], config)[0] for r in rows]
 
 
 def same_answers(got: list[Answer], want: list[Answer]) -> None:
@@ -353,20 +357,20 @@ def test_rag_token_pruning_matches_the_decoder(world: World) -> None:
     ]
     want = rag_alone(gen, rows, min_prior=0.05)
     assert want[0].weights is not None and want[0].weights[:2] == [0.0, 0.0]
-    batch = StepBatch(gen, min_prior=0.05)
+    batch = StepBatch(gen, DecodingConfig(min_prior=0.05))
     done = run(batch, rows, join_at=[0, 1])
     same_answers([done[0], done[1]], want)
 
 
 def test_rag_token_requests_of_different_lengths_share_a_call_as_alone(world: World) -> None:
-    """RagDecoder batches greedy RAG-Token requests of any max_new_tokens in one call; each
-    gets its own tokens and its weights over its own tokens only (not the batch's longest)."""
+    """Greedy RAG-Token requests of any max_new_tokens decoded as one batch: each gets its own
+    tokens and its weights over its own tokens only (not the batch's longest)."""
     gen = world.gen
     rows = [
         GenRow("Tell me about cheese and beer.", [P1, P2, P3], None, 3, "token", scores=[1, 1, 1]),
         GenRow("gamma?", [P3, P1, P2], None, 16, "token", scores=[0.5, 0.4, 3.0]),
     ]
-    together = RagDecoder(gen).run(rows)
+    together = decode(gen, rows)
     same_answers(together, rag_alone(gen, rows))
 
 
@@ -384,7 +388,7 @@ def test_rag_token_beam_search_steps_as_alone(world: World, beams: int, in_place
         GenRow("Cheese?", [P1, P2, P3], a1, 6, "token", scores=[3.0, 2.9, -4.0]),
     ]
     want = reference(gen, rows, num_beams=beams, min_prior=0.05)
-    batch = StepBatch(gen, num_beams=beams, min_prior=0.05, in_place_cache=in_place)
+    batch = StepBatch(gen, DecodingConfig(beams, 0.05), in_place_cache=in_place)
     assert batch.rows_for("token", 3) == 3 * beams
     widths: list[int] = []
     done = run(batch, rows, [0, 0, 1, 3], widths)
@@ -408,26 +412,24 @@ def test_rag_sequence_beam_search_steps_as_alone(
         GenRow("Cheese?", [P1, P2, P3], a1, 5, "sequence", scores=[3.0, 2.9, -4.0]),
     ]
     want = reference(gen, rows, num_beams=beams, min_prior=0.05)
-    batch = StepBatch(gen, num_beams=beams, min_prior=0.05)
+    batch = StepBatch(gen, DecodingConfig(beams, 0.05))
     ranked: list[tuple[int, ...]] = []
-    real_rank = stepping.rank
+    real = RagSequence._marginalize
 
-    def spy(runner, log_prior, pairs, hyps, **kw):  # what is marginalized: N per passage
+    def spy(self, hyps):  # what is marginalized: N per passage
         ranked.append(tuple(hyps.sequences.shape[:2]))
-        return real_rank(runner, log_prior, pairs, hyps, **kw)
+        return real(self, hyps)
 
-    monkeypatch.setattr(stepping, "rank", spy)
+    monkeypatch.setattr(RagSequence, "_marginalize", spy)
     done = run(batch, rows, join_at=[0, 0, 1, 3])
     same_answers([done[i] for i in range(len(rows))], want)
     assert sorted(ranked) == sorted([(2, beams), (3, beams), (2, beams)])  # kept passages x N
 
 
-def test_rows_of_other_modes_are_refused(world: World) -> None:
-    batch = StepBatch(world.gen, rag_token=False, rag_sequence=False)
-    assert batch.takes_mode("concat") and not batch.takes_mode("token")
-    assert not batch.takes_mode("sequence") and StepBatch(world.gen).takes_mode("sequence")
-    with pytest.raises(ValueError, match="'token'"):
-        batch.join([GenRow("Lek?", [P1], None, 3, "token", scores=[1.0])], ["k"])
+def test_rows_of_unknown_modes_are_refused_by_name(world: World) -> None:
+    batch = StepBatch(world.gen)
+    with pytest.raises(ValueError, match="'beam'"):
+        batch.join([GenRow("Lek?", [P1], None, 3, "beam", scores=[1.0])], ["k"])  # type: ignore[arg-type]
     assert len(batch) == 0
 
 
@@ -473,13 +475,12 @@ def test_rag_sequence_rows_leave_as_their_hypotheses_end(
     row = GenRow("Where is Alpha?", [P1, P2, P3], None, 12, "sequence", scores=[1.0, 1.0, 1.0])
     probe = StepBatch(gen)
     probe.join([row], ["p"])
-    hyps = probe._rows[0].seq
-    assert hyps is not None
+    hyps = probe._requests[0]
+    assert isinstance(hyps, RagSequence)
     probe.step()
     probe.step()
-    eos = hyps.tokens[0][2]
-    for module in ("app.generation.stepping", "app.generation.decoding"):
-        monkeypatch.setattr(f"{module}.rag_eos_id", lambda g: eos)
+    eos = hyps.ids[0][2]
+    monkeypatch.setattr(gen, "rag_eos", eos)  # for the reference alike
     batch = StepBatch(gen)
     widths = []
     done = dict(batch.join([row], ["s"]))
@@ -499,5 +500,5 @@ def test_rag_sequence_pruning_matches_the_decoder(world: World) -> None:
     ]
     want = rag_alone(gen, rows, min_prior=0.05)
     assert want[0].weights is not None and want[0].weights[:2] == [0.0, 0.0]
-    done = run(StepBatch(gen, min_prior=0.05), rows, join_at=[0, 1])
+    done = run(StepBatch(gen, DecodingConfig(min_prior=0.05)), rows, join_at=[0, 1])
     same_answers([done[0], done[1]], want)

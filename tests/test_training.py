@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from app.generation.backends import Generator
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from app.cli import training_config
 from app.contracts import GenRow, Passage
+from app.generation.generator import Generator
 from app.generation.loading import load_generator
 from app.lora.registry import AdapterRegistry
 from app.settings import Settings

@@ -8,6 +8,7 @@ input and on the adapter; with the default tiny init every row decodes to the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -136,6 +137,16 @@ def tiny_gpt2(tmp_path: Path, *, seed: int = 0, name: str = "tiny-gpt2") -> Path
         initializer_range=0.5,
     )
     return _save(GPT2LMHeadModel(cfg), tmp_path / name)
+
+
+# every backend family and position scheme the generation tests run on
+BUILDERS: dict[str, Callable[..., Path]] = {
+    "t5": tiny_t5,
+    "bart": tiny_bart,
+    "llama": tiny_llama,
+    "llama-chat": lambda p: tiny_llama(p, chat=True, name="tiny-llama-chat"),
+    "gpt2": tiny_gpt2,
+}
 
 
 def load_tiny(model_dir: Path) -> PreTrainedModel:

@@ -36,9 +36,13 @@ class Seq2Seq:
     padding_side: ClassVar[Literal["left", "right"]] = "right"
 
     def __init__(self, model: Any) -> None:
-        self.model_type = str(getattr(model.config, "model_type", "?"))
+        self.config = model.config
         self.start = decoder_start(model)
         self.pad = int(getattr(model.config, "pad_token_id", None) or 0)  # decoder padding
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(self.config, "model_type", "?"))
 
     def cannot_join(self) -> str | None:
         if self.model_type in RELATIVE_POSITIONS | SHIFTED_POSITIONS:

@@ -20,16 +20,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from app.retrieval.docstore import StoredDocument
 from app.retrieval.encoders import TextEncoder
 from app.retrieval.indexes import IndexCatalog, IndexInfo
 from app.retrieval.live import LiveIndex, Upserted
 from app.retrieval.updates import Document, UpdateLimits, prepare, validate
-
-if TYPE_CHECKING:
-    from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +61,6 @@ class IndexManager:
         self.limits = limits
         self.compaction = compaction
         self._background: set[asyncio.Task[None]] = set()
-
-    @classmethod
-    def from_settings(
-        cls, catalog: IndexCatalog, encoder: TextEncoder, run_encoder: RunsEncoder, s: Settings
-    ) -> IndexManager:
-        return cls(
-            catalog,
-            encoder,
-            run_encoder,
-            limits=UpdateLimits(s.max_documents_per_request, s.max_document_chars),
-            compaction=CompactionPolicy(s.compact_log_bytes, s.compact_log_records),
-        )
 
     async def index(self, name: str | None) -> LiveIndex:
         return await asyncio.to_thread(self.catalog.get, name)

@@ -13,18 +13,19 @@ from app.generation.rag import Candidate
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One request's decoded answer."""
+    """One request's decoded answer. Two answers are equal when their text, weights and token
+    counts are (what a client sees); the rest is detail for references and scoring."""
 
     text: str
     weights: list[float] | None  # p(z|x, y) per passage for token/sequence; None for concat
     tokens: int = 0  # tokens generated for the answer, its end token included
-    ids: tuple[int, ...] = ()  # those tokens
+    ids: tuple[int, ...] = field(default=(), compare=False)  # those tokens
     # the RAG modes: log p(y|x) under the mode, log p(y|x,z) per passage (-inf where pruned,
     # or in "fast" RAG-Sequence where the passage did not propose y), RAG-Sequence's distinct
     # hypotheses best first
-    logprob: float | None = None
-    doc_logprob: tuple[float, ...] = ()
-    candidates: tuple[Candidate, ...] = ()
+    logprob: float | None = field(default=None, compare=False)
+    doc_logprob: tuple[float, ...] = field(default=(), compare=False)
+    candidates: tuple[Candidate, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
