@@ -6,7 +6,7 @@ meanwhile waits for the whole batch. Step-level scheduling would hand the finish
 to waiting requests at once. This measures the first effect on the real default generator
 (SmolLM2-135M-Instruct) answering demo questions in concat mode with top_k passages, the way
 the server does: batches of --batch questions, each row's generated tokens (end token
-included, app.generation.backends.Decoded.tokens) against the steps its batch ran. The
+included, app.generation.step_batch.Decoded.tokens) against the steps its batch ran. The
 questions: the 5 of index/sources/demo_questions.json, then "What is <title>?" for the demo
 corpus's articles in order.
 
@@ -48,7 +48,7 @@ def main() -> None:
             for q, hs in zip(chunk, hits, strict=True)
         ]
         t = time.perf_counter()
-        decoded = parts.generator.generate_decoded(rows)
+        decoded = parts.generator.generate_whole(rows)  # each batch to its longest answer
         seconds = time.perf_counter() - t
         tokens = [d.tokens for d in decoded]
         lengths += tokens

@@ -24,12 +24,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from app.generation.backends import Generator
-from app.generation.decoding import RagDecoder
-from app.generation.stepping import Finished, StepBatch
 
 from app.contracts import Passage
-from app.engine.engine import Engine, EngineRequest
+from app.engine.config import EngineConfig
+from app.engine.engine import Engine
+from app.engine.requests import EngineRequest
+from app.generation.generator import Generator
+from app.generation.step_batch import Finished, StepBatch
 from app.settings import Settings
 from app.wiring import load_components
 from bench.rag_steps import NoAdapters, demo_passages
@@ -52,14 +53,10 @@ async def run(
 ) -> tuple[list[float], list[float]]:
     """(gaps between decoding steps while the first requests decode, burst latencies)."""
     stepper = StepBatch(gen)
-    engine = Engine(
-        RagDecoder(gen),
-        NoAdapters(),
-        max_batch_size=args.running + args.burst,
-        batch_wait_ms=2,
-        stepper=stepper,
-        prefill_tokens_per_step=budget,
+    config = EngineConfig(
+        max_batch_size=args.running + args.burst, batch_wait_ms=2, prefill_tokens_per_step=budget
     )
+    engine = Engine(stepper, NoAdapters(), config)
     steps: list[float] = []
     step = stepper.step
 

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from app.generation.decoding import RagDecoder
 
 from app.contracts import GenRow
+from app.generation.step_batch import decode
 from app.settings import Settings
 from app.wiring import load_components
 
@@ -68,7 +68,6 @@ def main() -> None:
     if args.t5_small:
         settings = Settings(generator=str(t5_small(Path(tempfile.mkdtemp()) / "t5-small")))
     comps = load_components(settings)
-    decoder = RagDecoder(comps.generator)
     demo = json.loads(Path("index/sources/demo_questions.json").read_text())["questions"]
     ks = [int(k) for k in args.ks.split(",")]
     print(
@@ -88,7 +87,7 @@ def main() -> None:
                                  args.max_new_tokens, mode, decoding,  # type: ignore[arg-type]
                                  [x.score for x in h])  # fmt: skip
                     t = time.perf_counter()
-                    answer = decoder.run([row])[0]
+                    answer = decode(comps.generator, [row])[0]
                     seconds[label(mode, decoding)].append(time.perf_counter() - t)
                     correct[label(mode, decoding)] += q["answer"].lower() in answer.text.lower()
         print(

@@ -1,13 +1,14 @@
-"""RAG-Token/RAG-Sequence requests in the step batch vs run whole at a step boundary.
+"""RAG-Token/RAG-Sequence requests joining the running step batch, against whole batches.
 
 The engine (app/engine/engine.py) with its StepBatch, in one process, fed open loop:
 --requests requests arrive at Poisson times (--rate per second, the same times for every
 variant of a round), their modes taking turns from --mix (default concat,token), --top-k demo
 passages each (the RAG modes read each passage in its own row), --max-new-tokens each, no
 adapter. Variants:
-- steps: RAG requests join the running batch like concat rows (a row per passage; the default);
-- whole: RAG requests run whole at a step boundary through RagDecoder while the running rows
-  wait (what the engine did before; StepBatch(rag_token=False, rag_sequence=False)).
+- steps: requests join the running batch at step boundaries (a RAG request takes a row per
+  passage; the default);
+- whole: no request joins a running batch: each batch starts whole and shrinks as its rows
+  end, the next forms when it is empty (LORAG_STEP_BATCHING=false).
 Both keep max_batch_size --batch rows. The generator is serve_throughput's T5-small-shaped
 model with random weights and ByT5's byte vocabulary, which never emits EOS: every request
 decodes exactly --max-new-tokens tokens in every variant (answers are empty strings).
@@ -19,7 +20,7 @@ over all requests; last, steps/whole ratios (latency: lower is better).
     .venv/bin/python -m bench.rag_steps [--requests 40] [--rate 2] [--rounds 3]
         [--top-k 3] [--max-new-tokens 24] [--batch 16] [--mix concat,token,sequence] [--beams 1]
 
---beams N runs the RAG modes with beam search (RagDecoder and StepBatch num_beams): a RAG
+--beams N runs the RAG modes with beam search (DecodingConfig.num_beams): a RAG
 request then takes N rows per passage.
 """
 
@@ -39,11 +40,13 @@ from typing import cast
 import torch
 
 from app.contracts import Mode, Passage
-from app.engine.engine import Engine, EngineRequest
-from app.generation.backends import Generator
-from app.generation.decoding import RagDecoder
+from app.engine.config import EngineConfig
+from app.engine.engine import Engine
+from app.engine.requests import EngineRequest
+from app.generation.config import DecodingConfig
+from app.generation.generator import Generator
 from app.generation.loading import load_generator
-from app.generation.stepping import StepBatch
+from app.generation.step_batch import StepBatch
 from app.lora.registry import Lease
 from bench.serve_throughput import pct, t5_small_shaped
 
@@ -88,18 +91,13 @@ async def serve(
     reqs: list[EngineRequest],
     arrivals: list[float],
     *,
-    rag: bool,
+    joins: bool,
     batch: int,
     beams: int = 1,
 ) -> tuple[float, dict[str, list[float]]]:
     """Seconds from the first arrival to the last answer, and latencies per mode."""
-    engine = Engine(
-        RagDecoder(gen, num_beams=beams),
-        NoAdapters(),
-        max_batch_size=batch,
-        batch_wait_ms=2,
-        stepper=StepBatch(gen, rag_token=rag, rag_sequence=rag, num_beams=beams),
-    )
+    config = EngineConfig(max_batch_size=batch, batch_wait_ms=2, step_batching=joins)
+    engine = Engine(StepBatch(gen, DecodingConfig(num_beams=beams)), NoAdapters(), config)
     engine.start()
     modes = [*dict.fromkeys(r.mode for r in reqs), "all"]
     latencies: dict[str, list[float]] = {m: [] for m in modes}
@@ -140,7 +138,7 @@ def main() -> None:
     reqs = workload(args.requests, args.top_k, args.max_new_tokens, mix, seed=0)
     variants = {"steps": True, "whole": False}
     warm = reqs[:4]
-    asyncio.run(serve(gen, warm, [0.0] * 4, rag=True, batch=args.batch, beams=args.beams))
+    asyncio.run(serve(gen, warm, [0.0] * 4, joins=True, batch=args.batch, beams=args.beams))
     results: dict[str, list[tuple[float, dict[str, list[float]]]]] = {v: [] for v in variants}
     names = list(variants)
     for r in range(args.rounds):
@@ -149,7 +147,7 @@ def main() -> None:
         arrivals = [sum(gaps[: i + 1]) - gaps[0] for i in range(len(gaps))]
         for name in names[r % 2 :] + names[: r % 2]:
             wall, lat = asyncio.run(
-                serve(gen, reqs, arrivals, rag=variants[name], batch=args.batch, beams=args.beams)
+                serve(gen, reqs, arrivals, joins=variants[name], batch=args.batch, beams=args.beams)
             )
             results[name].append((wall, lat))
             print(

@@ -317,7 +317,7 @@ def load_latency(args: argparse.Namespace) -> None:
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    from app.generation.backends import Seq2SeqGenerator
+    from app.generation.generator import Generator
     from app.lora.registry import AdapterRegistry
 
     cfg = T5Config(
@@ -347,7 +347,7 @@ def load_latency(args: argparse.Namespace) -> None:
         peft.save_pretrained(str(root / "r16"))
         model = peft.unload()  # the plain base again
         size = (root / "r16" / "adapter_model.safetensors").stat().st_size
-        gen = Seq2SeqGenerator(
+        gen = Generator(
             model,
             ByT5Tokenizer(extra_ids=0),
             model_id="t5-large-shaped",
@@ -392,7 +392,7 @@ def cycle_memory(args: argparse.Namespace) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
-    from app.generation.backends import Seq2SeqGenerator
+    from app.generation.generator import Generator
     from app.lora.registry import AdapterRegistry
 
     torch.manual_seed(0)
@@ -408,7 +408,7 @@ def cycle_memory(args: argparse.Namespace) -> None:
         peft = get_peft_model(model, lora)
         peft.save_pretrained(str(root / "a"))
         model = peft.unload()
-        gen = Seq2SeqGenerator(
+        gen = Generator(
             model, ByT5Tokenizer(extra_ids=0), model_id="tiny-t5", device=torch.device("cpu")
         )
         reg = AdapterRegistry(gen, root)

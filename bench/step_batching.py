@@ -3,13 +3,13 @@
 The workload is the server's with a full queue: --requests demo questions (concat mode, top_k
 passages retrieved from the demo index, up to --max-new-tokens answers, the default
 SmolLM2-135M-Instruct), served with room for --batch rows at a time:
-- whole: batches of --batch rows, each decoded to its longest answer (Generator.generate_decoded,
-  what the engine does with LORAG_STEP_BATCHING=false);
-- step: one StepBatch (app/generation/stepping.py); whenever rows finish, as many waiting rows
+- whole: batches of --batch rows, each decoded to its longest answer by transformers' greedy
+  generate() (Generator.generate_whole, the path of models with logits processors);
+- step: one StepBatch (app/generation/step_batch.py); whenever rows finish, as many waiting rows
   join at the next step (what the engine does by default);
-- closed: the StepBatch on whole's schedule (the next rows join only when the batch is empty),
-  so that step/closed is what refilling gives and closed/whole what the decoding loop itself
-  and rows leaving early give;
+- closed: the StepBatch on whole's schedule (the next rows join only when the batch is empty:
+  what the engine does with LORAG_STEP_BATCHING=false), so that step/closed is what refilling
+  gives and closed/whole what the decoding loop itself and rows leaving early give;
 - step_cat: step with transformers' DynamicLayer caches, which concatenate the whole cache at
   every step, instead of StepBatch's in-place appends.
 The variants rotate for --rounds rounds (A B C, B C A, ...); tokens/s and the ratios to whole
@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from app.generation.backends import Decoded, Generator
-from app.generation.stepping import StepBatch
 
 from app.contracts import GenRow
+from app.generation.generator import Generator
+from app.generation.step_batch import Decoded, StepBatch
 from app.settings import Settings
 from app.wiring import load_components
 
@@ -61,7 +61,7 @@ def whole(gen: Generator, rows: list[GenRow], batch: int) -> tuple[list[Decoded]
     answers: list[Decoded] = []
     steps = row_steps = 0
     for i in range(0, len(rows), batch):
-        done = gen.generate_decoded(rows[i : i + batch])
+        done = gen.generate_whole(rows[i : i + batch])
         longest = max(d.tokens for d in done)
         steps += longest
         row_steps += longest * len(done)
