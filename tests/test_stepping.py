@@ -1,4 +1,4 @@
-"""Step-level decoding (app/generation/stepping.py) on tiny T5, BART, llama and GPT-2 models.
+"""Step-level decoding (app/generation/step_batch.py) on tiny T5, BART, llama and GPT-2 models.
 
 The reference for every concat row is the same row generated alone by transformers' greedy
 generate() (`Generator.generate_whole`), and for a RAG request the request decoded alone
@@ -333,7 +333,7 @@ def same_answers(got: list[Answer], want: list[Answer]) -> None:
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "peft"])
 def test_rag_token_requests_step_as_alone(world: World, stacked: bool) -> None:
     """RAG-Token requests (a row per passage, marginalized at each step) join and leave a
-    running batch among concat rows, and answer exactly as RagDecoder answers each alone:
+    running batch among concat rows, and answer exactly as each decoded alone:
     tokens, and p(z|x,y) over the request's own tokens."""
     gen = world.gen
     widths: list[int] = []
@@ -378,7 +378,7 @@ def test_rag_token_requests_of_different_lengths_share_a_call_as_alone(world: Wo
 def test_rag_token_beam_search_steps_as_alone(world: World, beams: int, in_place: bool) -> None:
     """RAG-Token with beams: each request's beam search advances a step at a time in the
     running batch (its rows reordered and grown as beams fork), beside concat rows and greedy
-    nothing else; answers and weights equal RagDecoder(num_beams) alone, pruning included."""
+    nothing else; answers and weights equal the request decoded alone (num_beams), pruning included."""
     gen = world.gen
     a1, a2 = world.names
     rows = [
@@ -402,7 +402,7 @@ def test_rag_sequence_beam_search_steps_as_alone(
 ) -> None:
     """RAG-Sequence with beams: each kept passage runs its own beam search in the batch (its
     rows its open beams, leaving when it closes); then every passage's beams are marginalized
-    ("thorough" and "fast"): answers and weights equal RagDecoder(num_beams) alone."""
+    ("thorough" and "fast"): answers and weights equal the request decoded alone (num_beams)."""
     gen = world.gen
     a1, a2 = world.names
     rows = [
@@ -455,7 +455,7 @@ def sequence_workload(names: list[str]) -> list[GenRow]:
 def test_rag_sequence_requests_step_as_alone(world: World, stacked: bool) -> None:
     """RAG-Sequence requests decode a hypothesis per passage in the running batch (each row
     leaving when its hypothesis ends) and are marginalized when the last ends: answers and
-    p(z|x,y) equal RagDecoder alone, "thorough" (rescored under every passage) and "fast"."""
+    p(z|x,y) equal the request decoded alone, "thorough" (rescored under every passage) and "fast"."""
     gen = world.gen
     with lora_path(gen, stacked):
         rows = sequence_workload(world.names)
@@ -470,7 +470,7 @@ def test_rag_sequence_rows_leave_as_their_hypotheses_end(
 ) -> None:
     """A passage whose hypothesis ended leaves the batch before the request's others. Tiny
     random models never emit their end token, so the end token here is one the first
-    passage's hypothesis emits at its third step (for RagDecoder alike)."""
+    passage's hypothesis emits at its third step (for the reference alike)."""
     gen = world.gen
     row = GenRow("Where is Alpha?", [P1, P2, P3], None, 12, "sequence", scores=[1.0, 1.0, 1.0])
     probe = StepBatch(gen)
