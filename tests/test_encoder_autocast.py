@@ -1,7 +1,7 @@
 """Passage embedding under bfloat16 autocast (the index build's --bf16) against float32.
 
-The tiny encoders come from tests/test_retrieval_encoders.py's builders (a real
-sentence-transformers folder and a DPR pair, saved to tmp_path).
+The tiny encoders come from tests/tiny_encoders.py (a real sentence-transformers folder and a
+DPR pair, saved to tmp_path).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from transformers import DPRContextEncoder, DPRQuestionEncoder
 
 from app.contracts import Passage
 from app.retrieval.encoders import EncoderLoadError, load_encoder
-from tests.test_retrieval_encoders import dpr_folder, tiny_sentence_transformer
+from tests.tiny_encoders import dpr_folder, tiny_sentence_transformer
 
 PASSAGES = [
     Passage("a:0", "a", "Glacier", "the glacier flows and the ice forms of snow"),

@@ -28,10 +28,10 @@ from app.training.losses import Sample, batch_nll
 from app.training.options import TrainOptions
 from app.training.question import pick_top_k
 from app.training.train import train_adapter
-from tests.test_retrieval_encoders import tiny_sentence_transformer
 from tests.tiny import tiny_bart, tiny_llama
+from tests.tiny_encoders import dpr_folder, tiny_sentence_transformer
 
-# every word is in the tiny BERT's vocabulary (tests/test_retrieval_encoders.WORDS)
+# every word is in the tiny BERT's vocabulary (tests/tiny_encoders.WORDS)
 PASSAGES = [
     Passage("g#0", "g", "", "the glacier ice flows"),
     Passage("p#0", "p", "", "a piano hammer and strings made sound"),
@@ -200,7 +200,6 @@ def test_tower_without_adapter_equals_the_servers_encoder(st_dir: Path, tmp_path
     from transformers import DPRContextEncoder, DPRQuestionEncoder
 
     from app.lora.validate import validate_adapter
-    from tests.test_retrieval_encoders import dpr_folder
 
     q_dir = dpr_folder(tmp_path, DPRQuestionEncoder, 1, projection_dim=16)
     c_dir = dpr_folder(tmp_path, DPRContextEncoder, 2, projection_dim=16)

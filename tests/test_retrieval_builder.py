@@ -17,7 +17,7 @@ from app.retrieval.builder import build_index, collect_passages
 from app.retrieval.encoders import TextEncoder, load_encoder
 from app.retrieval.retriever import Retriever
 from app.retrieval.store import PassageIndex
-from tests.test_retrieval_encoders import WORDS, tiny_sentence_transformer
+from tests.tiny_encoders import WORDS, tiny_sentence_transformer
 
 
 def sentences(seed: int, n: int) -> str:

@@ -1,8 +1,8 @@
-"""Encoders on tiny BERTs built in the test, checked against transformers run by hand.
+"""Encoders on tiny BERTs (tests/tiny_encoders.py), checked against transformers run by hand.
 
 The sentence-transformers model is a real ST folder (Transformer + mean Pooling + Normalize)
 around a 2-layer BERT; the DPR pair are DPRQuestionEncoder/DPRContextEncoder from a DPRConfig.
-Both are saved to tmp_path with a BertTokenizer made from a vocab file written here, and loaded
+Both are saved to tmp_path with a BertTokenizer made from a word-level vocab file, and loaded
 through load_encoder, the same path a hub id or a real checkpoint takes.
 """
 
@@ -13,15 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    BertTokenizer,
-    DPRConfig,
-    DPRContextEncoder,
-    DPRQuestionEncoder,
-)
+from transformers import AutoTokenizer, BertModel, DPRContextEncoder, DPRQuestionEncoder
 
 from app.contracts import Passage
 from app.errors import InvalidInputError
@@ -32,14 +24,7 @@ from app.retrieval.encoders import (
     TextEncoder,
     load_encoder,
 )
-
-WORDS = [
-    *("the", "a", "of", "and", "is", "was", "in", "glacier", "ice", "snow", "flows", "piano"),
-    *("strings", "hammer", "bread", "yeast", "lake", "eel", "clock", "tide", "who", "what"),
-    *("where", "how", "why", "did", "does", "made", "sound", "rises", "forms"),
-]
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-HIDDEN = 32
+from tests.tiny_encoders import HIDDEN, dpr_folder, tiny_sentence_transformer
 
 PASSAGES = [
     Passage("g#0", "g", "Glacier", "the glacier ice flows"),
@@ -50,56 +35,11 @@ PASSAGES = [
 QUESTIONS = ["how does a glacier form", "what made sound", "why did bread rise"]
 
 
-def save_tokenizer(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIALS + WORDS) + "\n")
-    BertTokenizer(str(vocab)).save_pretrained(folder)
-
-
-def bert_kwargs() -> dict[str, int]:
-    return {
-        "vocab_size": len(SPECIALS) + len(WORDS),
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-    }
-
-
-def tiny_sentence_transformer(root: Path, *, seed: int = 0) -> Path:
-    """A real sentence-transformers folder (BERT + mean Pooling + Normalize) at root/tiny-st;
-    the bare BERT with its tokenizer lies at root/bert."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules.normalize import Normalize
-    from sentence_transformers.base.modules.transformer import Transformer
-    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
-
-    torch.manual_seed(seed)
-    BertModel(BertConfig(**bert_kwargs())).save_pretrained(root / "bert")
-    save_tokenizer(root / "bert")
-    model = SentenceTransformer(
-        modules=[Transformer(str(root / "bert")), Pooling(HIDDEN, "mean"), Normalize()],
-        device="cpu",
-    )
-    model.save(str(root / "tiny-st"))
-    return root / "tiny-st"
-
-
 @pytest.fixture(scope="module")
 def st_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("st")
     tiny_sentence_transformer(root)
     return root
-
-
-def dpr_folder(root: Path, cls: type, seed: int, projection_dim: int = 0) -> Path:
-    torch.manual_seed(seed)
-    folder = root / f"{cls.__name__}-{seed}-{projection_dim}"
-    cls(DPRConfig(**bert_kwargs(), projection_dim=projection_dim)).save_pretrained(folder)
-    save_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
