@@ -3,59 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.serving import serve
 from tests.tiny import save_lora_adapter
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(
-    env: dict[str, str], *, expect_ready: bool = True
-) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
-    full = {**os.environ, **env, "LORAG_HOST": "127.0.0.1", "LORAG_PORT": str(port)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        env=full,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if expect_ready:
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, proc.communicate()[0]
-                try:
-                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.25)
-            else:
-                raise AssertionError("server not ready in 240 s")
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 @pytest.mark.slow

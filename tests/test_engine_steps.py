@@ -2,9 +2,9 @@
 steps, leave when they finish or when their client leaves, and answer exactly as alone.
 
 Tiny models decode a step in about a millisecond, faster than a test can send requests in
-between; each step is slowed here (StepBatch.step wrapped with a short sleep) so that rows
-really arrive while others decode. What is checked is scheduling; the tokens themselves are
-checked against rows alone (and those against transformers) in test_stepping.py.
+between; each step is slowed (tests/serving.py's slow_steps wraps StepBatch.step with a short
+sleep) so that rows really arrive while others decode. What is checked is scheduling; the tokens
+themselves are checked against rows alone (and those against transformers) in test_stepping.py.
 """
 
 from __future__ import annotations
@@ -16,68 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.serving import body, post_all, post_watching, slow_steps
 from tests.tiny import save_lora_adapter
-
-STEP_DELAY_S = 0.02
-
-
-def slow_steps(client: Any) -> Any:
-    engine = client.app.state.lorag.service.engine
-    stepper = engine._stepper
-    assert stepper is not None, "step-level batching is on by default"
-    step = stepper.step
-
-    def slowed() -> Any:
-        time.sleep(STEP_DELAY_S)
-        return step()
-
-    stepper.step = slowed
-    return engine
-
-
-def body(i: int, *, tokens: int, adapter: str | None = None, mode: str = "concat") -> dict:
-    return {
-        "question": f"Where was the tidal clock number {i} built?",
-        "top_k": 2,
-        "max_new_tokens": tokens,
-        "adapter": adapter,
-        "mode": mode,
-    }
-
-
-async def post_all(client: Any, sends: list[tuple[float, dict]]) -> list[tuple[float, Any]]:
-    """POST each body after its delay; (finish time, response) per body, in order."""
-    transport = httpx.ASGITransport(app=client.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as ac:
-        start = time.perf_counter()
-
-        async def one(delay: float, b: dict) -> tuple[float, Any]:
-            await asyncio.sleep(delay)
-            r = await ac.post("/ask", json=b)
-            return time.perf_counter() - start, r
-
-        return list(await asyncio.gather(*(one(d, b) for d, b in sends)))
-
-
-def post_watching(
-    client: Any, engine: Any, sends: list[tuple[float, dict]]
-) -> tuple[list[tuple[float, Any]], list[int]]:
-    """post_all, and the engine's running rows sampled every 2 ms meanwhile."""
-    widths: list[int] = []
-
-    async def run() -> list[tuple[float, Any]]:
-        async def watch() -> None:
-            while True:
-                widths.append(engine.running_rows)
-                await asyncio.sleep(0.002)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            return await post_all(client, sends)
-        finally:
-            watcher.cancel()
-
-    return client.portal.call(run), widths
 
 
 def test_rows_join_a_running_batch_leave_when_done_and_answer_as_alone(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_e2e import serve
+from tests.serving import serve
 
 DRAIN_S = 4.0
 

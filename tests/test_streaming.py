@@ -2,7 +2,8 @@
 
 The reference is the same request answered whole (no stream): the token events must join into
 exactly its answer, and the final `done` event must carry its response. Steps are slowed as in
-test_engine_steps.py, so that tokens really arrive over several steps.
+test_engine_steps.py (tests/serving.py's slow_steps), so that tokens really arrive over several
+steps.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_engine_steps import STEP_DELAY_S, body, slow_steps
+from tests.serving import STEP_DELAY_S, body, slow_steps
 from tests.tiny import save_lora_adapter
 
 
