@@ -28,7 +28,7 @@ from peft import PeftModel
 from app.errors import AdapterNotFound
 from app.lora import batched
 from app.lora.batched import BASE, BatchedLora, RowPlan
-from tests.tiny import load_tiny, save_lora_adapter, tiny_bart, tiny_llama, tiny_t5
+from tests.tiny import VOCAB, load_tiny, save_lora_adapter, tiny_bart, tiny_llama, tiny_t5
 
 ATOL = 1e-5  # float64
 F32_REL = 2e-5  # float32: times the largest |logit|
@@ -79,12 +79,12 @@ _LOADED: dict[tuple[Path, torch.dtype], PeftModel] = {}
 
 def inputs(model: PeftModel, rows: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 259, (rows, 9), generator=g)
+    ids = torch.randint(3, VOCAB, (rows, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # some padding, as a real batch has
     kw = {"input_ids": ids, "attention_mask": mask}
     if model.config.is_encoder_decoder:
-        kw["decoder_input_ids"] = torch.randint(3, 259, (rows, 5), generator=g)
+        kw["decoder_input_ids"] = torch.randint(3, VOCAB, (rows, 5), generator=g)
     return kw
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from torch import Tensor
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from app.generation.rag import IGNORE_INDEX
 from tests.tensor_rag import (
@@ -21,8 +21,9 @@ from tests.tensor_rag import (
     causal_rag_token_generate,
     causal_rag_token_nll,
 )
+from tests.tiny import RAG_EOS, RAG_PAD, RAG_VOCAB, rag_llama
 
-VOCAB, BOS, PAD, EOS = 48, 0, 1, 2
+VOCAB, PAD, EOS = RAG_VOCAB, RAG_PAD, RAG_EOS
 
 
 @pytest.fixture(autouse=True)
@@ -35,24 +36,8 @@ def _one_thread() -> Iterator[None]:
 
 
 def _model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.3,  # large enough that the passage changes the answer
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight[EOS] *= 3.0  # EOS likely enough that answers end at various lengths
-    return model
+    # EOS likely enough that answers end at various lengths
+    return rag_llama(seed=seed, eos_scale=3.0).eval()
 
 
 def _prompts(batch: int, k: int, seed: int) -> list[list[Tensor]]:

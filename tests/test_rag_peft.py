@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
-from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+from transformers import BartForConditionalGeneration
 
 from app.generation.family import family_for
 from app.generation.rag import IGNORE_INDEX
@@ -25,8 +25,9 @@ from tests.tensor_rag import (
     rag_token_generate,
     rag_token_nll,
 )
+from tests.tiny import RAG_EOS, RAG_PAD, RAG_VOCAB, favour_eos, rag_bart_config, rag_llama
 
-VOCAB, PAD, EOS = 48, 1, 2
+VOCAB, PAD, EOS = RAG_VOCAB, RAG_PAD, RAG_EOS
 K = 3
 
 
@@ -50,26 +51,8 @@ def _lora(model: Any, targets: list[str]) -> PeftModel:
 
 def _bart() -> PeftModel:
     torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        init_std=0.3,
-        pad_token_id=PAD,
-        bos_token_id=0,
-        eos_token_id=EOS,
-        decoder_start_token_id=EOS,
-        forced_eos_token_id=None,
-    )
-    model = BartForConditionalGeneration(config)
-    with torch.no_grad():
-        model.final_logits_bias[0, EOS] = 2.5
+    model = BartForConditionalGeneration(rag_bart_config())
+    favour_eos(model)
     return _lora(model, ["q_proj", "v_proj", "fc1"])
 
 
@@ -199,21 +182,7 @@ def test_loss_trains_lora_weights(loss_fn: Any) -> None:
 
 
 def _llama() -> PeftModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.3,
-        pad_token_id=PAD,
-        bos_token_id=0,
-        eos_token_id=EOS,
-    )
-    return _lora(LlamaForCausalLM(config), ["q_proj", "v_proj", "up_proj"])
+    return _lora(rag_llama(), ["q_proj", "v_proj", "up_proj"])
 
 
 def test_causal_mixed_adapters_and_training() -> None:

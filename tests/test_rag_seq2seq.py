@@ -1,9 +1,10 @@
 """RAG-Token / RAG-Sequence on an encoder-decoder, checked against transformers' RAG models.
 
 The references are `RagTokenForGeneration` / `RagSequenceForGeneration` built from a tiny
-`RagConfig` (tiny DPR question encoder, tiny BART or T5 generator) and fed `context_input_ids`,
-`context_attention_mask` and `doc_scores` directly (no retriever). Our functions get the very
-same generator module. Conventions that differ, each accounted for where it matters:
+`RagConfig` (tests/tiny.py's rag_config: tiny DPR question encoder, tiny BART or T5 generator)
+and fed `context_input_ids`, `context_attention_mask` and `doc_scores` directly (no retriever).
+Our functions get the very same generator module. Conventions that differ, each accounted for
+where it matters:
 
 - LABELS: transformers' RAG `labels` double as decoder inputs, so they begin with the decoder
   start token and `get_nll` shifts them left (filling with pad) to get targets; ours are the
@@ -33,15 +34,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
-from transformers import (
-    BartConfig,
-    DPRConfig,
-    PreTrainedModel,
-    RagConfig,
-    RagSequenceForGeneration,
-    RagTokenForGeneration,
-    T5Config,
-)
+from transformers import PreTrainedModel, RagSequenceForGeneration, RagTokenForGeneration
 
 from app.errors import InvalidInputError
 from app.generation.config import DecodingConfig
@@ -52,8 +45,9 @@ from tests.tensor_rag import (
     rag_token_generate,
     rag_token_nll,
 )
+from tests.tiny import RAG_BOS, RAG_EOS, RAG_PAD, RAG_VOCAB, favour_eos, rag_config
 
-VOCAB, BOS, PAD, EOS = 48, 0, 1, 2
+VOCAB, BOS, PAD, EOS = RAG_VOCAB, RAG_BOS, RAG_PAD, RAG_EOS
 
 
 @pytest.fixture(autouse=True)
@@ -65,56 +59,15 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _rag_config(arch: str, n_docs: int) -> RagConfig:
-    if arch == "bart":
-        gen = BartConfig(
-            vocab_size=VOCAB,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=64,
-            init_std=0.3,  # large enough that the passage changes the answer
-            pad_token_id=PAD,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-            decoder_start_token_id=EOS,
-            forced_eos_token_id=None,
-        )
-    else:
-        gen = T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            pad_token_id=PAD,
-            eos_token_id=EOS,
-            decoder_start_token_id=PAD,
-            bos_token_id=None,  # transformers' RAG-Sequence get_nll reads it; T5 has none
-            initializer_factor=6.0,
-        )
-    question = DPRConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2
-    )
-    return RagConfig.from_question_encoder_generator_configs(question, gen, n_docs=n_docs)
-
-
 def _models(
     arch: str, n_docs: int, seed: int = 0
 ) -> tuple[RagTokenForGeneration, RagSequenceForGeneration, PreTrainedModel]:
     torch.manual_seed(seed)
-    config = _rag_config(arch, n_docs)
+    config = rag_config(arch, n_docs)
     token = RagTokenForGeneration(config).eval()
     generator = token.generator
     if arch == "bart":  # make EOS likely enough that answers end at different lengths
-        with torch.no_grad():
-            generator.final_logits_bias[0, EOS] = 2.5
+        favour_eos(generator)
     sequence = RagSequenceForGeneration(config).eval()
     sequence.rag.generator = generator  # both references share our generator
     return token, sequence, generator
