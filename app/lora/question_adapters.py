@@ -21,7 +21,7 @@ import torch
 from peft import PeftModel
 
 from app.errors import AdapterNotFound
-from app.lora.registry import load_lora_weights
+from app.lora.peft_host import load_lora_weights
 from app.lora.validate import BaseLayout, ValidatedAdapter, describe
 from app.retrieval.encoders import TextEncoder
 from app.retrieval.question_tower import QuestionTower, tower_of

@@ -6,9 +6,10 @@ mapping, then deletes the old one: until the swap the old adapter serves, and if
 the install fails it goes on serving. Rows name internal adapters (GenRow.adapter), so the
 engine must look them up with peft_name() when it forms a batch, on the model thread.
 
-The base model is wrapped into a PeftModel on the first install and unwrapped (PEFT's unload,
-which puts the original layers back) when the last adapter goes, so a registry with nothing
-installed serves the plain base model at full speed.
+The PEFT surgery on the generator's model is PeftHost's (app/lora/peft_host.py): it wraps the
+base into a PeftModel on the first install and unwraps it when the last adapter goes, so a
+registry with nothing installed serves the plain base model at full speed. This module keeps
+the books (names, versions, leases, residency) and says when the surgery runs.
 
 Residency (app/lora/residency.py): an install that would overrun the memory budget first evicts
 the least recently used adapters that are neither pinned nor held by queued requests, or is
@@ -35,7 +36,6 @@ readers on other threads never see them half-updated.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import threading
@@ -45,21 +45,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
-from peft import PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM
-from peft.utils import set_peft_model_state_dict
 
 from app.contracts import NAME_RE, AdapterHost
-from app.errors import AdapterInvalid, AdapterNotFound, InvalidInputError
+from app.errors import AdapterNotFound, InvalidInputError
 from app.lora.paths import resolve_under
+from app.lora.peft_host import PeftHost
 from app.lora.residency import ResidencyPolicy, Resident, plan_eviction
-from app.lora.validate import TASK_TYPES, BaseLayout, ValidatedAdapter, describe, validate_adapter
+from app.lora.validate import BaseLayout, ValidatedAdapter, describe, validate_adapter
 
 log = logging.getLogger(__name__)
-
-PEFT_CLASSES = {"seq2seq": PeftModelForSeq2SeqLM, "causal": PeftModelForCausalLM}
 
 PreparedAdapter = ValidatedAdapter  # what prepare() hands to install()
 
@@ -126,9 +122,8 @@ class AdapterRegistry:
         merge/unmerge, with the model now serving (a PeftModel, or a plain transformers model
         after the last unload or while merged): the hook for anything that caches per-adapter
         state, such as stacked LoRA weights."""
-        if isinstance(generator.model, PeftModel):
-            raise ValueError("the generator already holds a PeftModel; give the plain base model")
-        self.generator = generator  # its .model is ours to swap from now on (AdapterHost)
+        self._peft = PeftHost(generator)  # refuses a generator that holds a PeftModel already
+        self.generator = generator  # its .model is the PeftHost's to swap from now on
         self.root = root
         self._layout = BaseLayout.of(generator.model, generator.kind, generator.model_id)
         self._entries: dict[str, _Entry] = {}
@@ -141,9 +136,6 @@ class AdapterRegistry:
         self._retired: dict[str, _Entry] = {}  # internal -> replaced/unloaded, still leased
         self._doomed: list[str] = []  # retired internals no longer leased: delete on model thread
         self._ticks = itertools.count(1)
-        self._elem = next(generator.model.parameters()).element_size()
-        self._peft: PeftModel | None = None  # the wrapped model while merged
-        self._merged: str | None = None  # internal name merged into the base weights
         self.evictions = 0  # running total, read by the metrics layer
 
     # ---- any thread ---------------------------------------------------------------------
@@ -175,14 +167,14 @@ class AdapterRegistry:
             entry = self._entries.get(name)
         if entry is None:
             raise AdapterNotFound(name)
-        return None if entry.internal == self._merged else entry.internal
+        return None if entry.internal == self._peft.merged else entry.internal
 
     @property
     def merged(self) -> str | None:
         """The public name merged into the base weights, if any."""
         with self._lock:
             for name, entry in self._entries.items():
-                if entry.internal == self._merged:
+                if entry.internal == self._peft.merged:
                     return name
         return None
 
@@ -232,7 +224,7 @@ class AdapterRegistry:
             ) or lease.internal in self._retired
         if not installed:  # only if the lease was returned before its row ran
             raise AdapterNotFound(lease.name)
-        return None if lease.internal == self._merged else lease.internal
+        return None if lease.internal == self._peft.merged else lease.internal
 
     # ---- model thread -------------------------------------------------------------------
 
@@ -247,7 +239,7 @@ class AdapterRegistry:
             return
         self._unmerge()
         for internal in doomed:
-            self._delete(internal)
+            self._peft.delete(internal)
             log.info("deleted retired adapter weights %s (no request uses them now)", internal)
         self._changed()
 
@@ -303,7 +295,7 @@ class AdapterRegistry:
         evict = plan_eviction(residents, name, need, self.policy.memory_budget)
         self._unmerge()
         internal = f"lorag{next(self._ids)}"
-        self._inject(internal, prepared)
+        self._peft.inject(internal, prepared)
         info = AdapterInfo(
             name=name,
             path=prepared.rel,
@@ -323,9 +315,9 @@ class AdapterRegistry:
                 self._retired[old.internal] = old  # admitted requests finish on it
                 old = None
         if old is not None:
-            self._delete(old.internal)
+            self._peft.delete(old.internal)
         for entry in gone:
-            self._delete(entry.internal)
+            self._peft.delete(entry.internal)
             log.info(
                 "evicted adapter %r (%d bytes, last used %s) to fit %r under the %d-byte budget",
                 entry.info.name,
@@ -371,88 +363,25 @@ class AdapterRegistry:
             )
             return
         self._unmerge()
-        self._delete(entry.internal)
+        self._peft.delete(entry.internal)
         self._changed()
         log.info("unloaded adapter %r (%s)", name, entry.internal)
 
     def resident_bytes(self, prepared: PreparedAdapter) -> int:
         """Bytes prepared's LoRA weights take once installed (in the model's dtype)."""
-        return sum(t.numel() for t in prepared.state_dict.values()) * self._elem
+        return sum(t.numel() for t in prepared.state_dict.values()) * self._peft.element_size
 
     def _merge(self, internal: str) -> None:
-        if self._merged == internal:
+        if self._peft.merged == internal:
             return
         self._unmerge()
-        model = self.generator.model
-        assert isinstance(model, PeftModel), "an adapter is installed, so the model is wrapped"
-        _tuner(model).merge_adapter([internal])
-        self._peft, self._merged = model, internal
-        # the plain model: its LoRA layers run base_layer (merged weights) when given no
-        # adapter_names, which is what the generator passes to a non-PEFT model
-        self.generator.model = model.get_base_model()
+        self._peft.merge(internal)
         self._changed()
-        log.info("merged adapter %s into the base weights", internal)
 
     def _unmerge(self) -> None:
-        if self._merged is None:
-            return
-        assert self._peft is not None
-        _tuner(self._peft).unmerge_adapter()
-        self.generator.model = self._peft.eval()
-        log.info("unmerged adapter %s", self._merged)
-        self._peft, self._merged = None, None
-        self._changed()
+        if self._peft.unmerge():
+            self._changed()
 
     def _changed(self) -> None:
         if self._on_change is not None:
-            self._on_change(self.generator.model)
-
-    def _inject(self, internal: str, prepared: PreparedAdapter) -> None:
-        """Add prepared's weights under internal; on failure the model is as it was."""
-        config = copy.deepcopy(prepared.config)
-        config.task_type = TASK_TYPES[self.generator.kind]
-        model = self.generator.model
-        wrapped_here = not isinstance(model, PeftModel)
-        try:
-            if isinstance(model, PeftModel):
-                model.add_adapter(internal, config)
-            else:
-                # wraps in place: the base's target layers become LoRA layers
-                model = PEFT_CLASSES[self.generator.kind](model, config, adapter_name=internal)
-            load_lora_weights(model, prepared, internal, f"adapter {prepared.rel!r}", "the model")
-        except Exception:
-            if isinstance(model, PeftModel):
-                if wrapped_here:
-                    _tuner(model).unload()  # puts the original layers back
-                elif internal in model.peft_config:
-                    model.delete_adapter(internal)
-            raise
-        self.generator.model = model.eval()
-
-    def _delete(self, internal: str) -> None:
-        model = self.generator.model
-        assert isinstance(model, PeftModel), "an adapter is installed, so the model is wrapped"
-        model.delete_adapter(internal)
-        if not model.peft_config:
-            self.generator.model = _tuner(model).unload().eval()
-        else:
-            model.eval()
-
-
-def load_lora_weights(
-    model: PeftModel, prepared: PreparedAdapter, internal: str, what: str, into: str
-) -> None:
-    """Copy prepared's LoRA weights into the adapter slot `internal` that `model` already has;
-    AdapterInvalid ("<what> did not fit <into>: ...") when a key is missing or unexpected."""
-    result: Any = set_peft_model_state_dict(model, prepared.state_dict, adapter_name=internal)
-    missing = [k for k in result.missing_keys if "lora_" in k and f".{internal}." in k]
-    if missing or result.unexpected_keys:
-        raise AdapterInvalid(
-            f"{what} did not fit {into}: missing {missing[:3]}, "
-            f"unexpected {list(result.unexpected_keys)[:3]}"
-        )
-
-
-def _tuner(model: PeftModel) -> Any:
-    """The LoraModel inside a PeftModel (typed as a Module by PEFT)."""
-    return model.base_model
+            self._on_change(self._peft.model)
