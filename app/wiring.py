@@ -39,8 +39,9 @@ from app.retrieval.builder import build_index
 from app.retrieval.encoders import TextEncoder
 from app.retrieval.indexes import IndexCatalog
 from app.retrieval.manager import IndexManager
+from app.retrieval.manifest import IndexOutdated
 from app.retrieval.retriever import Retriever
-from app.retrieval.store import IndexOutdated, PassageIndex
+from app.retrieval.store import PassageIndex
 from app.service import RagService
 from app.settings import DEFAULT, Settings
 

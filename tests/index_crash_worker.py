@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 from app.retrieval.ann import AnnSpec
+from app.retrieval.atomic import remove_stale_temp
 from app.retrieval.chunking import chunk_document
-from app.retrieval.live import LiveIndex, folder_lock, remove_stale_temp
+from app.retrieval.live import LiveIndex, folder_lock
 from app.retrieval.store import PassageIndex
 from app.retrieval.updates import Document, prepare
 from tests.hash_encoder import HashEncoder

@@ -115,7 +115,7 @@ def test_prepare_rebuilds_an_outdated_demo_index_and_refuses_another(
 ) -> None:
     import json
 
-    from app.retrieval.store import FORMAT_VERSION, IndexOutdated
+    from app.retrieval.manifest import FORMAT_VERSION, IndexOutdated
     from app.settings import Settings
     from app.wiring import prepare
 

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from app.cli import main
 from app.main import create_app
-from app.retrieval.store import LOG_FILE, PassageIndex
+from app.retrieval.manifest import LOG_FILE
+from app.retrieval.store import PassageIndex
 from tests.conftest import make_settings, wait_loaded
 
 DOCS = [

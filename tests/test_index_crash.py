@@ -22,7 +22,8 @@ import pytest
 
 from app.errors import IndexInvalid
 from app.retrieval.chunking import chunk_document
-from app.retrieval.store import INDEX_FILE, LOG_FILE, PassageIndex
+from app.retrieval.manifest import INDEX_FILE, LOG_FILE
+from app.retrieval.store import PassageIndex
 from tests import index_crash_worker as worker
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from app.errors import IndexInvalid, InvalidInputError
 from app.retrieval import ann
 from app.retrieval.chunking import chunk_document
 from app.retrieval.live import DocumentNotFound, IndexBusy, IndexWriteError, LiveIndex, folder_lock
-from app.retrieval.store import LOG_FILE, PassageIndex
+from app.retrieval.manifest import LOG_FILE
+from app.retrieval.store import PassageIndex
 from app.retrieval.updates import Document, UpdateLimits, prepare, validate
 from tests.hash_encoder import HashEncoder
 

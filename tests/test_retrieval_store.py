@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import app.retrieval.store as store
+import app.retrieval.atomic as atomic
 from app.contracts import Passage
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
+from app.retrieval.manifest import FORMAT_VERSION, IndexOutdated, sha256
 from app.retrieval.store import PassageIndex
 
 DIM = 16
@@ -97,7 +98,7 @@ def test_round_trip_keeps_passages_manifest_and_results(tmp_path: Path) -> None:
         300,
         0,
     )
-    assert m.format_version == store.FORMAT_VERSION and m.created.endswith("+00:00")
+    assert m.format_version == FORMAT_VERSION and m.created.endswith("+00:00")
     assert set(m.checksums) == {"index.faiss", "passages.jsonl", "documents.jsonl"}
     assert [d.pids for d in loaded.documents()] == [d.pids for d in index.documents()]
     queries = np.random.default_rng(2).normal(size=(5, DIM)).astype(np.float32)
@@ -139,7 +140,7 @@ def test_unreadable_faiss_file_with_a_matching_checksum_is_named(tmp_path: Path)
     (tmp_path / "idx" / "index.faiss").write_bytes(b"not a faiss index")
     manifest_path = tmp_path / "idx" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["checksums"]["index.faiss"] = store._sha256(b"not a faiss index")
+    manifest["checksums"]["index.faiss"] = sha256(b"not a faiss index")
     manifest_path.write_text(json.dumps(manifest))
     expected = re.escape(f"{tmp_path / 'idx' / 'index.faiss'}: not a FAISS")
     with pytest.raises(IndexInvalid, match=expected):
@@ -162,7 +163,7 @@ def test_format_1_folder_is_refused_as_outdated(tmp_path: Path) -> None:
     manifest = json.loads(manifest_path.read_text())
     manifest["format_version"] = 1
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(store.IndexOutdated, match=r"version 1, this lorag reads 2.*index build"):
+    with pytest.raises(IndexOutdated, match=r"version 1, this lorag reads 2.*index build"):
         PassageIndex.load(tmp_path / "idx")
 
 
@@ -181,7 +182,7 @@ def test_save_replaces_an_existing_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
 ) -> None:
     if not exchange:
-        monkeypatch.setattr(store, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     make_index(n=10, fingerprint="old").save(tmp_path / "idx")
     make_index(n=20, seed=3, fingerprint="new").save(tmp_path / "idx")
     loaded = PassageIndex.load(tmp_path / "idx")
@@ -193,14 +194,14 @@ def test_exception_mid_save_leaves_old_index_and_no_temp_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_index(n=10, fingerprint="old").save(tmp_path / "idx")
-    real_write = store._write_synced
+    real_write = atomic.write_synced
 
     def write_then_fail(path: Path, blob: bytes) -> None:
         real_write(path, blob)  # a real, complete file in the temp folder ...
         if path.name == "documents.jsonl":
             raise KeyboardInterrupt  # ... then the build is interrupted
 
-    monkeypatch.setattr(store, "_write_synced", write_then_fail)
+    monkeypatch.setattr(atomic, "write_synced", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         make_index(n=20, fingerprint="new").save(tmp_path / "idx")
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]

@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 from app.contracts import Passage
 from app.errors import InvalidInputError
 from app.retrieval.ann import AnnSpec
+from app.retrieval.atomic import remove_stale_temp
 from app.retrieval.chunking import chunk_document
 from app.retrieval.encoders import TextEncoder
-from app.retrieval.live import folder_lock, remove_stale_temp
+from app.retrieval.live import folder_lock
+from app.retrieval.manifest import IndexManifest
 from app.retrieval.sources import Document, read_sources
-from app.retrieval.store import IndexManifest, PassageIndex
+from app.retrieval.store import PassageIndex
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,10 @@ from typing import Protocol
 from app.contracts import NAME_RE
 from app.errors import IndexNotFound, InvalidInputError
 from app.retrieval.ann import AnnSpec
+from app.retrieval.atomic import displaced
 from app.retrieval.live import LiveIndex
-from app.retrieval.store import MANIFEST_FILE, PassageIndex
+from app.retrieval.manifest import MANIFEST_FILE
+from app.retrieval.store import PassageIndex
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class IndexCatalog:
 
     def _load(self, name: str) -> LiveIndex:
         path = self.root / name
-        if not path.exists() and not any(self.root.glob(f".{name}.old-*")):
+        if not path.exists() and not displaced(path):
             known = ", ".join(self.names()) or "none"
             raise IndexNotFound(f"no index {name!r} under {self.root} (there are: {known})")
         return LiveIndex.open(path, expect_fingerprint=self.fingerprint, search=self._search)

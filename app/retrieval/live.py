@@ -28,7 +28,6 @@ import dataclasses
 import fcntl
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -40,8 +39,10 @@ import numpy as np
 from app.errors import IndexInvalid, IndexNotFound, LoragError, NotFoundError, NotReadyError
 from app.retrieval import wal
 from app.retrieval.ann import AnnSpec
+from app.retrieval.atomic import displaced, recover_replace, remove_stale_temp
 from app.retrieval.docstore import StoredDocument
-from app.retrieval.store import LOG_FILE, Origin, PassageIndex
+from app.retrieval.manifest import LOG_FILE
+from app.retrieval.store import Origin, PassageIndex
 from app.retrieval.updates import Prepared
 
 logger = logging.getLogger(__name__)
@@ -98,24 +99,6 @@ def folder_lock(path: Path, *, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
-def remove_stale_temp(path: Path) -> None:
-    """Temporary folders a killed save left beside `path` (call with the folder lock held)."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        logger.warning("removing %s, left by an interrupted index write", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def recover_replace(path: Path) -> None:
-    """Undo a save killed between its two renames (only where renameat2 is missing): the old
-    folder is put back (call with the folder lock held)."""
-    if path.exists():
-        return
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
-    if olds:
-        logger.warning("restoring %s from %s, left by an interrupted index swap", path, olds[-1])
-        os.rename(olds[-1], path)
-
-
 class LiveIndex:
     def __init__(self, path: Path, index: PassageIndex, *, search: AnnSpec | None = None) -> None:
         self.path = path
@@ -130,7 +113,7 @@ class LiveIndex:
         cls, path: Path, *, expect_fingerprint: str | None = None, search: AnnSpec | None = None
     ) -> LiveIndex:
         path = Path(path)
-        if not path.exists() and any(path.parent.glob(f".{path.name}.old-*")):
+        if not path.exists() and displaced(path):
             with folder_lock(path):
                 recover_replace(path)
         index = PassageIndex.load(path, expect_fingerprint=expect_fingerprint, search=search)

@@ -1,17 +1,9 @@
 """The passage index: a FAISS index keyed by int64 passage ids, its docstore, and its update log.
 
-    <index>/manifest.json    format version, encoder fingerprint, dim, counts, index kind and
-                             search parameters, next passage id, last log seq, checksums
-    <index>/index.faiss      faiss.write_index output, passage ids inside (app/retrieval/ann.py)
-    <index>/passages.jsonl   the docstore (app/retrieval/docstore.py) ...
-    <index>/documents.jsonl  ... passages by id, documents with their passage ids and metadata
-    <index>/updates.log      changes acknowledged since this snapshot (app/retrieval/wal.py)
-
-The first four files are a snapshot, checksummed in the manifest; the log grows after it.
-`load` reads the snapshot and replays the log on top, so a loaded index holds exactly what was
-acknowledged. Format 2 (ids, documents, the log) replaced format 1 (FAISS row = passages.jsonl
-line); a format-1 folder is refused with IndexOutdated, which `lorag prepare` answers for the
-demo index by rebuilding it, and any other index needs `lorag index build` again.
+An index folder is a snapshot (the FAISS index, the docstore, a manifest that checksums them:
+app/retrieval/manifest.py) and an update log that grows after it (app/retrieval/wal.py). `load`
+reads the snapshot and replays the log on top, so a loaded index holds exactly what was
+acknowledged.
 
 Passages live in FAISS under stable int64 ids, never reused, so a passage keeps its id when
 others are added or deleted. A delete drops the docstore entry at once (so a deleted passage's
@@ -26,31 +18,21 @@ Readers never see half an update: `apply` changes FAISS and the docstore under o
 `search` takes too (a flat search over a few hundred thousand vectors is milliseconds; a
 snapshot copies both under it, and writes the copy outside it).
 
-Saving is atomic: the files are written and fsynced in a temporary folder beside the target,
-which is then renamed into place (on Linux an existing index is swapped out in one step with
-renameat2(RENAME_EXCHANGE)), so a reader sees the old index or the new one, never a mix; as the
-log is inside the folder, a snapshot and the truncation of the log are that same one step.
-Loading pins the folder with a directory file descriptor for the same reason, and verifies each
-file's sha256 against the manifest.
+Saving is atomic (app/retrieval/atomic.py): the files are written and fsynced in a temporary
+folder beside the target, which is then swapped into place in one step, so a reader sees the
+old index or the new one, never a mix; as the log is inside the folder, a snapshot and the
+truncation of the log are that same one step. Loading pins the folder with a directory file
+descriptor for the same reason, and verifies each file's sha256 against the manifest.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
-import hashlib
-import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 import threading
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,79 +41,22 @@ import numpy as np
 
 from app.contracts import Hit, Passage
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
-from app.retrieval import ann, wal
+from app.retrieval import ann, atomic, wal
 from app.retrieval.ann import AnnSpec
 from app.retrieval.docstore import DocStore, StoredDocument, group_by_document
+from app.retrieval.manifest import (
+    DATA_FILES,
+    DOCUMENTS_FILE,
+    INDEX_FILE,
+    LOG_FILE,
+    MANIFEST_FILE,
+    PASSAGES_FILE,
+    IndexManifest,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-MANIFEST_FILE = "manifest.json"
-INDEX_FILE = "index.faiss"
-PASSAGES_FILE = "passages.jsonl"
-DOCUMENTS_FILE = "documents.jsonl"
-LOG_FILE = wal.LOG_FILE
-DATA_FILES = (INDEX_FILE, PASSAGES_FILE, DOCUMENTS_FILE)  # checksummed in the manifest
 REBUILD_FRACTION = 0.1  # compaction rebuilds an index whose tombstones reach this share
-
-
-class IndexOutdated(IndexInvalid):
-    """An index folder in an older format this lorag no longer reads."""
-
-
-@dataclass(frozen=True)
-class IndexManifest:
-    encoder: str  # the encoder fingerprint (TextEncoder.fingerprint) the vectors came from
-    dim: int
-    passage_count: int
-    document_count: int = 0
-    index_type: str = "IDMap2,Flat IP"  # ann.describe() of the FAISS index
-    ann: Mapping[str, Any] = field(default_factory=dict)  # the AnnSpec: kind, search parameters
-    next_id: int = 0  # the next passage id to hand out; ids are never reused
-    last_seq: int = 0  # the last update-log record folded into this snapshot
-    chunk_words: int = 100  # words per passage: documents added later are chunked alike
-    metric: str = "inner_product"
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    checksums: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256 hex
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["checksums"] = dict(self.checksums)
-        data["ann"] = dict(self.ann)
-        return data
-
-    @classmethod
-    def from_json(cls, data: object, source: Path) -> IndexManifest:
-        if not isinstance(data, dict):
-            raise IndexInvalid(f"{source}: expected a JSON object")
-        version = data.get("format_version")
-        if isinstance(version, int) and version < FORMAT_VERSION:
-            raise IndexOutdated(
-                f"{source}: index format version {version}, this lorag reads {FORMAT_VERSION} "
-                "(stable passage ids and an update log); rebuild it with `lorag index build`"
-            )
-        if version != FORMAT_VERSION:
-            raise IndexInvalid(
-                f"{source}: index format version {version!r}, this lorag reads {FORMAT_VERSION}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        if missing := sorted(names - data.keys()):
-            raise IndexInvalid(f"{source}: missing keys {missing}")
-        try:
-            manifest = cls(**{k: data[k] for k in names})
-        except TypeError as exc:
-            raise IndexInvalid(f"{source}: {exc}") from exc
-        ints = ("dim", "passage_count", "document_count", "next_id", "last_seq", "chunk_words")
-        if bad := [k for k in ints if not isinstance(getattr(manifest, k), int)]:
-            raise IndexInvalid(f"{source}: {bad} must be integers")
-        return manifest
-
-    def spec(self, source: Path) -> AnnSpec:
-        try:
-            return AnnSpec(**self.ann)
-        except (TypeError, InvalidInputError) as exc:
-            raise IndexInvalid(f"{source}: bad 'ann' parameters ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -348,16 +273,7 @@ class PassageIndex:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise InvalidInputError(f"{path} exists and is not an index folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server under another uid must read it
-        try:
-            manifest = self._write_files(tmp)
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.manifest = manifest
+        self.manifest = atomic.replace_folder(path, self._write_files)
         st = os.stat(path)
         self.origin = Origin(st.st_dev, st.st_ino, 0)
         logger.info("saved index of %d passages to %s", len(self), path)
@@ -376,13 +292,9 @@ class PassageIndex:
                 last_seq=self.last_seq,
             )
         for name, blob in [*blobs.items(), (LOG_FILE, b"")]:
-            _write_synced(folder / name, blob)
-        checksums = {name: _sha256(blob) for name, blob in blobs.items()}
-        manifest = dataclasses.replace(manifest, checksums=checksums)
-        _write_synced(
-            folder / MANIFEST_FILE, (json.dumps(manifest.to_json(), indent=2) + "\n").encode()
-        )
-        _fsync(folder)
+            atomic.write_synced(folder / name, blob)
+        manifest = manifest.with_checksums(blobs)
+        atomic.write_synced(folder / MANIFEST_FILE, manifest.encode())
         return manifest
 
     @classmethod
@@ -405,27 +317,12 @@ class PassageIndex:
         try:
             st = os.fstat(dir_fd)
             raw = _read(path, MANIFEST_FILE, dir_fd)
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise IndexInvalid(f"{path / MANIFEST_FILE}: not valid JSON ({exc})") from exc
-            manifest = IndexManifest.from_json(data, path / MANIFEST_FILE)
-            built_with = manifest.encoder
-            if expect_fingerprint is not None and built_with != expect_fingerprint:
-                raise IndexInvalid(
-                    f"index {path} was built with encoder {built_with!r}, "
-                    f"but the server uses encoder {expect_fingerprint!r}; rebuild the index "
-                    "with this encoder or configure the one it was built with"
-                )
+            manifest = IndexManifest.parse(raw, path / MANIFEST_FILE)
+            manifest.check_encoder(expect_fingerprint, path)
             blobs = {name: _read(path, name, dir_fd) for name in (*DATA_FILES, LOG_FILE)}
         finally:
             os.close(dir_fd)
-        for name in DATA_FILES:
-            if manifest.checksums.get(name) != _sha256(blobs[name]):
-                raise IndexInvalid(
-                    f"{path / name}: sha256 differs from {MANIFEST_FILE}; the file is corrupt "
-                    "or was changed after the build"
-                )
+        manifest.verify(blobs, path)
         try:
             index = faiss.deserialize_index(np.frombuffer(blobs[INDEX_FILE], dtype=np.uint8))
             ann.kind_of(index)
@@ -471,13 +368,6 @@ def _faiss_ids(index: faiss.Index) -> np.ndarray:
         raise IndexInvalid(f"a FAISS index without passage ids ({exc})") from exc
 
 
-def _write_synced(path: Path, blob: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(blob)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _read(path: Path, name: str, dir_fd: int) -> bytes:
     try:
         fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
@@ -485,52 +375,3 @@ def _read(path: Path, name: str, dir_fd: int) -> bytes:
         raise IndexInvalid(f"{path / name}: missing") from exc
     with os.fdopen(fd, "rb") as handle:
         return handle.read()
-
-
-def _sha256(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move folder `new` to `target`; an existing `target` is replaced and deleted."""
-    if not target.exists():
-        os.rename(new, target)
-    elif _exchange(new, target):
-        shutil.rmtree(new)  # `new` now holds the old index
-    else:
-        # no atomic exchange here: for an instant `target` is absent (readers get IndexNotFound)
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old)
-    _fsync(target.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step with Linux renameat2(RENAME_EXCHANGE); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:  # glibc < 2.28, musl
-        return False
-    c_int, c_path = ctypes.c_int, ctypes.c_char_p
-    renameat2.argtypes = [c_int, c_path, c_int, c_path, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
