@@ -178,6 +178,7 @@ def _answer(result: AskResult) -> dict[str, Any]:
         ],
         "timings_ms": result.timings_ms,
         "generated_tokens": result.generated_tokens,
+        "finish_reason": result.finish_reason,
     }
 
 

@@ -47,6 +47,34 @@ class Hit:
 
 
 @dataclass(frozen=True, slots=True)
+class Sampling:
+    """How a request picks its tokens: greedy (temperature 0, the default), or drawn from
+    softmax(logits / temperature) within the top_p nucleus, from the request's own random
+    stream (`seed`: the same answer whatever else shares the batch). `stop`: strings that end
+    the answer (not included in it)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise ValueError(f"stop takes up to 4 non-empty strings, got {list(self.stop)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True, slots=True)
 class GenRow:
     """What the engine hands a generator: one request's question, passages and limits."""
 
@@ -57,6 +85,7 @@ class GenRow:
     mode: Mode = "concat"
     decoding: Decoding = "thorough"  # RAG-Sequence only
     scores: Sequence[float] = ()  # retrieval scores of the passages: the prior's logits
+    sampling: Sampling = GREEDY
 
 
 class AdapterHost(Protocol):

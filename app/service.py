@@ -13,7 +13,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from app.contracts import Decoding, Hit, Mode
+from app.contracts import GREEDY, Decoding, Hit, Mode, Sampling
 from app.engine.coalesce import Coalescer
 from app.engine.engine import Engine, Expected
 from app.engine.requests import EngineRequest
@@ -51,6 +51,7 @@ class AskParams:
     mode: Mode | None = None  # None: the adapter's task default, else the service's
     decoding: Decoding = "thorough"
     index: str | None = None  # a named index; None: the active one
+    sampling: Sampling = GREEDY
     # streaming (called on the event loop): the retrieved passages once they are known, and
     # the answer's text so far as it grows (EngineRequest.on_text)
     on_hits: Callable[[list[Hit]], None] | None = None
@@ -69,6 +70,8 @@ class AskResult:
     weights: list[float]
     timings_ms: dict[str, float]
     generated_tokens: int = 0
+    finish_reason: str = "length"  # "stop": an end token or a stop string ended the answer
+    prompt_tokens: int = 0  # the tokens the generator read (every passage row's prompt)
 
 
 def prior_weights(scores: Sequence[float]) -> list[float]:
@@ -217,6 +220,7 @@ class RagService:
             decoding=params.decoding,
             scores=[h.score for h in hits],
             lease=lease,
+            sampling=params.sampling,
             on_text=params.on_text,
         )
         result = await self.engine.generate(request, timeout_s=self._timeout_s, expected=expected)
@@ -238,6 +242,8 @@ class RagService:
                 "total": (t2 - t0) * 1000,
             },
             generated_tokens=result.answer.tokens,
+            finish_reason=result.answer.finish_reason,
+            prompt_tokens=result.answer.prompt_tokens,
         )
 
     def _retrieve_batch(self, key: RetrievalKey, questions: Sequence[str]) -> list[list[Hit]]:

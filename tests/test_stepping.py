@@ -378,7 +378,8 @@ def test_rag_token_requests_of_different_lengths_share_a_call_as_alone(world: Wo
 def test_rag_token_beam_search_steps_as_alone(world: World, beams: int, in_place: bool) -> None:
     """RAG-Token with beams: each request's beam search advances a step at a time in the
     running batch (its rows reordered and grown as beams fork), beside concat rows and greedy
-    nothing else; answers and weights equal the request decoded alone (num_beams), pruning included."""
+    nothing else; answers and weights equal the request decoded alone (num_beams), pruning
+    included."""
     gen = world.gen
     a1, a2 = world.names
     rows = [
@@ -455,7 +456,8 @@ def sequence_workload(names: list[str]) -> list[GenRow]:
 def test_rag_sequence_requests_step_as_alone(world: World, stacked: bool) -> None:
     """RAG-Sequence requests decode a hypothesis per passage in the running batch (each row
     leaving when its hypothesis ends) and are marginalized when the last ends: answers and
-    p(z|x,y) equal the request decoded alone, "thorough" (rescored under every passage) and "fast"."""
+    p(z|x,y) equal the request decoded alone, "thorough" (rescored under every passage) and
+    "fast"."""
     gen = world.gen
     with lora_path(gen, stacked):
         rows = sequence_workload(world.names)

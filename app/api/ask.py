@@ -17,8 +17,8 @@ from app.api.deps import ApiDep, ServiceDep, StateDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import status_for
 from app.api.schemas import AskRequest, AskResponse, PassageOut, Timings
-from app.contracts import BASE_ADAPTER, Hit
-from app.errors import LoragError
+from app.contracts import BASE_ADAPTER, Hit, Sampling
+from app.errors import InvalidInputError, LoragError
 from app.service import AskParams, AskResult
 
 router = APIRouter(tags=["ask"])
@@ -52,6 +52,7 @@ async def ask(
         mode=body.mode,  # None: the adapter's task default, else settings.mode
         decoding=body.decoding,
         index=body.index,
+        sampling=sampling_of(body),
     )
     if body.stream:
         return await _stream(body, request, service, state, params)
@@ -82,8 +83,16 @@ def _respond(body: AskRequest, request: Request, state: Any, result: AskResult) 
         ],
         timings_ms=Timings(**result.timings_ms),
         generated_tokens=result.generated_tokens,
+        finish_reason=result.finish_reason,
         request_id=request.state.request_id,
     )
+
+
+def sampling_of(body: AskRequest) -> Sampling:
+    """The request's sampling; the schema has checked each field's range."""
+    if any(not s for s in body.stop):
+        raise InvalidInputError("stop strings must not be empty")
+    return Sampling(body.temperature, body.top_p, body.seed, tuple(body.stop))
 
 
 def _event(kind: str, data: Any) -> str:

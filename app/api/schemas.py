@@ -48,6 +48,16 @@ class AskRequest(BaseModel):
         description="Answer as server-sent events: passages, then the answer's text as it is "
         "decoded, then the whole response (see POST /ask).",
     )
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description="0: greedy; above: sampled from softmax(logits / t)."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Sample within this nucleus.")
+    seed: int | None = Field(
+        None, ge=0, description="Makes a sampled answer reproducible, whatever shares the batch."
+    )
+    stop: list[str] = Field(
+        default_factory=list, max_length=4, description="Strings that end the answer (cut off)."
+    )
 
     _check_question = field_validator("question")(_no_control_chars)
 
@@ -86,6 +96,10 @@ class AskResponse(BaseModel):
     timings_ms: Timings
     generated_tokens: int = Field(
         description="Tokens the generator produced for the answer (end of sequence included)."
+    )
+    finish_reason: Literal["stop", "length"] = Field(
+        description="stop: an end token or a stop string ended the answer; length: "
+        "max_new_tokens did."
     )
     request_id: str
 

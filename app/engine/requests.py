@@ -7,7 +7,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.contracts import Decoding, GenRow, Mode, Passage
+from app.contracts import GREEDY, Decoding, GenRow, Mode, Passage, Sampling
 from app.generation.modes.base import Answer
 from app.lora.registry import Lease
 
@@ -61,6 +61,7 @@ class EngineRequest:
     decoding: Decoding = "thorough"
     scores: Sequence[float] = ()
     lease: Lease | None = None
+    sampling: Sampling = GREEDY
     # called on the event loop with the answer's text so far, as it grows (concat and greedy
     # RAG-Token; other searches choose their answer at the end)
     on_text: Callable[[str], None] | None = None
@@ -79,6 +80,7 @@ class EngineRequest:
             self.mode,
             self.decoding,
             self.scores,
+            self.sampling,
         )
 
 

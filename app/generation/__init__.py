@@ -1,1 +1,4 @@
-"""Generation: the backend families (encoder-decoder, decoder-only), the decoding modes and the step batch that runs them all (ARCHITECTURE.md)."""
+"""Generation: the backend families, the decoding modes, and the step batch that runs them.
+
+ARCHITECTURE.md maps its modules.
+"""

@@ -38,7 +38,8 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from app.contracts import GenRow, Passage
+from app.contracts import GREEDY, GenRow, Passage, Sampling
+from app.errors import InvalidInputError
 from app.generation import kv
 from app.generation.config import DecodingConfig
 from app.generation.family import Family
@@ -150,7 +151,9 @@ class StepBatch:
         for r in self._requests:
             if r.key == key:
                 ids = r.partial()
-                return None if ids is None else self.host.decode_answer(ids).text
+                if ids is None:
+                    return None
+                return visible(self.host.decode_answer(ids).text, r.sampling.stop)
         return None
 
     @property
@@ -182,10 +185,18 @@ class StepBatch:
         """The request that decodes row in its mode (its prompts tokenized)."""
         h = self.host
         if row.mode == "concat":
-            return Concat(key, row.adapter, row.max_new_tokens, h.concat_prompt(row), h.eos_ids)
+            prompt = h.concat_prompt(row)
+            return Concat(key, row.adapter, row.max_new_tokens, prompt, h.eos_ids, row.sampling)
         prompts = h.passage_prompts(row.question, row.passages, row.max_new_tokens)
         return self.rag_request(
-            key, row.adapter, row.max_new_tokens, row.mode, prompts, row.scores, row.decoding
+            key,
+            row.adapter,
+            row.max_new_tokens,
+            row.mode,
+            prompts,
+            row.scores,
+            row.decoding,
+            row.sampling,
         )
 
     def rag_request(
@@ -197,6 +208,7 @@ class StepBatch:
         prompts: Sequence[list[int]],
         scores: Sequence[float],
         decoding: str = "thorough",
+        sampling: Sampling = GREEDY,
     ) -> Request:
         """A RAG-Token or RAG-Sequence request over prompts (one per passage)."""
         h = self.host
@@ -206,6 +218,7 @@ class StepBatch:
             "min_prior": self.min_prior,
             "num_beams": self.num_beams,
             "device": h.device,
+            "sampling": sampling,
         }
         if mode == "token":
             return RagToken(key, adapter, limit, prompts, scores, **common)
@@ -231,10 +244,15 @@ class StepBatch:
             else:
                 requests.append(self.request(row, key))
         if whole:
+            if any(not r.sampling.greedy or r.sampling.stop for _, r in whole):
+                raise InvalidInputError(
+                    f"this model decodes through generate() ({self.concat_whole}): "
+                    "greedy only, without stop strings"
+                )
             done = self.host.generate_whole([r for _, r in whole])
-            finished += [
-                (k, Answer(d.text, None, d.tokens)) for (k, _), d in zip(whole, done, strict=True)
-            ]
+            for (k, r), d in zip(whole, done, strict=True):
+                prompt = len(self.host.concat_prompt(r))
+                finished.append((k, Answer(d.text, None, d.tokens, prompt_tokens=prompt)))
         return finished + self.join_requests(requests)
 
     def join_requests(self, requests: Sequence[Request]) -> list[Finished]:
@@ -307,24 +325,37 @@ class StepBatch:
         for r in requests:
             n = r.n
             step = r.advance(logits[at : at + n], greedy[at : at + n])
+            if step.done is None and r.sampling.stop and self._stopped(r):
+                step.done = r.stop_here()
             if step.done is not None:
-                finished.append((r.key, self._answer(step.done)))
+                finished.append((r.key, self._answer(r, step.done)))
             else:
                 keep += [at + i for i in step.keep]
                 nxt += step.tokens
             at += n
         return finished, keep, nxt
 
-    def _answer(self, found: Found) -> Answer:
-        decoded = self.host.decode_answer(found.ids)
+    def _stopped(self, r: Request) -> bool:
+        """Whether a stop string has appeared in the request's answer so far."""
+        ids = r.partial()
+        text = self.host.decode_answer(ids).text if ids is not None else ""
+        return any(stop in text for stop in r.sampling.stop)
+
+    def _answer(self, r: Request, found: Found) -> Answer:
+        h = self.host
+        decoded = h.decode_answer(found.ids)
+        text, cut = until_stop(decoded.text, r.sampling.stop)
+        ended = bool(found.ids) and (found.ids[-1] in h.eos_ids or found.ids[-1] == h.rag_eos)
         return Answer(
-            decoded.text,
+            text,
             found.weights,
             decoded.tokens,
             tuple(found.ids),
             found.logprob,
             found.doc_logprob,
             found.candidates,
+            "stop" if cut or ended else "length",
+            sum(len(p) for p in r.prompts),
         )
 
     def _score(
@@ -393,6 +424,25 @@ def decode(
     while len(batch):
         done.update(batch.step())
     return [done[i] for i in range(len(rows))]
+
+
+def until_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """text up to the first stop string (not included), and whether one was found."""
+    at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:at].rstrip(), True) if at >= 0 else (text, False)
+
+
+def visible(text: str, stops: Sequence[str]) -> str:
+    """What may be streamed of an answer so far: up to a stop string, and not a tail that may
+    yet become one."""
+    text, cut = until_stop(text, stops)
+    if not cut:
+        for stop in stops:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    text = text[:-n]
+                    break
+    return text
 
 
 def pad(

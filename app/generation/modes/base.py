@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from transformers.generation.logits_process import TopPLogitsWarper
 
+from app.contracts import GREEDY, Sampling
 from app.generation.rag import Candidate
+
+Finish = Literal["stop", "length"]  # an end token or a stop string; or max_new_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +32,8 @@ class Answer:
     logprob: float | None = field(default=None, compare=False)
     doc_logprob: tuple[float, ...] = field(default=(), compare=False)
     candidates: tuple[Candidate, ...] = field(default=(), compare=False)
+    finish_reason: Finish = field(default="length", compare=False)
+    prompt_tokens: int = field(default=0, compare=False)  # the tokens its prefill read
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +66,25 @@ class Request(ABC):
     the batch re-sets when the registry renames the request's version.
     """
 
-    def __init__(self, key: Hashable, adapter: str | None, limit: int) -> None:
+    def __init__(
+        self, key: Hashable, adapter: str | None, limit: int, sampling: Sampling = GREEDY
+    ) -> None:
         self.key = key
         self.adapter = adapter
         self.limit = limit  # max_new_tokens
         self.prompts: list[list[int]] = []
+        self.sampling = sampling
+        self._rng: torch.Generator | None = None  # the request's own stream, when it samples
+
+    def pick(self, scores: torch.Tensor, greedy: int) -> int:
+        """The next token from scores [V] (logits or log-probs): greedy's argmax, or a draw."""
+        s = self.sampling
+        if s.greedy:
+            return greedy
+        if self._rng is None:
+            self._rng = torch.Generator(device=scores.device)
+            self._rng.manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
+        return sample(scores, s, self._rng)
 
     @property
     @abstractmethod
@@ -82,6 +104,20 @@ class Request(ABC):
         """The answer's tokens so far, as its final answer will begin; None when the answer is
         chosen only at the end (beam search, RAG-Sequence)."""
         return None
+
+    def stop_here(self) -> Found:
+        """Its answer as the tokens so far (a stop string ended it); modes with partial()."""
+        raise NotImplementedError(f"{type(self).__name__} chooses its answer at the end")
+
+
+def sample(scores: torch.Tensor, s: Sampling, rng: torch.Generator) -> int:
+    """A draw from softmax(scores / temperature) after top-p filtering (transformers' own
+    TopPLogitsWarper, so the nucleus is the one generate() samples from)."""
+    x = scores.float()[None] / s.temperature  # [1, V]
+    if s.top_p < 1.0:
+        x = TopPLogitsWarper(s.top_p)(None, x)
+    probs = torch.softmax(x, dim=-1)[0]
+    return int(torch.multinomial(probs, 1, generator=rng))
 
 
 def tokens_until(ids: Sequence[int], eos: int) -> list[int]:

@@ -7,6 +7,7 @@ from collections.abc import Set as AbstractSet
 
 import torch
 
+from app.contracts import GREEDY, Sampling
 from app.generation.modes.base import Found, Request, Step
 
 
@@ -18,8 +19,9 @@ class Concat(Request):
         limit: int,
         prompt: list[int],
         eos: AbstractSet[int],
+        sampling: Sampling = GREEDY,
     ) -> None:
-        super().__init__(key, adapter, limit)
+        super().__init__(key, adapter, limit, sampling)
         self.prompts = [prompt]
         self.eos = eos  # every end token of the generation config, as generate() stops
         self.ids: list[int] = []
@@ -29,7 +31,7 @@ class Concat(Request):
         return 1
 
     def advance(self, logits: torch.Tensor, greedy: Sequence[int]) -> Step:
-        token = greedy[0]  # argmax, as generate()'s greedy search
+        token = self.pick(logits[0], greedy[0])  # argmax, as generate()'s greedy search
         self.ids.append(token)
         if token in self.eos or len(self.ids) >= self.limit:
             return Step(Found(self.ids))
@@ -37,3 +39,6 @@ class Concat(Request):
 
     def partial(self) -> list[int]:
         return self.ids
+
+    def stop_here(self) -> Found:
+        return Found(self.ids)

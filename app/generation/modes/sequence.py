@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 from torch import Tensor
 
-from app.contracts import Decoding
+from app.contracts import GREEDY, Decoding, Sampling
 from app.errors import InvalidInputError
 from app.generation.modes.base import Found, Request, Step
 from app.generation.rag import Candidate, doc_posterior, doc_prior
@@ -46,8 +46,14 @@ class RagSequence(Request):
         num_beams: int,
         device: torch.device,
         scorer: Scorer,
+        sampling: Sampling = GREEDY,
     ) -> None:
-        super().__init__(key, adapter, limit)
+        super().__init__(key, adapter, limit, sampling)
+        if num_beams > 1 and not sampling.greedy:
+            raise InvalidInputError(
+                f"temperature {sampling.temperature} samples, and the RAG modes here search "
+                f"with {num_beams} beams (LORAG_NUM_BEAMS): use temperature 0"
+            )
         check_decoding(decoding)
         log_prior = doc_prior(torch.tensor([list(scores)], dtype=torch.float32), min_prior)
         self.log_prior = log_prior.to(device)  # [1, K] log p(z|x), -inf where pruned
@@ -96,7 +102,7 @@ class RagSequence(Request):
                 at += m
         else:
             for i, pair in enumerate(self.open):
-                token = int(lp[i].argmax())
+                token = self.pick(lp[i], greedy[i])
                 self.ids[pair].append(token)
                 self.logprob[pair] += lp[i, token]
                 if token != self.eos and len(self.ids[pair]) < self.limit:

@@ -13,6 +13,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from app.contracts import GREEDY, Sampling
+from app.errors import InvalidInputError
 from app.generation.modes.base import Found, Request, Step, tokens_until
 from app.generation.rag import doc_posterior, doc_prior, expand_to_docs, kept_docs
 from app.generation.rag_search import BeamGroup, marginal, pack
@@ -32,8 +34,14 @@ class RagToken(Request):
         min_prior: float | None,
         num_beams: int,
         device: torch.device,
+        sampling: Sampling = GREEDY,
     ) -> None:
-        super().__init__(key, adapter, limit)
+        super().__init__(key, adapter, limit, sampling)
+        if num_beams > 1 and not sampling.greedy:
+            raise InvalidInputError(
+                f"temperature {sampling.temperature} samples, and the RAG modes here search "
+                f"with {num_beams} beams (LORAG_NUM_BEAMS): use temperature 0"
+            )
         log_prior = doc_prior(torch.tensor([list(scores)], dtype=torch.float32), min_prior)
         doc_index, prior = kept_docs(log_prior)  # [1, K'] each
         self.prompts = [prompts[j] for j in doc_index[0].tolist()]
@@ -64,7 +72,7 @@ class RagToken(Request):
             keep = [beam * k + j for beam, _ in picked for j in range(k)]
             return Step(None, keep, [tok for _, tok in picked for _ in range(k)])
         marg = marginal(self.prior, lp[None, None])[0, 0]  # [V]
-        token = int(marg.argmax())
+        token = self.pick(marg, int(marg.argmax()))
         self.logprob += float(marg[token])
         self.doc_lp += lp[:, token]
         self.ids.append(token)
@@ -74,6 +82,9 @@ class RagToken(Request):
 
     def partial(self) -> list[int] | None:
         return self.ids if self.beams is None else None
+
+    def stop_here(self) -> Found:
+        return self._answer(self.ids, self.logprob, self.doc_lp)
 
     def _beam_answer(self) -> Found:
         assert self.beams is not None
