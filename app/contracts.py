@@ -20,6 +20,11 @@ Mode = Literal["concat", "token", "sequence"]  # concat prompt, RAG-Token, RAG-S
 MODES: tuple[Mode, ...] = get_args(Mode)
 Decoding = Literal["thorough", "fast"]  # RAG-Sequence's rescoring
 GeneratorKind = Literal["seq2seq", "causal"]  # the backend families
+Turn = tuple[str, str]  # a chat message before the question: (system | user | assistant, text)
+# how a row's prompt is made: rag, the question with its passages in lorag's RAG prompt; chat,
+# the conversation as it is, through the chat template (no passages); raw, the question's text
+# is the prompt itself (completions)
+Template = Literal["rag", "chat", "raw"]
 
 BASE_ADAPTER = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: its config ...
@@ -86,6 +91,8 @@ class GenRow:
     decoding: Decoding = "thorough"  # RAG-Sequence only
     scores: Sequence[float] = ()  # retrieval scores of the passages: the prior's logits
     sampling: Sampling = GREEDY
+    history: tuple[Turn, ...] = ()  # the conversation before the question, oldest first
+    template: Template = "rag"
 
 
 class AdapterHost(Protocol):

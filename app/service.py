@@ -13,7 +13,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from app.contracts import GREEDY, Decoding, Hit, Mode, Sampling
+from app.contracts import GREEDY, Decoding, Hit, Mode, Sampling, Template, Turn
 from app.engine.coalesce import Coalescer
 from app.engine.engine import Engine, Expected
 from app.engine.requests import EngineRequest
@@ -35,6 +35,12 @@ class Retrieves(Protocol):
     def resolve(self, name: str | None) -> SearchesVectors: ...
 
 
+class ScoresPrompts(Protocol):
+    def prompt_logprobs(
+        self, text: str, adapter: str | None, top: int = 0
+    ) -> list[tuple[int, float | None, list[tuple[int, float]]]]: ...
+
+
 class SearchesVectors(Protocol):
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]: ...
 
@@ -52,6 +58,11 @@ class AskParams:
     decoding: Decoding = "thorough"
     index: str | None = None  # a named index; None: the active one
     sampling: Sampling = GREEDY
+    history: tuple[Turn, ...] = ()  # the conversation before the question (chat)
+    # False: no passages, the conversation through the chat template as it is (or, with
+    # template "raw", the question's text is the whole prompt: completions)
+    retrieval: bool = True
+    template: Template = "rag"
     # streaming (called on the event loop): the retrieved passages once they are known, and
     # the answer's text so far as it grows (EngineRequest.on_text)
     on_hits: Callable[[list[Hit]], None] | None = None
@@ -72,6 +83,7 @@ class AskResult:
     generated_tokens: int = 0
     finish_reason: str = "length"  # "stop": an end token or a stop string ended the answer
     prompt_tokens: int = 0  # the tokens the generator read (every passage row's prompt)
+    token_ids: tuple[int, ...] = ()  # the generated tokens, the end token included
 
 
 def prior_weights(scores: Sequence[float]) -> list[float]:
@@ -82,6 +94,11 @@ def prior_weights(scores: Sequence[float]) -> list[float]:
     exps = [math.exp(s - top) for s in scores]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def _plain(template: Template) -> Template:
+    """A request without retrieval reads no passages: the conversation as it is, or raw text."""
+    return "raw" if template == "raw" else "chat"
 
 
 class RagService:
@@ -95,8 +112,10 @@ class RagService:
         tasks: TaskBundles | None = None,
         default_top_k: int = 5,
         default_mode: Mode = "concat",
+        scorer: ScoresPrompts | None = None,
     ) -> None:
         self.retriever = retriever
+        self.scorer = scorer  # the generator, for prompt log-probabilities (model thread)
         self.engine = engine
         self.registry = registry
         self._timeout_s = request_timeout_s
@@ -191,11 +210,16 @@ class RagService:
         task = self.tasks.manifest(params.adapter)
         top_k = params.top_k or (task.top_k if task else None) or self._defaults[0]
         mode: Mode = params.mode or (task.mode if task else None) or self._defaults[1]
+        if not params.retrieval and mode != "concat":
+            raise InvalidInputError(f"mode {mode!r} marginalizes over passages: it needs retrieval")
         # announced now, so a batch forming meanwhile waits for this row (app/engine/engine.py)
         with self.engine.expect() as expected:
             # a bundle with a question-encoder part encodes its own questions: its own group
             asker = params.adapter if task is not None else None
-            hits = await self._retrievals.submit((top_k, params.index, asker), params.question)
+            hits: list[Hit] = []
+            if params.retrieval:
+                key = (top_k, params.index, asker)
+                hits = await self._retrievals.submit(key, params.question)
             t1 = time.perf_counter()
             if params.on_hits is not None:
                 params.on_hits(hits)
@@ -221,12 +245,16 @@ class RagService:
             scores=[h.score for h in hits],
             lease=lease,
             sampling=params.sampling,
+            history=params.history,
+            template=params.template if params.retrieval else _plain(params.template),
             on_text=params.on_text,
         )
         result = await self.engine.generate(request, timeout_s=self._timeout_s, expected=expected)
         t2 = time.perf_counter()
+        text = result.answer.text
         return AskResult(
-            answer=result.answer.text.strip(),
+            # a completion continues the caller's text: its leading space is part of it
+            answer=text if params.template == "raw" else text.strip(),
             adapter=params.adapter,
             adapter_version=result.adapter_version,
             mode=mode,
@@ -244,7 +272,36 @@ class RagService:
             generated_tokens=result.answer.tokens,
             finish_reason=result.answer.finish_reason,
             prompt_tokens=result.answer.prompt_tokens,
+            token_ids=result.answer.ids,
         )
+
+    async def prompt_logprobs(
+        self, adapter: str | None, text: str, top: int = 0
+    ) -> tuple[str | None, list[tuple[int, float | None, list[tuple[int, float]]]]]:
+        """Each token of text with its log-probability under adapter (None: the base), and the
+        `top` likeliest at its position: one forward pass on the model thread, in queue order
+        (the score of a prompt, as lm-eval's loglikelihood tasks ask /v1/completions for it).
+        Returns the adapter version it ran on, and the tokens."""
+        if not text:
+            raise InvalidInputError("the prompt is empty")
+        scorer = self.scorer
+        if scorer is None:
+            raise NotReadyError("this service was built without a prompt scorer")
+        if adapter is None:
+            fn = self.engine.run_exclusive
+            return None, await fn(lambda: scorer.prompt_logprobs(text, None, top))
+        with self.registry.hold(adapter):
+            lease = await self._acquire(adapter)
+            try:
+
+                def score() -> list[tuple[int, float | None, list[tuple[int, float]]]]:
+                    name = self.registry.peft_name_of(lease)  # now, on the model thread
+                    return scorer.prompt_logprobs(text, name, top)
+
+                return lease.version, await self.engine.run_exclusive(score)
+            finally:
+                if self.registry.release(lease):
+                    self._collect_soon()
 
     def _retrieve_batch(self, key: RetrievalKey, questions: Sequence[str]) -> list[list[Hit]]:
         """On the retrieval thread, for the questions that arrived together with one key. An

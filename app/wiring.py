@@ -178,6 +178,7 @@ def build_service(
         tasks=TaskBundles.for_encoder(settings.adapters_dir, components.encoder),
         default_top_k=settings.top_k,
         default_mode=settings.mode,
+        scorer=components.generator,
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.contracts import GREEDY, Decoding, GenRow, Mode, Passage, Sampling
+from app.contracts import GREEDY, Decoding, GenRow, Mode, Passage, Sampling, Template, Turn
 from app.generation.modes.base import Answer
 from app.lora.registry import Lease
 
@@ -62,6 +62,8 @@ class EngineRequest:
     scores: Sequence[float] = ()
     lease: Lease | None = None
     sampling: Sampling = GREEDY
+    history: tuple[Turn, ...] = ()
+    template: Template = "rag"
     # called on the event loop with the answer's text so far, as it grows (concat and greedy
     # RAG-Token; other searches choose their answer at the end)
     on_text: Callable[[str], None] | None = None
@@ -81,6 +83,8 @@ class EngineRequest:
             self.decoding,
             self.scores,
             self.sampling,
+            self.history,
+            self.template,
         )
 
 

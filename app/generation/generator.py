@@ -21,8 +21,8 @@ import torch
 from peft import PeftModel
 from transformers import BatchEncoding, GenerationConfig, PreTrainedTokenizerBase
 
-from app.contracts import BASE_ADAPTER, GeneratorKind, GenRow, Passage
-from app.errors import AdapterNotFound
+from app.contracts import BASE_ADAPTER, GeneratorKind, GenRow, Passage, Turn
+from app.errors import AdapterNotFound, InvalidInputError
 from app.generation.family import Family, family_for
 from app.generation.prompts import PromptBuilder
 from app.generation.step_batch import Decoded, decode
@@ -75,21 +75,67 @@ class Generator:
         return self.prompts.build(question, passages, self.max_input_tokens(max_new_tokens))
 
     def concat_prompt(self, row: GenRow) -> list[int]:
-        """A concat row's prompt ids: the question with as many passages as fit."""
+        """A concat row's prompt ids: the question with as many passages as fit (after its
+        conversation), the conversation alone (template "chat"), or the text as it is ("raw",
+        cut to the window from the start: its end is what the answer continues)."""
         limit = self.max_input_tokens(row.max_new_tokens)
-        return self._tokenize(self.prompt(row.question, row.passages, row.max_new_tokens), limit)
+        if row.template == "raw":
+            return self.family.tokenize(self.tokenizer, row.question, limit, chat=False)
+        if row.template == "chat":
+            return self._tokenize(self.prompts.conversation(row.question, row.history), limit)
+        text = self.prompts.build(row.question, row.passages, limit, row.history)
+        return self._tokenize(text, limit)
 
     def passage_prompts(
-        self, question: str, passages: Sequence[Passage], reserve: int = 0
+        self,
+        question: str,
+        passages: Sequence[Passage],
+        reserve: int = 0,
+        history: Sequence[Turn] = (),
     ) -> list[list[int]]:
         """One prompt per (question, passage) pair, the RAG modes' and their losses' inputs.
         `reserve` leaves that many tokens of the context window free (for the answer tokens a
         causal model scores after the prompt)."""
         limit = self.max_input_tokens(reserve)
-        return [self._tokenize(self.prompts.build(question, [p], limit), limit) for p in passages]
+        return [
+            self._tokenize(self.prompts.build(question, [p], limit, history), limit)
+            for p in passages
+        ]
 
     def _tokenize(self, prompt: str, max_length: int) -> list[int]:
         return self.family.tokenize(self.tokenizer, prompt, max_length, chat=self.prompts.chat)
+
+    def prompt_logprobs(
+        self, text: str, adapter: str | None, top: int = 0
+    ) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
+        """Each token of text (as the tokenizer encodes it, no template) with its
+        log-probability given the tokens before it (None for the first), and the `top` most
+        likely tokens at its position: one teacher-forced forward pass under adapter.
+        Decoder-only generators only: an encoder-decoder reads its prompt in the encoder."""
+        if self.kind != "causal":
+            raise InvalidInputError(
+                f"prompt log-probabilities need a decoder-only generator; {self.model_id!r} "
+                "is an encoder-decoder, which reads the prompt in its encoder"
+            )
+        ids = self.family.tokenize(
+            self.tokenizer, text, self._context_window() or 10**9, chat=False
+        )
+        if not ids:
+            raise InvalidInputError("the prompt is empty")
+        tensor = torch.tensor([ids], device=self.device)
+        logits = self.forward([adapter], input_ids=tensor, attention_mask=torch.ones_like(tensor))
+        lp = torch.log_softmax(logits.logits[0].float(), dim=-1)  # [L, V]: position t predicts t+1
+        out: list[tuple[int, float | None, list[tuple[int, float]]]] = [(ids[0], None, [])]
+        for t in range(1, len(ids)):
+            row = lp[t - 1]
+            best = row.topk(top) if top else None
+            alts = (
+                []
+                if best is None
+                else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+            )
+            out.append((ids[t], float(row[ids[t]]), alts))
+        return out
 
     # ---- adapters and model calls -----------------------------------------------------------
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from app.contracts import GeneratorKind, Passage
+from app.contracts import GeneratorKind, Passage, Turn
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,44 @@ class PromptBuilder:
         ids: list[int] = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return ids
 
-    def render(self, question: str, blocks: Sequence[str]) -> str:
-        """The prompt for already-formatted passage blocks; no budgeting."""
+    def render(self, question: str, blocks: Sequence[str], history: Sequence[Turn] = ()) -> str:
+        """The prompt for already-formatted passage blocks, after the conversation so far (a
+        client's system messages join lorag's); no budgeting."""
         if self.kind == "seq2seq":
-            return f"question: {question} context: {' '.join(blocks)}"
+            past = " ".join(f"{role}: {text}" for role, text in history)
+            head = f"history: {past} " if past else ""
+            return f"{head}question: {question} context: {' '.join(blocks)}"
         context = "\n".join(blocks)
         user = f"Passages:\n{context}\n\nQuestion: {question}"
+        system = SYSTEM + "".join(f"\n\n{text}" for role, text in history if role == "system")
+        turns = [(role, text) for role, text in history if role != "system"]
         if self.chat:
-            try:
-                return self._chat(
-                    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-                )
-            except TemplateError:  # templates that refuse a system turn (Gemma, early Mistral)
-                return self._chat([{"role": "user", "content": f"{SYSTEM}\n\n{user}"}])
-        return f"{SYSTEM}\n\n{user}\nAnswer:"
+            return self._with_system(system, [*turns, ("user", user)])
+        past = "".join(f"{role.capitalize()}: {text}\n\n" for role, text in turns)
+        return f"{system}\n\n{past}{user}\nAnswer:"
+
+    def conversation(self, question: str, history: Sequence[Turn]) -> str:
+        """The conversation as the client sent it, then the question: no passages, no RAG
+        instructions (a chat request without retrieval)."""
+        turns = [*history, ("user", question)]
+        if self.chat:
+            system = "\n\n".join(text for role, text in turns if role == "system")
+            rest = [(role, text) for role, text in turns if role != "system"]
+            return self._with_system(system, rest) if system else self._messages(rest)
+        lines = "".join(f"{role.capitalize()}: {text}\n\n" for role, text in turns)
+        return f"{lines}Assistant:" if self.kind == "causal" else lines.strip()
+
+    def _with_system(self, system: str, turns: Sequence[Turn]) -> str:
+        try:
+            return self._messages([("system", system), *turns])
+        except TemplateError:  # templates that refuse a system turn (Gemma, early Mistral)
+            first = next(i for i, (role, _) in enumerate(turns) if role == "user")
+            role, text = turns[first]
+            merged = [*turns[:first], (role, f"{system}\n\n{text}"), *turns[first + 1 :]]
+            return self._messages(merged)
+
+    def _messages(self, turns: Sequence[Turn]) -> str:
+        return self._chat([{"role": role, "content": text} for role, text in turns])
 
     def _chat(self, messages: list[dict[str, str]]) -> str:
         text = self.tokenizer.apply_chat_template(
@@ -71,10 +95,19 @@ class PromptBuilder:
         assert isinstance(text, str)
         return text
 
-    def build(self, question: str, passages: Sequence[Passage], max_tokens: int) -> str:
-        """The prompt with as many passages (in order) as fit in max_tokens tokens."""
+    def build(
+        self,
+        question: str,
+        passages: Sequence[Passage],
+        max_tokens: int,
+        history: Sequence[Turn] = (),
+    ) -> str:
+        """The prompt with as many passages (in order) as fit in max_tokens tokens. A
+        conversation longer than half the budget loses its oldest turns first (system
+        messages stay); then passages are cut from the bottom, as without one."""
         question = self._fit_question(question, max_tokens)
-        room = max_tokens - self.n_tokens(self.render(question, [])) - MARGIN_TOKENS
+        history = self._fit_history(question, list(history), max_tokens)
+        room = max_tokens - self.n_tokens(self.render(question, [], history)) - MARGIN_TOKENS
         blocks: list[str] = []
         for number, passage in enumerate(passages, start=1):
             block = passage_block(number, passage)
@@ -97,7 +130,21 @@ class PromptBuilder:
                 max(keep, 0),
             )
             break
-        return self.render(question, blocks)
+        return self.render(question, blocks, history)
+
+    def _fit_history(self, question: str, history: list[Turn], max_tokens: int) -> list[Turn]:
+        dropped = 0
+        while self.n_tokens(self.render(question, [], history)) > max_tokens // 2:
+            oldest = next((i for i, (role, _) in enumerate(history) if role != "system"), None)
+            if oldest is None:
+                break
+            del history[oldest]
+            dropped += 1
+        if dropped:
+            log.warning(
+                "conversation over half the prompt budget: dropped %d oldest turns", dropped
+            )
+        return history
 
     def _fit_question(self, question: str, max_tokens: int) -> str:
         """A question longer than half the budget is cut to half (its start is kept)."""

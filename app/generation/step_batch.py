@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from app.contracts import GREEDY, GenRow, Passage, Sampling
+from app.contracts import GREEDY, GenRow, Passage, Sampling, Turn
 from app.errors import InvalidInputError
 from app.generation import kv
 from app.generation.config import DecodingConfig
@@ -77,7 +77,7 @@ class Host(Protocol):
     def cannot_step(self) -> str | None: ...
     def concat_prompt(self, row: GenRow) -> list[int]: ...
     def passage_prompts(
-        self, question: str, passages: Sequence[Passage], new: int
+        self, question: str, passages: Sequence[Passage], new: int, history: Sequence[Turn] = ()
     ) -> list[list[int]]: ...
     def generate_whole(self, rows: Sequence[GenRow]) -> list[Decoded]: ...
 
@@ -187,7 +187,7 @@ class StepBatch:
         if row.mode == "concat":
             prompt = h.concat_prompt(row)
             return Concat(key, row.adapter, row.max_new_tokens, prompt, h.eos_ids, row.sampling)
-        prompts = h.passage_prompts(row.question, row.passages, row.max_new_tokens)
+        prompts = h.passage_prompts(row.question, row.passages, row.max_new_tokens, row.history)
         return self.rag_request(
             key,
             row.adapter,
