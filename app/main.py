@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__, wiring
-from app.api import adapters, ask, documents, health, index
+from app.api import adapters, ask, documents, health, index, openai
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.metrics import Metrics
@@ -74,6 +74,7 @@ def create_app(
     app.include_router(documents.router)
     app.include_router(index.router)
     app.include_router(health.router)
+    app.include_router(openai.router)
     return app
 
 

@@ -2,8 +2,10 @@
 
 Every operation in /openapi.json is covered: POST /ask, GET /adapters, GET, PUT and DELETE
 /adapters/{name}, POST /documents, GET and DELETE /documents/{doc_id}, GET and PUT /index, POST
-/index/{name}/compact, GET /health, /ready and /metrics. Schemathesis generates requests from the
-schema the app serves, valid ones and (for operations that take input) invalid ones; each
+/index/{name}/compact, GET /health, /ready and /metrics, and the OpenAI-compatible /v1 routes
+(models, chat completions, completions, vLLM's load and unload of LoRA adapters).
+Schemathesis generates requests from the schema the app serves, valid ones and (for
+operations that take input) invalid ones; each
 must be answered without a server error. The app is the real one (real lifespan, encoder and
 index, the tiny T5 generator), one instance for the module, called in-process through
 Starlette's TestClient; its adapters root holds one real adapter, `good`, so requests that
@@ -55,6 +57,12 @@ OPERATIONS = {
     "GET /health": (POSITIVE,),
     "GET /ready": (POSITIVE,),
     "GET /metrics": (POSITIVE,),
+    "GET /v1/models": (POSITIVE,),
+    "GET /v1/models/{model}": (POSITIVE,),  # any string is a valid model name to ask about
+    "POST /v1/chat/completions": (POSITIVE, NEGATIVE),
+    "POST /v1/completions": (POSITIVE, NEGATIVE),
+    "POST /v1/load_lora_adapter": (POSITIVE, NEGATIVE),
+    "POST /v1/unload_lora_adapter": (POSITIVE, NEGATIVE),
 }
 RUNS = [(label, mode) for label, modes in OPERATIONS.items() for mode in modes]
 
@@ -109,8 +117,9 @@ def _aim(case: schemathesis.Case, at_good: bool) -> schemathesis.Case:
             case.path_parameters = {**(case.path_parameters or {}), "name": GOOD}
         if isinstance(case.body, dict) and "path" in case.body:
             case.body = {**case.body, "path": GOOD}
-        if isinstance(case.body, dict) and "adapter" in case.body:
-            case.body = {**case.body, "adapter": GOOD}
+        if isinstance(case.body, dict):
+            named = {"adapter", "model", "lora_name", "lora_path"} & set(case.body)
+            case.body = {**case.body, **dict.fromkeys(named, GOOD)}
     return case
 
 

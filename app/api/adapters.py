@@ -15,6 +15,8 @@ from app.api.schemas import (
 )
 from app.lora.registry import AdapterInfo
 from app.lora.tasks import TaskView
+from app.service import RagService
+from app.state import AppState
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 NamePath = Path(..., pattern=ADAPTER_NAME, description="Adapter name.")
@@ -58,8 +60,30 @@ def _out(info: AdapterInfo, task: TaskView | None = None) -> AdapterOut:
     )
 
 
-def _record_resident(state: StateDep, service: ServiceDep) -> None:
+def _record_resident(state: AppState, service: RagService) -> None:
     state.metrics.observe_registry(service.registry)
+
+
+async def load(
+    service: RagService, state: AppState, name: str, path: str, *, pinned: bool
+) -> tuple[AdapterInfo, bool]:
+    """Load (or replace) an adapter, counted in the metrics: PUT /adapters/{name} and vLLM's
+    POST /v1/load_lora_adapter. Returns its info and whether it replaced one."""
+    try:
+        info, replaced = await service.load_adapter(name, path, pinned=pinned)
+    except Exception:
+        state.metrics.adapter_ops.labels("load", "error").inc()
+        raise
+    state.metrics.adapter_ops.labels("replace" if replaced else "load", "ok").inc()
+    _record_resident(state, service)
+    return info, replaced
+
+
+async def unload(service: RagService, state: AppState, name: str) -> None:
+    """DELETE /adapters/{name} and POST /v1/unload_lora_adapter."""
+    await service.unload_adapter(name)
+    state.metrics.adapter_ops.labels("unload", "ok").inc()
+    _record_resident(state, service)
 
 
 @router.get("", response_model=AdapterList)
@@ -95,13 +119,7 @@ async def put_adapter(
 
     Over the adapter memory budget, least recently used unpinned idle adapters are evicted;
     if that cannot make room, 422 names the budget and the sizes and nothing is evicted."""
-    try:
-        info, replaced = await service.load_adapter(name, body.path, pinned=body.pinned)
-    except Exception:
-        state.metrics.adapter_ops.labels("load", "error").inc()
-        raise
-    state.metrics.adapter_ops.labels("replace" if replaced else "load", "ok").inc()
-    _record_resident(state, service)
+    info, replaced = await load(service, state, name, body.path, pinned=body.pinned)
     response.status_code = status.HTTP_200_OK if replaced else status.HTTP_201_CREATED
     return _out(info, service.tasks.view(name))
 
@@ -113,7 +131,5 @@ async def put_adapter(
     response_class=Response,
 )
 async def delete_adapter(service: ServiceDep, state: StateDep, name: str = NamePath) -> Response:
-    await service.unload_adapter(name)
-    state.metrics.adapter_ops.labels("unload", "ok").inc()
-    _record_resident(state, service)
+    await unload(service, state, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -61,26 +61,35 @@ async def ask(
     return _respond(body, request, state, result)
 
 
-def _respond(body: AskRequest, request: Request, state: Any, result: AskResult) -> AskResponse:
-    labels = (body.adapter or BASE_ADAPTER, result.mode)
+def observe(state: Any, result: AskResult) -> None:
+    """An answer's latency and tokens in the metrics (by adapter and mode); /v1 counts too."""
+    labels = (result.adapter or BASE_ADAPTER, result.mode)
     state.metrics.ask_latency.labels(*labels).observe(result.timings_ms["total"] / 1000)
     state.metrics.generated_tokens.labels(*labels).inc(result.generated_tokens)
+
+
+def passages_out(hits: list[Hit], weights: list[float]) -> list[PassageOut]:
+    return [
+        PassageOut(
+            id=h.passage.id,
+            doc_id=h.passage.doc_id,
+            title=h.passage.title,
+            text=h.passage.text,
+            score=h.score,
+            weight=w,
+        )
+        for h, w in zip(hits, weights, strict=True)
+    ]
+
+
+def _respond(body: AskRequest, request: Request, state: Any, result: AskResult) -> AskResponse:
+    observe(state, result)
     return AskResponse(
         answer=result.answer,
         adapter=result.adapter,
         adapter_version=result.adapter_version,
         mode=result.mode,
-        passages=[
-            PassageOut(
-                id=h.passage.id,
-                doc_id=h.passage.doc_id,
-                title=h.passage.title,
-                text=h.passage.text,
-                score=h.score,
-                weight=w,
-            )
-            for h, w in zip(result.hits, result.weights, strict=True)
-        ],
+        passages=passages_out(result.hits, result.weights),
         timings_ms=Timings(**result.timings_ms),
         generated_tokens=result.generated_tokens,
         finish_reason=result.finish_reason,
