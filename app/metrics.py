@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
+    from app.generation.prefix_cache import PrefixCache
     from app.lora.registry import AdapterRegistry
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -70,6 +71,22 @@ class Metrics:
         self.adapter_ops = Counter(
             "lorag_adapter_operations", "Adapter loads and unloads", ["op", "outcome"], registry=r
         )
+        self.prefix_prompt_tokens = Gauge(
+            "lorag_prefix_cache_prompt_tokens",
+            "Prompt tokens of rows that looked in the prefix cache (since start)",
+            registry=r,
+        )
+        self.prefix_reused_tokens = Gauge(
+            "lorag_prefix_cache_reused_tokens",
+            "Of those, tokens whose keys and values came from the cache (hit rate: the ratio)",
+            registry=r,
+        )
+        self.prefix_bytes = Gauge(
+            "lorag_prefix_cache_bytes", "Keys and values held by the prefix cache", registry=r
+        )
+        self.prefix_evictions = Gauge(
+            "lorag_prefix_cache_evictions", "Blocks evicted for the byte budget", registry=r
+        )
         self.adapters_resident = Gauge("lorag_adapters_resident", "Loaded adapters", registry=r)
         self.adapter_bytes = Gauge(
             "lorag_adapter_bytes_resident", "Bytes of loaded adapter weights", registry=r
@@ -113,6 +130,14 @@ class Metrics:
         if total > self._evictions_seen:
             self.adapter_evictions.inc(total - self._evictions_seen)
             self._evictions_seen = total
+
+    def observe_prefixes(self, cache: PrefixCache | None) -> None:
+        if cache is None:
+            return
+        self.prefix_prompt_tokens.set(cache.stats.looked_up)
+        self.prefix_reused_tokens.set(cache.stats.reused)
+        self.prefix_bytes.set(cache.bytes)
+        self.prefix_evictions.set(cache.stats.evictions)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -268,6 +268,7 @@ class RagService:
                 "retrieve": (t1 - t0) * 1000,
                 "generate": (t2 - t1) * 1000,
                 "total": (t2 - t0) * 1000,
+                "reused_prompt_tokens": result.answer.reused_tokens,
             },
             generated_tokens=result.answer.tokens,
             finish_reason=result.answer.finish_reason,

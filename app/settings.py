@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         "the pause a burst of arrivals puts between two tokens of a running answer; at least "
         "one request joins at each boundary. 0: no limit.",
     )
+    prefix_cache_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Decoder-only generators: bytes of prompt-prefix keys and values kept for "
+        "reuse across requests (a joining row prefills only what follows its longest cached "
+        "prefix; least recently used blocks go first; app/generation/prefix_cache.py). 0: off.",
+    )
 
     # security
     admin_token: SecretStr | None = Field(
@@ -257,7 +264,11 @@ class Settings(BaseSettings):
     @property
     def decoding(self) -> DecodingConfig:
         """The RAG modes' decoding, one object for the whole-batch decoder and the step batch."""
-        return DecodingConfig(num_beams=self.num_beams, min_prior=self.min_prior)
+        return DecodingConfig(
+            num_beams=self.num_beams,
+            min_prior=self.min_prior,
+            prefix_cache_bytes=self.prefix_cache_bytes,
+        )
 
     @property
     def engine(self) -> EngineConfig:

@@ -53,6 +53,7 @@ class BareHost:
         self.eos_ids = {eos}
         self.rag_eos = eos
         self.pad_id = pad
+        self.weights_epoch = 0
 
     def adapter_kwargs(self, adapters: Sequence[str | None]) -> dict[str, Any]:
         if not isinstance(self.model, PeftModel):

@@ -31,5 +31,6 @@ async def metrics(state: StateDep) -> Response:
     if state.service is not None:
         state.metrics.queue_depth.set(state.service.engine.queue_depth)
         state.metrics.running_rows.set(state.service.engine.running_rows)
+        state.metrics.observe_prefixes(state.service.engine.prefixes)
         state.metrics.observe_registry(state.service.registry)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -85,6 +85,9 @@ class Timings(BaseModel):
     retrieve: float
     generate: float
     total: float
+    reused_prompt_tokens: int = Field(
+        0, description="Prompt tokens whose keys and values came from the prefix cache."
+    )
 
 
 class AskResponse(BaseModel):

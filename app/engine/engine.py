@@ -34,6 +34,7 @@ from app.engine.config import EngineConfig
 from app.engine.requests import AdapterResolver, EngineRequest, EngineResult, Observers, Stepper
 from app.engine.session import EngineStats, GenItem, Inbox, Item, OpItem, Session, settle
 from app.errors import GenerationTimeout, NotReadyError
+from app.generation.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,6 +115,11 @@ class Engine:
         """Batch rows decoding now (a RAG request has one per passage and beam); at most
         max_batch_size, unless one request alone has more."""
         return self._stepper.width
+
+    @property
+    def prefixes(self) -> PrefixCache | None:
+        """The step batch's prompt-prefix cache (metrics read it), or None when off."""
+        return self._stepper.prefixes
 
     @property
     def expected(self) -> int:

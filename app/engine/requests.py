@@ -9,6 +9,7 @@ from typing import Protocol
 
 from app.contracts import GREEDY, Decoding, GenRow, Mode, Passage, Sampling, Template, Turn
 from app.generation.modes.base import Answer
+from app.generation.prefix_cache import PrefixCache
 from app.lora.registry import Lease
 
 
@@ -19,6 +20,8 @@ class Stepper(Protocol):
     def cannot_join(self) -> str | None: ...  # why rows cannot join a running batch, or None
     @property
     def width(self) -> int: ...  # running batch rows
+    @property
+    def prefixes(self) -> PrefixCache | None: ...  # the prompt-prefix cache, when on
     def __len__(self) -> int: ...  # running requests
     def rows_for(self, mode: str, passages: int) -> int: ...
     def prompt_tokens(self, row: GenRow) -> int: ...

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from app.contracts import GeneratorKind
-from app.generation.family import core, fill
+from app.generation.family import Past, core, fill
 from app.generation.kv import State
 
 DEFAULT_CONTEXT = 2048
@@ -26,11 +26,13 @@ DEFAULT_CONTEXT = 2048
 class Causal:
     kind: ClassVar[GeneratorKind] = "causal"
     padding_side: ClassVar[Literal["left", "right"]] = "left"
+    reuses_prefixes: ClassVar[bool] = True
 
     def __init__(self, model: Any) -> None:
         params = inspect.signature(core(model).forward).parameters
         self._positions = "position_ids" in params
         self._keep_logits = "logits_to_keep" in params
+        self._config = model.config
         self._layers = sorted(
             {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
         )
@@ -44,14 +46,30 @@ class Causal:
         return None if self._positions else "the model's forward takes no position_ids"
 
     def prefill(
-        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
+        self,
+        model: Any,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        extra: dict[str, Any],
+        past: Past | None = None,
     ) -> tuple[State, torch.Tensor]:
         if self._keep_logits:
             extra = {**extra, "logits_to_keep": 1}
+        if past is not None:
+            # the cached prefix first (left padded), then what follows it (left padded): the
+            # mask has a hole between the two for rows with the shorter prefix or suffix, and
+            # each token's position counts only the real tokens before it
+            layers, past_mask = past
+            cache = DynamicCache(ddp_cache_data=layers, config=self._config)
+            extra = {**extra, "past_key_values": cache}
+            mask = torch.cat([past_mask.to(mask.dtype), mask], dim=1)  # [J, P + L]
+            position_ids = positions(mask)[:, past_mask.shape[1] :]
+        else:
+            position_ids = positions(mask)
         out = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=positions(mask),
+            position_ids=position_ids,
             use_cache=True,
             **extra,
         )

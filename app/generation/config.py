@@ -37,11 +37,14 @@ class DecodingConfig:
 
     num_beams: int = 1  # 1: greedy
     min_prior: float | None = None  # drop passages whose prior p(z|x) is below this
+    prefix_cache_bytes: int = 0  # prompt-prefix KV kept for reuse (decoder-only); 0: off
 
     def __post_init__(self) -> None:
         if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int):
             raise ValueError(f"num_beams must be an integer, got {self.num_beams!r}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if self.min_prior is not None and not 0 <= self.min_prior < 1:
             raise ValueError(f"min_prior must be in [0, 1) or None, got {self.min_prior!r}")

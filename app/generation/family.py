@@ -18,10 +18,15 @@ from transformers import PreTrainedTokenizerBase
 from app.contracts import GeneratorKind
 from app.generation.kv import State
 
+# keys and values per layer ([J, H, P, D] each) that come before the rows' prompts, left
+# padded, and their mask [J, P]
+Past = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+
 
 class Family(Protocol):
     kind: ClassVar[GeneratorKind]
     padding_side: ClassVar[Literal["left", "right"]]  # how prompts are padded for the model
+    reuses_prefixes: ClassVar[bool]  # whether prefill takes a cached prompt prefix (`past`)
 
     def cannot_join(self) -> str | None:
         """None when rows can join a batch that is already decoding, exactly; else why not
@@ -32,10 +37,16 @@ class Family(Protocol):
         rows go through transformers' generate())."""
 
     def prefill(
-        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
+        self,
+        model: Any,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        extra: dict[str, Any],
+        past: Past | None = None,
     ) -> tuple[State, torch.Tensor]:
         """Run prompts ids [J, L] (padded on padding_side; mask [J, L]) once: their state and
-        the logits [J, V] of each row's first answer token."""
+        the logits [J, V] of each row's first answer token. With `past`, ids are what follows
+        each row's cached prefix (reuses_prefixes families only)."""
 
     def decode(self, model: Any, state: State, extra: dict[str, Any]) -> torch.Tensor:
         """Feed state.last (one token per row) and return the next logits [B, V]."""

@@ -60,6 +60,9 @@ class Generator:
         # stacked per-row LoRA, kept in step with the model by sync_batched_lora (the adapter
         # registry's on_change hook); None = PEFT's own path
         self.batched: BatchedLora | None = None
+        # counts the registry's changes to the weights (installs, swaps, unloads, merges):
+        # keys and values computed before a change never serve after it (prefix_cache.py)
+        self.weights_epoch = 0
 
     @property
     def kind(self) -> GeneratorKind:
@@ -304,6 +307,7 @@ def sync_batched_lora(generator: Generator, model: torch.nn.Module) -> None:
     names but not the weights); a plain model (no adapters, or one merged into the weights)
     gets none, and the patched layers are given PEFT's own forward back.
     """
+    generator.weights_epoch += 1
     current = generator.batched
     if isinstance(model, PeftModel):
         if current is not None and current.model is model:

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
 from app.contracts import GeneratorKind
-from app.generation.family import fill
+from app.generation.family import Past, fill
 from app.generation.kv import State
 
 RELATIVE_POSITIONS = frozenset({"t5", "mt5"})  # left padding is exact as it is
@@ -34,6 +34,9 @@ DEFAULT_MAX_INPUT = 512  # T5's training length; relative positions leave no con
 class Seq2Seq:
     kind: ClassVar[GeneratorKind] = "seq2seq"
     padding_side: ClassVar[Literal["left", "right"]] = "right"
+    # The encoder reads the whole prompt bidirectionally: no prefix of it has keys and values
+    # of its own, and an identical prompt (the same question and passage) is what would repeat
+    reuses_prefixes: ClassVar[bool] = False
 
     def __init__(self, model: Any) -> None:
         self.config = model.config
@@ -53,8 +56,15 @@ class Seq2Seq:
         return None
 
     def prefill(
-        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
+        self,
+        model: Any,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        extra: dict[str, Any],
+        past: Past | None = None,
     ) -> tuple[State, torch.Tensor]:
+        if past is not None:
+            raise ValueError("an encoder-decoder prefill takes no cached prefix")
         n = ids.shape[0]
         out = model(
             input_ids=ids,

@@ -47,6 +47,7 @@ from app.generation.modes.base import Answer, Found, Request
 from app.generation.modes.concat import Concat
 from app.generation.modes.sequence import RagSequence
 from app.generation.modes.token import RagToken
+from app.generation.prefix_cache import PrefixCache
 from app.lora.batched import BatchedLora, RowPlan
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Host(Protocol):
     eos_ids: set[int]  # every end token (concat stops on any)
     rag_eos: int  # the one end token the RAG searches stop on
     pad_id: int
+    weights_epoch: int  # changes whenever the model's weights do
 
     @property
     def model(self) -> Any: ...  # read at every call: the registry may swap it between steps
@@ -108,6 +110,9 @@ class StepBatch:
         self._state: kv.State | None = None
         self._plan: tuple[tuple[str | None, ...], Any, RowPlan] | None = None
         self.concat_whole = host.cannot_step()  # why concat rows use generate(), or None
+        reuse = decoding.prefix_cache_bytes > 0 and host.family.reuses_prefixes
+        self.prefixes = PrefixCache(decoding.prefix_cache_bytes) if reuse else None
+        self._epoch = host.weights_epoch
         if self.concat_whole is not None:
             log.warning("concat rows decode through generate(): %s", self.concat_whole)
 
@@ -261,11 +266,21 @@ class StepBatch:
             return []
         h = self.host
         ids = [p for r in requests for p in r.prompts]
-        ctx, extra = self._adapters(_row_names(requests), keep=False)
-        tokens, mask = pad(ids, h.pad_id, left=h.family.padding_side == "left", device=h.device)
+        names = _row_names(requests)
+        ctx, extra = self._adapters(names, keep=False)
+        found = self._cached(names, ids)
+        cached = [layers[0][0].shape[1] if layers else 0 for layers in found]
+        left = h.family.padding_side == "left"
+        tokens, mask = pad(
+            [p[n:] for p, n in zip(ids, cached, strict=True)], h.pad_id, left=left, device=h.device
+        )
+        past = _past(found, cached, h.device) if any(cached) else None
         with torch.inference_mode(), ctx:
-            state, logits = h.family.prefill(h.model, tokens, mask, extra)
+            state, logits = h.family.prefill(h.model, tokens, mask, extra, past)
         kv.check_filled(state)  # refuse caches we cannot step, before merging
+        self._keep_prefixes(names, ids, cached, state)
+        for r, n in zip(requests, _per_request(requests, cached), strict=True):
+            r.reused = n
         at = 0
         for r in requests:
             states = state.enc_hidden[at : at + r.n] if state.enc_hidden is not None else None
@@ -335,6 +350,38 @@ class StepBatch:
             at += n
         return finished, keep, nxt
 
+    def _cached(
+        self, names: Sequence[str | None], ids: Sequence[list[int]]
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each row's longest cached prompt prefix (keys and values per layer), or []."""
+        cache = self.prefixes
+        if cache is None:
+            return [[] for _ in ids]
+        if self.host.weights_epoch != self._epoch:  # an adapter came, went, merged...
+            cache.clear()
+            self._epoch = self.host.weights_epoch
+        return [cache.lookup(n, p) for n, p in zip(names, ids, strict=True)]
+
+    def _keep_prefixes(
+        self,
+        names: Sequence[str | None],
+        ids: Sequence[list[int]],
+        cached: Sequence[int],
+        state: kv.State,
+    ) -> None:
+        """Offer every prefilled row's prompt blocks to the cache (column t: prompt token t)."""
+        cache = self.prefixes
+        if cache is None:
+            return
+        layers = state.self_layers()
+        for i, (name, prompt) in enumerate(zip(names, ids, strict=True)):
+            if not cache.missing(name, prompt):
+                continue
+            columns = state.mask[i].nonzero().squeeze(-1)  # [L_i] its real tokens, in order
+            cache.store(
+                name, prompt, [(x.keys[i][:, columns], x.values[i][:, columns]) for x in layers]
+            )
+
     def _stopped(self, r: Request) -> bool:
         """Whether a stop string has appeared in the request's answer so far."""
         ids = r.partial()
@@ -356,6 +403,7 @@ class StepBatch:
             found.candidates,
             "stop" if cut or ended else "length",
             sum(len(p) for p in r.prompts),
+            r.reused,
         )
 
     def _score(
@@ -457,6 +505,40 @@ def pad(
         tokens[i, span] = torch.tensor(x, dtype=torch.long)
         mask[i, span] = 1
     return tokens.to(device), mask.to(device)
+
+
+def _past(
+    found: Sequence[list[tuple[torch.Tensor, torch.Tensor]]],
+    cached: Sequence[int],
+    device: torch.device,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The rows' cached prefixes as one left-padded past: per layer keys and values
+    [J, H, P, D], and its mask [J, P] (P the longest prefix)."""
+    width = max(cached)
+    template = next(layers for layers in found if layers)
+    rows = len(found)
+    mask = torch.zeros(rows, width, dtype=torch.long, device=device)
+    out = []
+    for layer, (k0, v0) in enumerate(template):
+        keys = k0.new_zeros(rows, k0.shape[0], width, k0.shape[2])
+        values = v0.new_zeros(rows, v0.shape[0], width, v0.shape[2])
+        for i, layers in enumerate(found):
+            if layers:
+                keys[i, :, width - cached[i] :] = layers[layer][0]
+                values[i, :, width - cached[i] :] = layers[layer][1]
+        out.append((keys, values))
+    for i, n in enumerate(cached):
+        mask[i, width - n :] = 1 if n else 0
+    return out, mask
+
+
+def _per_request(requests: Sequence[Request], per_row: Sequence[int]) -> list[int]:
+    """Per-row counts summed over each request's rows."""
+    out, at = [], 0
+    for r in requests:
+        out.append(sum(per_row[at : at + r.n]))
+        at += r.n
+    return out
 
 
 def _row_names(requests: Sequence[Request]) -> list[str | None]:

@@ -33,7 +33,8 @@ class Answer:
     doc_logprob: tuple[float, ...] = field(default=(), compare=False)
     candidates: tuple[Candidate, ...] = field(default=(), compare=False)
     finish_reason: Finish = field(default="length", compare=False)
-    prompt_tokens: int = field(default=0, compare=False)  # the tokens its prefill read
+    prompt_tokens: int = field(default=0, compare=False)  # the tokens its prompts hold
+    reused_tokens: int = field(default=0, compare=False)  # of those, taken from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class Request(ABC):
         self.prompts: list[list[int]] = []
         self.sampling = sampling
         self._rng: torch.Generator | None = None  # the request's own stream, when it samples
+        self.reused = 0  # prompt tokens whose keys and values came from the prefix cache
 
     def pick(self, scores: torch.Tensor, greedy: int) -> int:
         """The next token from scores [V] (logits or log-probs): greedy's argmax, or a draw."""

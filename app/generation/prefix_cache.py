@@ -1,0 +1,129 @@
+"""Prompt-prefix KV reuse across requests (decoder-only rows of the step batch).
+
+RAG prompts are long and answers short, and on a CPU prefill is compute-bound, so batching
+cannot share it; not computing the same tokens twice can. lorag lays its prompts out so that
+what repeats comes first: the system prompt, then (in a RAG-Token or RAG-Sequence row) the one
+passage, then the question. A row whose prompt starts with blocks another row already
+prefilled under the same weights takes their keys and values and prefills only the rest.
+
+Block-granular, like vLLM's automatic prefix caching, not a radix tree like SGLang's: blocks of
+`BLOCK` tokens keyed by the adapter the row runs under and every token up to the block's end
+(exact: a tuple of ids, no hash collisions), so a lookup walks a prompt's blocks from the start
+until the first miss. A block is a unit of eviction too: least recently used first, within a
+byte budget. Blocks are cheaper to reason about than a tree (no splits), and at 16 tokens the
+few tokens a block boundary leaves uncached are a small share of a ~500-token RAG prompt.
+
+Exact reuse only: a cached block holds the keys and values that a causal model computed for
+exactly those tokens at exactly those positions, which is what it would compute again (a
+token attends only to tokens before it). The batch drops every entry whenever the model's
+weights change (an adapter installed, swapped, unloaded, merged or unmerged: `clear`), so a
+block never serves under weights other than the ones it was computed with.
+
+Threads: the model thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BLOCK = 16  # tokens per cached block
+
+Key = tuple[str | None, tuple[int, ...]]  # (adapter the row runs under, tokens up to the end)
+
+
+@dataclass(slots=True)
+class PrefixStats:
+    looked_up: int = 0  # prompt tokens of rows that looked
+    reused: int = 0  # of those, tokens whose keys and values came from the cache
+    evictions: int = 0  # blocks dropped for the budget
+    clears: int = 0  # times the weights changed and every block went
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.bytes = 0
+        self.stats = PrefixStats()
+        # key -> per layer (keys [H, BLOCK, D], values [H, BLOCK, D]); oldest first
+        self._blocks: OrderedDict[Key, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def clear(self) -> None:
+        """Forget every block (the model's weights changed)."""
+        if self._blocks:
+            self._blocks.clear()
+            self.bytes = 0
+            self.stats.clears += 1
+
+    def lookup(
+        self, adapter: str | None, prompt: Sequence[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cached keys and values of prompt's longest cached prefix, per layer
+        ([H, n, D] each, n a multiple of BLOCK, at most len(prompt) - 1: the last token is
+        always prefilled, for the next token's logits); [] when none is cached."""
+        self.stats.looked_up += len(prompt)
+        found: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for end in range(BLOCK, len(prompt), BLOCK):
+            block = self._blocks.get((adapter, tuple(prompt[:end])))
+            if block is None:
+                break
+            self._blocks.move_to_end((adapter, tuple(prompt[:end])))
+            found.append(block)
+        if not found:
+            return []
+        self.stats.reused += BLOCK * len(found)
+        layers = len(found[0])
+        return [
+            (
+                torch.cat([b[i][0] for b in found], dim=1),
+                torch.cat([b[i][1] for b in found], dim=1),
+            )
+            for i in range(layers)
+        ]
+
+    def missing(self, adapter: str | None, prompt: Sequence[int]) -> bool:
+        """Whether some full block of prompt is not cached (store() would add it)."""
+        if self.budget <= 0:
+            return False
+        return any(
+            (adapter, tuple(prompt[:end])) not in self._blocks
+            for end in range(BLOCK, len(prompt), BLOCK)
+        )
+
+    def store(
+        self,
+        adapter: str | None,
+        prompt: Sequence[int],
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Keep the full blocks of prompt, given its keys and values per layer ([H, L, D],
+        column t for prompt token t)."""
+        if self.budget <= 0:
+            return
+        for end in range(BLOCK, len(prompt), BLOCK):
+            key = (adapter, tuple(prompt[:end]))
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                continue
+            block = [
+                (k[:, end - BLOCK : end].clone(), v[:, end - BLOCK : end].clone())
+                for k, v in layers
+            ]
+            size = sum(k.nbytes + v.nbytes for k, v in block)
+            if size > self.budget:
+                return
+            self._blocks[key] = block
+            self.bytes += size
+            while self.bytes > self.budget:
+                _, old = self._blocks.popitem(last=False)
+                self.bytes -= sum(k.nbytes + v.nbytes for k, v in old)
+                self.stats.evictions += 1
