@@ -131,7 +131,7 @@ async def chat_completions(
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = openai_chat.ChatChunks(body, cid, created, body.n, usage=usage)
-        streams = Streams(service, params, strip=True)
+        streams = Streams(service, params)
         return await sse_response(streams, chunks, lambda result: observe(state, result))
     # a client that leaves takes its rows out of the engine's queue (app/api/disconnect.py)
     results = await unless_disconnected(request, ask_all(service, params))
@@ -143,15 +143,10 @@ async def chat_completions(
 # completions ---------------------------------------------------------------------------
 
 
-@router.post(
-    "/completions",
-    response_model=Completion,
-    dependencies=[ApiDep],
-    responses={**ERRORS, **STREAMED},
-)
+@router.post("/completions", response_model=Completion, dependencies=[ApiDep], responses=ERRORS)
 async def completions(
     body: CompletionRequest, request: Request, service: ServiceDep, state: StateDep
-) -> Completion | StreamingResponse:
+) -> Completion:
     """Continue each prompt as it is: no retrieval and no template (a completion continues the
     caller's text, as lm-eval's tasks need, and passages would change its likelihood).
 
@@ -159,16 +154,9 @@ async def completions(
     legacy `logprobs` object (`tokens`, `token_logprobs` and `top_logprobs`, null first, and
     `text_offset`); `max_tokens: 0` then only scores the prompt, as lm-eval's loglikelihood
     tasks ask. Generated tokens are not scored (their entries are null). Decoder-only
-    generators only, for logprobs."""
+    generators only, for logprobs. Not streamed."""
     adapter = adapter_of(body.model, state)
     cid, created = _id("cmpl", request), int(time.time())
-    if body.stream:
-        prompts = openai_completions.prompts_of(body)
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        chunks = openai_completions.CompletionChunks(body, prompts, cid, created, usage=usage)
-        params = openai_completions.ask_params(body, prompts, adapter)
-        streams = Streams(service, params, strip=False)
-        return await sse_response(streams, chunks, lambda result: observe(state, result))
     tokenizer = _generator(state).tokenizer
     work = openai_completions.complete(service, tokenizer, body, adapter, cid, created)
     response, results = await unless_disconnected(request, work)

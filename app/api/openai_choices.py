@@ -6,7 +6,7 @@ own random stream, seed + i), so a choice decodes exactly as the same ask would 
 retrievals coalesce into one encoder call anyway (app/service.py).
 
 Streamed, a choice's text is what its answer so far adds to what was sent, as on POST /ask.
-Chat answers are stripped (RagService.ask strips them), so the stream holds back leading and
+Answers are stripped (RagService.ask strips them), so the stream holds back leading and
 trailing whitespace until text follows it: the deltas then join into the plain answer exactly.
 """
 
@@ -58,11 +58,10 @@ async def _cancel(works: Sequence[asyncio.Future[AskResult]]) -> None:
             await work
 
 
-def _shown(text: str, strip: bool) -> str:
+def _shown(text: str) -> str:
     """What of an answer so far may be sent: not a trailing replacement character (a character
-    whose bytes are still arriving), nor, for a stripped answer, whitespace at either end."""
-    text = text.rstrip("\ufffd")
-    return text.strip() if strip else text
+    whose bytes are still arriving), nor whitespace at either end (the answer is stripped)."""
+    return text.rstrip("\ufffd").strip()
 
 
 def _adds(sent: str, text: str) -> str:
@@ -73,8 +72,7 @@ class Streams:
     """n asks started together, watched as one stream of (choice, text it adds) and
     (choice, its result)."""
 
-    def __init__(self, service: RagService, params: Sequence[AskParams], *, strip: bool) -> None:
-        self._strip = strip
+    def __init__(self, service: RagService, params: Sequence[AskParams]) -> None:
         self._wake = asyncio.Event()  # set by every callback: something changed
         self._hits: list[list[Hit] | None] = [None] * len(params)
         self._texts = [""] * len(params)  # each choice's answer so far (its on_text)
@@ -129,7 +127,7 @@ class Streams:
                 if ended[i]:
                     continue
                 done = work.done()  # then its answer is final: all of it is sent
-                text = work.result().answer if done else _shown(self._texts[i], self._strip)
+                text = work.result().answer if done else _shown(self._texts[i])
                 piece = _adds(sent[i], text)
                 if piece:
                     sent[i] += piece

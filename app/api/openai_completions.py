@@ -10,6 +10,9 @@ likeliest tokens at its position (the token itself added, as vLLM does). With `m
 that is all (a loglikelihood request); with `max_tokens > 0` the generated tokens follow, one
 entry each with null log-probabilities: lorag does not score what it generates. lm-eval's
 loglikelihood requests (max_tokens 1, echo, logprobs 1) drop that last entry.
+
+Not streamed: the generator strips an answer's leading whitespace as it decodes it, and only
+the finished answer's tokens say what it was (`continuation`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Callable, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from app.api.errors import OpenAIError
-from app.api.openai_choices import Chunk, ask_all, choices
+from app.api.openai_choices import ask_all, choices
 from app.api.openai_schemas import (
     MAX_PROMPTS,
     Completion,
@@ -28,7 +31,6 @@ from app.api.openai_schemas import (
     Logprobs,
     Usage,
 )
-from app.contracts import Hit
 from app.service import AskParams, AskResult, RagService
 
 Scored = list[tuple[int, float | None, list[tuple[int, float]]]]  # RagService.prompt_logprobs
@@ -56,12 +58,12 @@ def prompts_of(body: CompletionRequest) -> list[str]:
             "log-probabilities, which lorag does not compute; send echo: true for the prompt's",
             param="logprobs",
         )
-    if body.stream and (body.logprobs is not None or body.max_tokens == 0):
+    if body.stream:
         raise OpenAIError(
-            400, "logprobs and max_tokens 0 are answered whole: send stream: false", param="stream"
+            400,
+            "stream: /v1/completions answers whole (/v1/chat/completions streams)",
+            param="stream",
         )
-    if body.stream_options is not None and not body.stream:
-        raise OpenAIError(400, "stream_options needs stream: true", param="stream_options")
     return prompts
 
 
@@ -105,7 +107,7 @@ async def complete(
         for j in range(body.n):
             k = p * body.n + j
             result = results[k] if results else None
-            completion = result.answer if result is not None else ""
+            completion = continuation(tokenizer, result) if result is not None else ""
             logprobs = None
             if body.logprobs is not None:
                 generated = result.token_ids if result is not None else ()
@@ -129,6 +131,16 @@ async def complete(
         system_fingerprint=version,
     )
     return response, results
+
+
+def continuation(tokenizer: PreTrainedTokenizerBase, result: AskResult) -> str:
+    """The completion as it continues the prompt. The generator strips an answer's whitespace
+    (stop strings are matched on the stripped text), but a continuation's first token is
+    often " word": its leading whitespace, decoded from the tokens, is put back."""
+    if result.answer[:1].isspace():  # kept
+        return result.answer
+    text = _decode(tokenizer, result.token_ids, skip_special=True)
+    return text[: len(text) - len(text.lstrip())] + result.answer
 
 
 def legacy_logprobs(
@@ -188,46 +200,3 @@ def text_offsets(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> 
         done += len(now) - len(before)
         prefix, read = read, t + 1
     return offsets
-
-
-class CompletionChunks:
-    """text_completion chunks: the echoed prompt first, then text pieces, then each choice's
-    finish reason."""
-
-    def __init__(
-        self, body: CompletionRequest, prompts: list[str], cid: str, created: int, *, usage: bool
-    ) -> None:
-        self._head: Chunk = {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-        }
-        self._body, self._prompts, self._usage = body, prompts, usage
-
-    def _chunk(self, i: int, text: str, finish: str | None = None) -> Chunk:
-        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._head, "choices": [choice]}
-
-    def opening(self, hits: list[Hit]) -> list[Chunk]:
-        if not self._body.echo:
-            return []
-        n = self._body.n
-        return [
-            self._chunk(p * n + j, prompt)
-            for p, prompt in enumerate(self._prompts)
-            for j in range(n)
-        ]
-
-    def piece(self, i: int, text: str) -> Chunk:
-        return self._chunk(i, text)
-
-    def finish(self, i: int, result: AskResult) -> Chunk:
-        return self._chunk(i, "", result.finish_reason)
-
-    def usage(self, results: list[AskResult]) -> Chunk | None:
-        if not self._usage:
-            return None
-        prompt = sum(r.prompt_tokens for r in results[:: self._body.n])
-        completion = sum(r.generated_tokens for r in results)
-        return {**self._head, "choices": [], "usage": Usage.of(prompt, completion).model_dump()}

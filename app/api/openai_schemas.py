@@ -18,6 +18,7 @@ MAX_TOKENS = 512  # as /ask's max_new_tokens
 MAX_CHOICES = 8  # n: each choice is one more answer decoded
 MAX_PROMPTS = 16  # /v1/completions' prompt list; its choices, prompts x n, at most as many
 MAX_SEED = 2**62  # choice i samples with seed + i
+GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (vLLM's _SAMPLING_EPS)
 
 EXTENSION = "lorag extension: "
 
@@ -43,7 +44,8 @@ class _Sampled(BaseModel):
         1.0,
         ge=0.0,
         le=2.0,
-        description="OpenAI's default, 1: sampled. 0: greedy (needed with LORAG_NUM_BEAMS > 1).",
+        description="OpenAI's default, 1: sampled. 0 (or below 1e-5, as in vLLM): greedy, "
+        "which LORAG_NUM_BEAMS > 1 needs.",
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Sample within this nucleus.")
     seed: int | None = Field(
@@ -74,7 +76,9 @@ class _Sampled(BaseModel):
     def sampling(self) -> Sampling:
         stop = self.stop or ()
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
-        return Sampling(self.temperature, self.top_p, self.seed, stops)
+        # below GREEDY_BELOW, logits / temperature overflows: greedy is what it means
+        temperature = 0.0 if self.temperature < GREEDY_BELOW else self.temperature
+        return Sampling(temperature, self.top_p, self.seed, stops)
 
 
 class StreamOptions(BaseModel):
@@ -223,8 +227,9 @@ class CompletionRequest(_Sampled):
         description="With echo: the prompt tokens' log-probabilities and this many likeliest "
         "alternatives at each position. Generated tokens get entries with null values.",
     )
-    stream: bool = Field(False, description="Answer as server-sent text_completion chunks.")
-    stream_options: StreamOptions | None = None
+    stream: bool = Field(
+        False, description="Only false: completions are answered whole (chat streams)."
+    )
 
 
 class Logprobs(BaseModel):
