@@ -73,7 +73,8 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, logits / temperature overflow; the nucleus is the argmax anyway (vLLM too)
+        return self.temperature < 1e-5
 
 
 GREEDY = Sampling()

@@ -44,7 +44,7 @@ def test_ask_cites_the_passage_that_holds_the_fact(client_factory, backend):
     assert scores == sorted(scores, reverse=True)
     assert sum(p["weight"] for p in passages) == pytest.approx(1.0)
     assert passages[0]["weight"] > passages[-1]["weight"]
-    assert set(data["timings_ms"]) == {"retrieve", "generate", "total"}
+    assert set(data["timings_ms"]) == {"retrieve", "generate", "total", "reused_prompt_tokens"}
     assert resp.headers["x-request-id"] == data["request_id"]
 
 

@@ -157,6 +157,32 @@ def select(state: State, keep: list[int]) -> State:
     return state
 
 
+def compact(state: State) -> State:
+    """Each row's real self-attention columns moved to the end, in order (in place): a prefill
+    after cached prefixes leaves a hole between a row's past and its new tokens, which would
+    otherwise widen the whole batch's cache by the longest prefix. Causal models only: a key
+    carries its position from when it was computed, so where its column sits does not matter,
+    only which columns the mask keeps."""
+    mask = state.mask.bool()  # [B, T]
+    width = int(mask.sum(1).max())
+    # real columns first, each row's in order: a stable sort of (not real)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # [B, W]
+    real = mask.gather(1, order)  # [B, W] real columns, then the row's padding
+    shift = width - real.sum(1)  # [B] left padding each row needs
+    cols = torch.arange(width, device=mask.device)[None, :] - shift[:, None]  # [B, W]
+    take = order.gather(1, cols.clamp(min=0))  # [B, W] the column each new column reads
+    state.mask = (cols >= 0).long()
+    for layer in state.self_layers():
+        keys, values = _kv(layer)
+        idx = take[:, None, :, None]
+        _set(
+            layer,
+            keys.gather(2, idx.expand(-1, keys.shape[1], -1, keys.shape[3])),
+            values.gather(2, idx.expand(-1, values.shape[1], -1, values.shape[3])),
+        )
+    return state
+
+
 def reorder(state: State, keep: list[int]) -> None:
     """Row i becomes a copy of row keep[i], in place, for the rows that change: a beam step,
     whose new beams continue beams of the same request and passage, so the encoder side

@@ -110,7 +110,11 @@ class StepBatch:
         self._state: kv.State | None = None
         self._plan: tuple[tuple[str | None, ...], Any, RowPlan] | None = None
         self.concat_whole = host.cannot_step()  # why concat rows use generate(), or None
-        reuse = decoding.prefix_cache_bytes > 0 and host.family.reuses_prefixes
+        reuse = (
+            decoding.prefix_cache_bytes > 0
+            and host.family.reuses_prefixes
+            and host.family.cannot_join() is None  # plain caches: compact() after a reuse
+        )
         self.prefixes = PrefixCache(decoding.prefix_cache_bytes) if reuse else None
         self._epoch = host.weights_epoch
         if self.concat_whole is not None:
@@ -279,6 +283,9 @@ class StepBatch:
             state, logits = h.family.prefill(h.model, tokens, mask, extra, past)
         kv.check_filled(state)  # refuse caches we cannot step, before merging
         self._keep_prefixes(names, ids, cached, state)
+        if past is not None:
+            with torch.inference_mode():
+                state = kv.compact(state)
         for r, n in zip(requests, _per_request(requests, cached), strict=True):
             r.reused = n
         at = 0

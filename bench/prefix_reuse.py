@@ -1,0 +1,174 @@
+"""The prompt-prefix KV cache on skewed and on unrepeated traffic, through the engine.
+
+The real default generator (SmolLM2-135M-Instruct) and demo index, in one process: --questions
+questions over the demo corpus ("What is <title>?", "Where is ...", "Who ...", "When ..."),
+retrieved with --top-k passages, concat mode, up to --max-new-tokens tokens, adapters taking
+turns from --adapters (default: the base, concise, cited). Two workloads:
+- zipf: --requests draws from the questions with probability ~ 1/rank^--zipf (popular questions
+  and passages repeat, as in real traffic);
+- unique: --requests distinct questions, nothing repeats (the cache never hits).
+Each runs with the cache on and off, with --clients closed-loop clients and with one client
+(one request at a time), the variants rotating per round. Printed: throughput (requests/s) and
+its ratio to one at a time, time to first token p50/p99, the share of prompt tokens reused;
+last, the cache's ratios on/off.
+
+    .venv/bin/python -m bench.prefix_reuse [--requests 48] [--clients 16] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from app.contracts import Hit
+from app.engine.config import EngineConfig
+from app.engine.engine import Engine
+from app.engine.requests import EngineRequest, Observers
+from app.generation.config import DecodingConfig
+from app.generation.step_batch import StepBatch
+from app.settings import Settings
+from app.wiring import Components, load_components
+from bench.serve_throughput import pct
+
+PATTERNS = ("What is {}?", "Where is {} found?", "Who is known for {}?", "When did {} begin?")
+
+
+def question_set(n: int) -> list[str]:
+    with Path("index/sources/demo.jsonl").open(encoding="utf-8") as source:
+        titles = [json.loads(line)["title"] for line in source]
+    out = [p.format(t) for p in PATTERNS for t in titles]
+    return out[:n]
+
+
+def draws(questions: list[str], n: int, zipf: float, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) ** zipf for rank in range(len(questions))]
+    return rng.choices(questions, weights=weights, k=n)
+
+
+async def serve(
+    parts: Components,
+    reqs: list[tuple[EngineRequest, str | None]],
+    clients: int,
+    cache_bytes: int,
+) -> tuple[float, list[float], int, int]:
+    """(seconds for all requests, time to first token each, prompt tokens, reused tokens)."""
+    ttft: list[float] = []
+    stepper = StepBatch(parts.generator, DecodingConfig(prefix_cache_bytes=cache_bytes))
+    config = EngineConfig(max_batch_size=16, batch_wait_ms=5, prefill_tokens_per_step=1024)
+    engine = Engine(stepper, parts.registry, config, Observers(on_first_token=ttft.append))
+    engine.start()
+    queue = list(reqs)
+    prompt = reused = 0
+
+    async def client() -> None:
+        nonlocal prompt, reused
+        while queue:
+            req, name = queue.pop(0)
+            lease = parts.registry.acquire(name) if name else None
+            try:
+                result = await engine.generate(replace(req, adapter=name, lease=lease))
+            finally:
+                if lease is not None:
+                    parts.registry.release(lease)
+            prompt += result.answer.prompt_tokens
+            reused += result.answer.reused_tokens
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    await engine.stop()
+    return wall, ttft, prompt, reused
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--questions", type=int, default=300)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--adapters", default=",concise,cited", help="names taking turns; '': base")
+    ap.add_argument("--cache-mib", type=int, default=256)
+    args = ap.parse_args()
+    parts = load_components(Settings())
+    names = [a or None for a in args.adapters.split(",")]
+    for name in {n for n in names if n}:
+        if name not in parts.registry:
+            parts.registry.install(name, parts.registry.prepare(name))
+    questions = question_set(args.questions)
+    workloads = {
+        "zipf": draws(questions, args.requests, args.zipf, seed=0),
+        "unique": random.Random(1).sample(questions, args.requests),
+    }
+
+    def requests(qs: list[str]) -> list[tuple[EngineRequest, str | None]]:
+        hits: list[list[Hit]] = parts.retriever.retrieve(qs, args.top_k)
+        return [
+            (
+                EngineRequest(q, [h.passage for h in hs], None, args.max_new_tokens),
+                names[i % len(names)],
+            )
+            for i, (q, hs) in enumerate(zip(qs, hits, strict=True))
+        ]
+
+    reqs = {w: requests(qs) for w, qs in workloads.items()}
+    variants = [(w, on, c) for w in workloads for on in (True, False) for c in (args.clients, 1)]
+    results: dict[tuple[str, bool, int], list[tuple[float, list[float], int, int]]] = {
+        v: [] for v in variants
+    }
+    asyncio.run(serve(parts, reqs["unique"][:2], 2, 0))  # warm-up
+    for r in range(args.rounds):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for w, on, c in order:
+            cache = args.cache_mib * 1024 * 1024 if on else 0
+            out = asyncio.run(serve(parts, reqs[w], c, cache))
+            results[(w, on, c)].append(out)
+            wall, firsts, prompt, reused = out
+            print(
+                f"round {r + 1} {w:6s} cache {'on ' if on else 'off'} clients {c:2d}: "
+                f"{len(reqs[w]) / wall:.3f} req/s, ttft p50 {pct(firsts, 50):.2f} s "
+                f"p99 {pct(firsts, 99):.2f} s, reused {reused / max(prompt, 1):.0%}",
+                flush=True,
+            )
+
+    def rps(v: tuple[str, bool, int]) -> float:
+        return statistics.median(args.requests / wall for wall, *_ in results[v])
+
+    def first(v: tuple[str, bool, int], p: float) -> float:
+        return statistics.median(pct(t, p) for _, t, *_ in results[v])
+
+    print(
+        f"requests={args.requests} clients={args.clients} top_k={args.top_k} "
+        f"max_new_tokens={args.max_new_tokens} zipf={args.zipf} adapters={args.adapters!r} "
+        f"rounds={args.rounds}"
+    )
+    n = args.clients
+    for w in workloads:
+        for on in (True, False):
+            v = (w, on, n)
+            print(
+                f"{w:6s} cache {'on ' if on else 'off'}: {rps(v):.3f} req/s = "
+                f"{rps(v) / rps((w, False, 1)):.2f}x one at a time without the cache "
+                f"({rps(v) / rps((w, on, 1)):.2f}x with it); ttft p50 {first(v, 50):.2f} s "
+                f"p99 {first(v, 99):.2f} s"
+            )
+    for w in workloads:
+        yes, no = (w, True, n), (w, False, n)
+        print(
+            f"{w} on/off: throughput {rps(yes) / rps(no):.2f}x, "
+            f"ttft p50 {first(yes, 50) / first(no, 50):.2f}x, "
+            f"p99 {first(yes, 99) / first(no, 99):.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
