@@ -220,6 +220,11 @@ class StepBatch:
         sampling: Sampling = GREEDY,
     ) -> Request:
         """A RAG-Token or RAG-Sequence request over prompts (one per passage)."""
+        if self.num_beams > 1 and not sampling.greedy:
+            raise InvalidInputError(
+                f"temperature {sampling.temperature} samples, and the RAG modes here search "
+                f"with {self.num_beams} beams (LORAG_NUM_BEAMS): use temperature 0"
+            )
         h = self.host
         common: dict[str, Any] = {
             "eos": h.rag_eos,

@@ -49,11 +49,6 @@ class RagSequence(Request):
         sampling: Sampling = GREEDY,
     ) -> None:
         super().__init__(key, adapter, limit, sampling)
-        if num_beams > 1 and not sampling.greedy:
-            raise InvalidInputError(
-                f"temperature {sampling.temperature} samples, and the RAG modes here search "
-                f"with {num_beams} beams (LORAG_NUM_BEAMS): use temperature 0"
-            )
         check_decoding(decoding)
         log_prior = doc_prior(torch.tensor([list(scores)], dtype=torch.float32), min_prior)
         self.log_prior = log_prior.to(device)  # [1, K] log p(z|x), -inf where pruned

@@ -14,7 +14,6 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from app.contracts import GREEDY, Sampling
-from app.errors import InvalidInputError
 from app.generation.modes.base import Found, Request, Step, tokens_until
 from app.generation.rag import doc_posterior, doc_prior, expand_to_docs, kept_docs
 from app.generation.rag_search import BeamGroup, marginal, pack
@@ -37,11 +36,6 @@ class RagToken(Request):
         sampling: Sampling = GREEDY,
     ) -> None:
         super().__init__(key, adapter, limit, sampling)
-        if num_beams > 1 and not sampling.greedy:
-            raise InvalidInputError(
-                f"temperature {sampling.temperature} samples, and the RAG modes here search "
-                f"with {num_beams} beams (LORAG_NUM_BEAMS): use temperature 0"
-            )
         log_prior = doc_prior(torch.tensor([list(scores)], dtype=torch.float32), min_prior)
         doc_index, prior = kept_docs(log_prior)  # [1, K'] each
         self.prompts = [prompts[j] for j in doc_index[0].tolist()]
