@@ -38,6 +38,7 @@ def test_environment_names_reach_the_component_configs(monkeypatch: pytest.Monke
         "LORAG_DEVICE": "cuda:1",
         "LORAG_GENERATOR": "some/generator",
         "LORAG_DTYPE": "bfloat16",
+        "LORAG_PREFIX_CACHE_BYTES": "4096",
         "LORAG_CACHE_DIR": "/tmp/lorag-cache",
         "LORAG_INDEX_TYPE": "hnsw",
         "LORAG_HNSW_M": "16",
@@ -57,7 +58,7 @@ def test_environment_names_reach_the_component_configs(monkeypatch: pytest.Monke
     s = Settings()
 
     assert s.engine == EngineConfig(3, 7.5, 11.0, False, 0)
-    assert s.decoding == DecodingConfig(num_beams=4, min_prior=0.05)
+    assert s.decoding == DecodingConfig(num_beams=4, min_prior=0.05, prefix_cache_bytes=4096)
     assert s.encoder_spec == EncoderSpec("some/encoder", "dpr", "cuda:1", "some/ctx")
     assert s.generator_spec == GeneratorSpec(
         "some/generator", Path("/tmp/lorag-cache"), "cuda:1", "bfloat16"
