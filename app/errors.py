@@ -35,6 +35,20 @@ class AdapterInvalid(InvalidInputError):
     """Malformed adapter files, or an adapter that does not fit the base model."""
 
 
+class AdapterStale(LoragError):
+    """The files under a registered adapter's folder are not the version the fleet registered
+    (a copy not yet synced, or replaced in place): this replica will not serve them."""
+
+    def __init__(self, path: str, expected: str, found: str) -> None:
+        super().__init__(
+            f"adapter folder {path!r} holds version {found}, but version {expected} is "
+            "registered: this replica's copy differs from the registered one"
+        )
+        self.path = path
+        self.expected = expected
+        self.found = found
+
+
 class UnsafePath(InvalidInputError):
     """A path that is absolute, climbs out with '..', or escapes its root by a symlink."""
 

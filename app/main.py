@@ -45,6 +45,8 @@ def create_app(
             state.status = "stopping"
             if not loader.done():
                 await asyncio.wait([loader])
+            if state.fleet is not None:  # stop following before the engine stops
+                await state.fleet.stop()
             if state.indexes is not None:  # folds update logs into snapshots
                 await state.indexes.close()
             if state.service is not None:
@@ -96,6 +98,9 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
     state.components = components
     state.service = service
     state.indexes = wiring.build_indexes(settings, components, service, state.metrics)
+    fleet = wiring.build_fleet(settings, components, service, state.indexes)
+    await fleet.start()  # what the fleet registered is applied here before /ready says yes
+    state.fleet = fleet
     if state.status == "loading":
         state.status = "ready"
         log.info("ready")

@@ -17,9 +17,15 @@ from app.contracts import GREEDY, Decoding, Hit, Mode, Sampling, Template, Turn
 from app.engine.coalesce import Coalescer
 from app.engine.engine import Engine, Expected
 from app.engine.requests import EngineRequest
-from app.errors import AdapterNotFound, AdapterPathNotFound, InvalidInputError, NotReadyError
+from app.errors import (
+    AdapterNotFound,
+    AdapterPathNotFound,
+    AdapterStale,
+    InvalidInputError,
+    NotReadyError,
+)
 from app.lora.bundle import PreparedTask
-from app.lora.registry import AdapterInfo, AdapterRegistry, Lease
+from app.lora.registry import AdapterInfo, AdapterRegistry, Lease, PreparedAdapter
 from app.lora.tasks import TaskBundles
 
 T = TypeVar("T")
@@ -43,6 +49,32 @@ class ScoresPrompts(Protocol):
 
 class SearchesVectors(Protocol):
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]: ...
+
+
+class AdapterSource(Protocol):
+    def locate(self, name: str) -> tuple[str, str | None]:
+        """The folder (relative to the adapters root) that a lazy load of `name` reads, and the
+        version it must have (None: whatever is there)."""
+        ...
+
+
+class _Folders:
+    """Without a fleet: a lazy load of `name` reads the folder `name`, whatever it holds."""
+
+    def locate(self, name: str) -> tuple[str, str | None]:
+        return name, None
+
+
+@dataclass(frozen=True)
+class PreparedLoad:
+    """An adapter folder read and validated, ready to install (no model touched yet)."""
+
+    adapter: PreparedAdapter
+    task: PreparedTask
+
+    @property
+    def version(self) -> str:
+        return self.adapter.version
 
 
 RetrievalKey = tuple[int, str | None, str | None]  # top_k, index name, question-adapter name
@@ -138,6 +170,8 @@ class RagService:
         # one load (touched on the event loop only)
         self._loading: dict[str, asyncio.Future[AdapterInfo]] = {}
         self._background: set[asyncio.Future[None]] = set()  # tasks nobody awaits
+        # where a lazy load finds a name's files; a fleet (app/fleet) puts its registrations here
+        self.adapter_source: AdapterSource = _Folders()
 
     async def ask(self, params: AskParams) -> AskResult:
         if params.adapter is None:
@@ -193,14 +227,14 @@ class RagService:
         return await asyncio.shield(pending)  # one caller giving up does not cancel the load
 
     async def _load_folder(self, name: str) -> AdapterInfo:
+        rel, version = self.adapter_source.locate(name)
         try:
-            prepared = await asyncio.to_thread(self.registry.prepare, name)
+            load = await self.prepare_adapter(rel, expect_version=version)
         except AdapterPathNotFound:
             raise AdapterNotFound(name) from None
-        task = await asyncio.to_thread(self.tasks.prepare, name)
-        info = await self.engine.run_exclusive(lambda: self.registry.ensure(name, prepared))
-        if info.path == name and info.version == prepared.version:  # this folder is what serves
-            await self._apply_task(name, task)
+        info = await self.engine.run_exclusive(lambda: self.registry.ensure(name, load.adapter))
+        if info.path == rel and info.version == load.version:  # this folder is what serves
+            await self._apply_task(name, load.task)
         return info
 
     async def _ask(self, params: AskParams, lease: Lease | None) -> AskResult:
@@ -330,16 +364,32 @@ class RagService:
         """Run fn on the retrieval thread, where the encoder may run (document updates)."""
         return await asyncio.get_running_loop().run_in_executor(self._retrieval, fn)
 
+    async def prepare_adapter(
+        self, rel_path: str, *, expect_version: str | None = None
+    ) -> PreparedLoad:
+        """Read and validate the folder at rel_path (off the model thread); with expect_version,
+        refuse files whose content hash differs (AdapterStale): a replica never serves another
+        copy under a name that the fleet registered with this version."""
+        prepared = await asyncio.to_thread(self.registry.prepare, rel_path)
+        if expect_version is not None and prepared.version != expect_version:
+            raise AdapterStale(rel_path, expect_version, prepared.version)
+        task = await asyncio.to_thread(self.tasks.prepare, rel_path)  # a bundle: validated too
+        return PreparedLoad(prepared, task)
+
+    async def install_adapter(
+        self, name: str, load: PreparedLoad, *, pinned: bool = False
+    ) -> tuple[AdapterInfo, bool]:
+        """Install a prepared adapter as name, on the model thread in queue order."""
+        loaded = await self.engine.run_exclusive(
+            lambda: self.registry.install(name, load.adapter, pinned=pinned)
+        )
+        await self._apply_task(name, load.task)
+        return loaded
+
     async def load_adapter(
         self, name: str, rel_path: str, *, pinned: bool = False
     ) -> tuple[AdapterInfo, bool]:
-        prepared = await asyncio.to_thread(self.registry.prepare, rel_path)
-        task = await asyncio.to_thread(self.tasks.prepare, rel_path)  # a bundle: validated too
-        loaded = await self.engine.run_exclusive(
-            lambda: self.registry.install(name, prepared, pinned=pinned)
-        )
-        await self._apply_task(name, task)
-        return loaded
+        return await self.install_adapter(name, await self.prepare_adapter(rel_path), pinned=pinned)
 
     async def unload_adapter(self, name: str) -> None:
         self.registry.get(name)  # 404 before queueing

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Literal
 
+from app.fleet.fleet import Fleet
 from app.metrics import Metrics
 from app.retrieval.manager import IndexManager
 from app.service import RagService
@@ -25,4 +26,5 @@ class AppState:
     components: Components | None = None
     service: RagService | None = None
     indexes: IndexManager | None = None  # named indexes, document updates (api/documents.py)
+    fleet: Fleet | None = None  # adapter registrations and the active index (app/fleet)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)

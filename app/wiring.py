@@ -7,6 +7,7 @@ its own config (`settings.engine`, `settings.decoding`, ...), never Settings its
     load_components(settings)      encoder, index catalog, generator, adapter registry; warm-up
     build_service(settings, c)     decoder, step batch, engine (not started), RagService
     build_indexes(settings, c, s)  the IndexManager of document updates and compaction
+    build_fleet(settings, c, s, i) the fleet's ledger (memory, or the database) and its follower
     running_service(settings)      all of it, started, for one-shot use (`lorag ask`, benches)
     prepare(settings)              first run: convert the default generator, build the demo index
 """
@@ -29,6 +30,8 @@ from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.requests import Observers
 from app.errors import IndexNotFound
+from app.fleet.fleet import Fleet
+from app.fleet.ledger import Ledger, LocalLedger
 from app.generation.config import DecodingConfig, GeneratorSpec
 from app.generation.generator import Generator, sync_batched_lora
 from app.generation.loading import load_generator, prepare_default_generator
@@ -199,6 +202,19 @@ def build_indexes(
         limits=settings.update_limits,
         compaction=settings.compaction,
     )
+
+
+def build_ledger(settings: Settings, components: Components) -> Ledger:
+    """Where adapter registrations and the active index live: this process's memory with the
+    embedded store (one process), the database every replica shares with LORAG_STORE=postgres."""
+    return LocalLedger()
+
+
+def build_fleet(
+    settings: Settings, components: Components, service: RagService, indexes: IndexManager
+) -> Fleet:
+    """The follower of the ledger; fleet.start() applies it, on the running event loop."""
+    return Fleet(service, indexes, build_ledger(settings, components))
 
 
 @asynccontextmanager

@@ -191,7 +191,11 @@ def test_info_names_and_lookups(reg: AdapterRegistry, world: World) -> None:
     assert not replaced
     assert (info.name, info.path, info.rank, info.alpha) == ("my.task-1", "tasks/a3", 4, 4.0)
     assert info.bytes == file.stat().st_size
-    assert info.version == hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    config = (file.parent / "adapter_config.json").read_bytes()
+    digest = hashlib.sha256()
+    for part in (config, file.read_bytes()):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    assert info.version == digest.hexdigest()[:12]
     assert len(info.target_modules) >= 3 and info.base_model == str(world.model_dir)
     assert reg.get("my.task-1") == info and reg.list() == [info]
     for bad in ["", "-x", "a/b", "../x", "x" * 65, "sp ace", "é"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Path, Response, status
 
-from app.api.deps import AdminDep, ServiceDep, StateDep
+from app.api.deps import AdminDep, ServiceDep, StateDep, get_fleet
 from app.api.schemas import (
     ADAPTER_NAME,
     AdapterList,
@@ -68,9 +68,11 @@ async def load(
     service: RagService, state: AppState, name: str, path: str, *, pinned: bool
 ) -> tuple[AdapterInfo, bool]:
     """Load (or replace) an adapter, counted in the metrics: PUT /adapters/{name} and vLLM's
-    POST /v1/load_lora_adapter. Returns its info and whether it replaced one."""
+    POST /v1/load_lora_adapter. Returns its info and whether it replaced one. It is registered
+    in the fleet's ledger first, so every replica loads the same version (app/fleet)."""
+    fleet = get_fleet(state, service)
     try:
-        info, replaced = await service.load_adapter(name, path, pinned=pinned)
+        info, replaced = await fleet.load_adapter(name, path, pinned=pinned)
     except Exception:
         state.metrics.adapter_ops.labels("load", "error").inc()
         raise
@@ -80,8 +82,8 @@ async def load(
 
 
 async def unload(service: RagService, state: AppState, name: str) -> None:
-    """DELETE /adapters/{name} and POST /v1/unload_lora_adapter."""
-    await service.unload_adapter(name)
+    """DELETE /adapters/{name} and POST /v1/unload_lora_adapter: on every replica."""
+    await get_fleet(state, service).unload_adapter(name)
     state.metrics.adapter_ops.labels("unload", "ok").inc()
     _record_resident(state, service)
 

@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 from pydantic import SecretStr
 
 from app.errors import NotReadyError
+from app.fleet.fleet import Fleet
 from app.service import RagService
 from app.state import AppState
 
@@ -30,6 +31,16 @@ def get_service(state: StateDep) -> RagService:
 
 
 ServiceDep = Annotated[RagService, Depends(get_service)]
+
+
+def get_fleet(state: StateDep, _: ServiceDep) -> Fleet:
+    """Where adapter and active-index changes go (the ledger first, then this replica)."""
+    if state.fleet is None:
+        raise NotReadyError(f"service is {state.status}")
+    return state.fleet
+
+
+FleetDep = Annotated[Fleet, Depends(get_fleet)]
 
 
 def _check_bearer(request: Request, token: SecretStr | None, setting: str) -> None:

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.disconnect import CLIENT_CLOSED, ClientDisconnected
 from app.errors import (
     AdapterNotFound,
+    AdapterStale,
     GenerationTimeout,
     IndexNotFound,
     InvalidInputError,
@@ -26,6 +27,7 @@ V1 = "/v1"  # the OpenAI-compatible routes' prefix (app/api/openai.py)
 
 STATUS: list[tuple[type[LoragError], int]] = [
     (NotFoundError, 404),
+    (AdapterStale, 409),
     (InvalidInputError, 422),
     (NotReadyError, 503),
     (GenerationTimeout, 504),

@@ -20,7 +20,12 @@ async def health() -> Health:
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})
 async def ready(state: StateDep) -> JSONResponse:
-    """Ready: encoder, index and generator are loaded and the engine accepts requests."""
+    """Ready: encoder, index and generator are loaded, the engine accepts requests, and the
+    database (with LORAG_STORE=postgres) answers; 503 says why not."""
+    problem = state.fleet.problem() if state.fleet is not None else None
+    if state.status == "ready" and problem is not None:
+        body = Ready(status="unavailable", detail=problem)
+        return JSONResponse(body.model_dump(), status_code=503)
     body = Ready(status=state.status, detail=state.error)
     code = 200 if state.status == "ready" else 503
     return JSONResponse(body.model_dump(), status_code=code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Path
 
-from app.api.deps import AdminDep, ServiceDep, StateDep
+from app.api.deps import AdminDep, FleetDep, ServiceDep, StateDep
 from app.api.schemas import INDEX_NAME, CompactOut, IndexList, IndexOut, IndexSelect
 from app.errors import NotReadyError
 from app.retrieval.indexes import IndexInfo
@@ -50,11 +50,13 @@ async def list_indexes(state: StateDep, service: ServiceDep) -> IndexList:
     dependencies=[AdminDep],
     responses={404: {"description": "No such index"}, 422: {"description": "Another encoder's"}},
 )
-async def select_index(body: IndexSelect, state: StateDep, service: ServiceDep) -> IndexList:
-    """Make `name` the index /ask reads by default, loading it first; requests already
-    retrieving finish on the index they started with."""
+async def select_index(
+    body: IndexSelect, state: StateDep, service: ServiceDep, fleet: FleetDep
+) -> IndexList:
+    """Make `name` the index /ask reads by default, loading it first, on every replica;
+    requests already retrieving finish on the index they started with."""
     indexes = get_indexes(state, service)
-    await indexes.activate(body.name)  # the metrics follow (IndexCatalog.watch)
+    await fleet.activate_index(body.name)  # the metrics follow (IndexCatalog.watch)
     return await _list(indexes)
 
 

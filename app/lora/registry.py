@@ -70,7 +70,7 @@ class AdapterInfo:
     base_model: str | None  # base_model_name_or_path from the adapter's config
     bytes: int
     loaded_at: datetime
-    version: str  # sha256 of adapter_model.safetensors, first 12 hex digits
+    version: str  # content hash of its config and safetensors (validate.content_version)
     resident_bytes: int  # LoRA weights as the model holds them (its dtype), what the budget counts
     pinned: bool = False
     last_used: datetime | None = None  # when a batch last ran a row with it

@@ -78,7 +78,7 @@ class ValidatedAdapter:
     config: LoraConfig
     state_dict: dict[str, torch.Tensor]  # PEFT's saved keys: base_model.model.<m>.lora_A.weight
     bytes: int
-    version: str  # first 12 hex digits of the safetensors file's sha256
+    version: str  # content_version(config, weights): 12 hex digits
 
 
 def validate_adapter(folder: Path, root: Path, base: BaseLayout, *, rel: str) -> ValidatedAdapter:
@@ -100,11 +100,12 @@ def validate_adapter(folder: Path, root: Path, base: BaseLayout, *, rel: str) ->
         if root.resolve() not in f.resolve().parents:
             raise UnsafePath(f"{f.name} in adapter {rel!r} links outside the adapters root")
 
-    config = _read_config(config_file, rel)
+    config = _read_config(config_file, rel)  # refuses an oversized file before it is read
+    config_bytes = config_file.read_bytes()
     _check_config(config, base, rel)
     targeted = _targeted_layers(config, base, rel)
     data = weights_file.read_bytes()
-    version = hashlib.sha256(data).hexdigest()[:12]
+    version = content_version(config_bytes, data)
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -118,6 +119,17 @@ def validate_adapter(folder: Path, root: Path, base: BaseLayout, *, rel: str) ->
         # cache folder, so names differ across machines; the shape checks above are the guard.
         log.info("adapter %r names base %r; serving on %r", rel, named, base.model_id)
     return ValidatedAdapter(folder, rel, config, tensors, len(data), version)
+
+
+def content_version(config: bytes, weights: bytes) -> str:
+    """An adapter's version: the sha256 of its adapter_config.json and its safetensors (first 12
+    hex digits). Both change what it computes (lora_alpha scales the same weights), so a folder
+    rewritten in place, or another replica's out-of-date copy, never passes for the same version."""
+    digest = hashlib.sha256()
+    for part in (config, weights):
+        digest.update(len(part).to_bytes(8, "big"))  # length-prefixed: no two splits collide
+        digest.update(part)
+    return digest.hexdigest()[:12]
 
 
 def _read_config(path: Path, rel: str) -> LoraConfig:

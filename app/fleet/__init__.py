@@ -1,0 +1,1 @@
+"""State that must agree across replicas: adapter registrations and the active index."""
