@@ -1,0 +1,197 @@
+"""Answer quality on the demo corpus, through the real app: recall@k, EM/F1, abstention.
+
+The question sets are bench/data/*_heldout.jsonl (scripts/make_answer_sets.py): answerable
+questions with the passage that holds the answer, and questions on topics the corpus lacks.
+Every question is a POST /ask to the real FastAPI app (its lifespan, the demo index, the
+default generator, adapters lazily loaded from adapters/), sent concurrently so the engine
+batches them as it batches users.
+
+Per adapter and mode it prints:
+- recall@k: the passage holding the answer is among the k retrieved (answerable only);
+- EM and token F1 (SQuAD normalization; citation marks "[n]" removed first) and `hit`, the
+  normalized reference contained in the normalized answer (the accuracy the abstention target
+  is measured by); an abstained answerable question scores 0 on all three;
+- cite: the answer cites "[n]" for the passage holding the answer, among answerable questions
+  whose passage was retrieved;
+- abstention precision and recall: `abstained` over all questions, unanswerable as positives;
+- for the retrieval gate, what each threshold on the best passage's score would give (the gate
+  runs before generation, so this is what the server would answer at that threshold).
+
+    .venv/bin/python -m bench.answer_quality --adapters base concise cited grounded
+    .venv/bin/python -m bench.answer_quality --abstain false --json /tmp/aq.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import re
+import string
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).parent / "data"
+log = logging.getLogger("bench.answer_quality")
+
+
+def normalize(text: str) -> str:
+    text = re.sub(r"\[\d+\]", " ", text).lower()
+    text = "".join(c for c in text if c not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1(prediction: str, reference: str) -> float:
+    p, r = normalize(prediction).split(), normalize(reference).split()
+    common = sum((collections.Counter(p) & collections.Counter(r)).values())
+    if not p or not r or common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def read(name: str) -> list[dict[str, Any]]:
+    with (DATA / name).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def ask_all(client: Any, bodies: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
+    def one(body: dict[str, Any]) -> dict[str, Any]:
+        r = client.post("/ask", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"/ask {body['question']!r}: {r.status_code} {r.text}")
+        return dict(r.json())
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, bodies))
+
+
+def score(
+    answerable: list[dict[str, Any]],
+    unanswerable: list[dict[str, Any]],
+    a_out: list[dict[str, Any]],
+    u_out: list[dict[str, Any]],
+) -> dict[str, float]:
+    recall, em, f1s, hit, cite, cite_n = 0, 0.0, 0.0, 0, 0, 0
+    for q, out in zip(answerable, a_out, strict=True):
+        ids = [p["id"] for p in out["passages"]]
+        if q["passage_id"] in ids:
+            recall += 1
+        if out.get("abstained"):
+            continue
+        answer = out["answer"]
+        em += normalize(answer) == normalize(q["answer"])
+        f1s += f1(answer, q["answer"])
+        hit += normalize(q["answer"]) in normalize(answer)
+        if q["passage_id"] in ids:
+            cite_n += 1
+            cite += f"[{ids.index(q['passage_id']) + 1}]" in answer
+    n = len(answerable)
+    abst_u = sum(bool(o.get("abstained")) for o in u_out)
+    abst_a = sum(bool(o.get("abstained")) for o in a_out)
+    return {
+        "recall": recall / n,
+        "em": em / n,
+        "f1": f1s / n,
+        "hit": hit / n,
+        "cite": cite / cite_n if cite_n else 0.0,
+        "abstain_precision": abst_u / (abst_u + abst_a) if abst_u + abst_a else 0.0,
+        "abstain_recall": abst_u / len(unanswerable) if unanswerable else 0.0,
+        "abstained_answerable": abst_a / n,
+    }
+
+
+def gate_table(
+    answerable: list[dict[str, Any]],
+    a_out: list[dict[str, Any]],
+    u_out: list[dict[str, Any]],
+    thresholds: Sequence[float],
+) -> list[str]:
+    """What a retrieval-score gate at t would do to these (ungated) answers."""
+    best_a = [max(p["score"] for p in o["passages"]) for o in a_out]
+    best_u = [max(p["score"] for p in o["passages"]) for o in u_out]
+    lines = ["  gate t | abstain on unanswerable | abstain on answerable | hit kept"]
+    for t in thresholds:
+        kept = sum(
+            normalize(q["answer"]) in normalize(o["answer"])
+            for q, o, s in zip(answerable, a_out, best_a, strict=True)
+            if s >= t
+        )
+        lines.append(
+            f"  {t:6.2f} | {sum(s < t for s in best_u) / len(best_u):23.2f} | "
+            f"{sum(s < t for s in best_a) / len(best_a):21.2f} | {kept / len(best_a):8.3f}"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapters", nargs="+", default=["base"])
+    parser.add_argument("--modes", nargs="+", default=["concat"])
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=0, help="questions per set (0: all)")
+    parser.add_argument("--abstain", choices=["true", "false"], default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write every answer here")
+    parser.add_argument("--gate", nargs="*", type=float, default=[0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("LORAG_LAZY_LOAD_ADAPTERS", "true")
+    if args.abstain is not None:
+        os.environ["LORAG_ABSTAIN"] = args.abstain
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    answerable, unanswerable = read("answerable_heldout.jsonl"), read("unanswerable_heldout.jsonl")
+    if args.limit:
+        answerable, unanswerable = answerable[: args.limit], unanswerable[: args.limit]
+    dump: dict[str, Any] = {}
+    with TestClient(create_app(Settings())) as client:
+        while client.get("/ready").status_code != 200:
+            time.sleep(0.5)
+        for adapter in args.adapters:
+            for mode in args.modes:
+                bodies = [
+                    {
+                        "question": q["question"],
+                        "top_k": args.top_k,
+                        "max_new_tokens": args.max_new_tokens,
+                        "mode": mode,
+                        **({} if adapter == "base" else {"adapter": adapter}),
+                    }
+                    for q in answerable + unanswerable
+                ]
+                t = time.perf_counter()
+                out = ask_all(client, bodies, args.concurrency)
+                took = time.perf_counter() - t
+                a_out, u_out = out[: len(answerable)], out[len(answerable) :]
+                s = score(answerable, unanswerable, a_out, u_out)
+                print(
+                    f"{adapter:9s} {mode:8s} n={len(answerable)}+{len(unanswerable)} "
+                    + " ".join(f"{k}={v:.3f}" for k, v in s.items())
+                    + f" ({took:.0f} s)",
+                    flush=True,
+                )
+                if args.gate and not any(o.get("abstained") for o in out):
+                    print("\n".join(gate_table(answerable, a_out, u_out, args.gate)), flush=True)
+                dump[f"{adapter}/{mode}"] = {
+                    "scores": s,
+                    "answerable": a_out,
+                    "unanswerable": u_out,
+                }
+    if args.json:
+        args.json.write_text(json.dumps(dump, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
