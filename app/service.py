@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from app.errors import (
     InvalidInputError,
     NotReadyError,
 )
+from app.generation.abstain import ABSTAIN_TEXT, AbstainConfig, refuses, unsupported
 from app.lora.bundle import PreparedTask
 from app.lora.registry import AdapterInfo, AdapterRegistry, Lease, PreparedAdapter
 from app.lora.tasks import TaskBundles
@@ -116,6 +118,8 @@ class AskResult:
     finish_reason: str = "length"  # "stop": an end token or a stop string ended the answer
     prompt_tokens: int = 0  # the tokens the generator read (every passage row's prompt)
     token_ids: tuple[int, ...] = ()  # the generated tokens, the end token included
+    # the passages do not support an answer: `answer` says so (app/generation/abstain.py)
+    abstained: bool = False
 
 
 def prior_weights(scores: Sequence[float]) -> list[float]:
@@ -145,8 +149,10 @@ class RagService:
         default_top_k: int = 5,
         default_mode: Mode = "concat",
         scorer: ScoresPrompts | None = None,
+        abstain: AbstainConfig | None = None,
     ) -> None:
         self.retriever = retriever
+        self.abstain = abstain or AbstainConfig(enabled=False)
         self.scorer = scorer  # the generator, for prompt log-probabilities (model thread)
         self.engine = engine
         self.registry = registry
@@ -257,7 +263,42 @@ class RagService:
             t1 = time.perf_counter()
             if params.on_hits is not None:
                 params.on_hits(hits)
-            return await self._generate(params, lease, mode, hits, expected, t0, t1)
+            grounded = params.retrieval and params.template == "rag"
+            if grounded and unsupported(self.abstain, [h.score for h in hits]):
+                return self._abstained(params, lease, mode, hits, t0, t1)
+            result = await self._generate(params, lease, mode, hits, expected, t0, t1)
+            if grounded and refuses(self.abstain, result.answer):
+                return dataclasses.replace(result, answer=ABSTAIN_TEXT, abstained=True)
+            return result
+
+    def _abstained(
+        self,
+        params: AskParams,
+        lease: Lease | None,
+        mode: Mode,
+        hits: list[Hit],
+        t0: float,
+        t1: float,
+    ) -> AskResult:
+        """No passage scores high enough to hold an answer: say so, without generating."""
+        if params.on_text is not None:
+            params.on_text(ABSTAIN_TEXT)
+        return AskResult(
+            answer=ABSTAIN_TEXT,
+            adapter=params.adapter,
+            adapter_version=lease.version if lease is not None else None,
+            mode=mode,
+            hits=hits,
+            weights=prior_weights([h.score for h in hits]),
+            timings_ms={
+                "retrieve": (t1 - t0) * 1000,
+                "generate": 0.0,
+                "total": (time.perf_counter() - t0) * 1000,
+                "reused_prompt_tokens": 0,
+            },
+            finish_reason="stop",
+            abstained=True,
+        )
 
     async def _generate(
         self,

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.contracts import Mode
 from app.engine.config import EngineConfig
+from app.generation.abstain import AbstainConfig
 from app.generation.config import DecodingConfig, DType, GeneratorSpec
 
 if TYPE_CHECKING:
@@ -134,6 +135,18 @@ class Settings(BaseSettings):
         None, ge=0, lt=1, description="Drop passages whose prior p(z|x) is below this."
     )
     request_timeout_s: float = Field(120.0, gt=0)
+    abstain: bool = Field(
+        True,
+        description="Grounded abstention: answer that the documents do not contain the answer "
+        "when no passage supports one (app/generation/abstain.py).",
+    )
+    abstain_min_score: float = Field(
+        0.45,
+        ge=-1,
+        le=1,
+        description="Abstain when the best passage's retrieval score is below this (cosine for "
+        "the default encoder; chosen in bench/RESULTS.md, 'Answer quality').",
+    )
 
     # engine
     max_batch_size: int = Field(
@@ -269,6 +282,10 @@ class Settings(BaseSettings):
             min_prior=self.min_prior,
             prefix_cache_bytes=self.prefix_cache_bytes,
         )
+
+    @property
+    def abstention(self) -> AbstainConfig:
+        return AbstainConfig(enabled=self.abstain, min_score=self.abstain_min_score)
 
     @property
     def engine(self) -> EngineConfig:

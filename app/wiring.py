@@ -182,6 +182,7 @@ def build_service(
         default_top_k=settings.top_k,
         default_mode=settings.mode,
         scorer=components.generator,
+        abstain=settings.abstention,
     )
 
 

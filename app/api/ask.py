@@ -93,6 +93,7 @@ def _respond(body: AskRequest, request: Request, state: Any, result: AskResult) 
         timings_ms=Timings(**result.timings_ms),
         generated_tokens=result.generated_tokens,
         finish_reason=result.finish_reason,
+        abstained=result.abstained,
         request_id=request.state.request_id,
     )
 

@@ -75,6 +75,7 @@ def completion(
         usage=usage(results),
         system_fingerprint=first.adapter_version,
         citations=passages_out(first.hits, first.weights),
+        abstained=first.abstained,
     )
 
 

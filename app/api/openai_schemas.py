@@ -201,6 +201,11 @@ class ChatCompletion(BaseModel):
         description=EXTENSION + "the passages the answer read, as POST /ask's `passages` "
         "(weights: the first choice's); empty without retrieval."
     )
+    abstained: bool = Field(
+        False,
+        description=EXTENSION + "the passages do not support an answer (LORAG_ABSTAIN): the "
+        "first choice says the documents do not contain it, as POST /ask's `abstained`.",
+    )
 
 
 # text completions ------------------------------------------------------------------------

@@ -104,6 +104,11 @@ class AskResponse(BaseModel):
         description="stop: an end token or a stop string ended the answer; length: "
         "max_new_tokens did."
     )
+    abstained: bool = Field(
+        False,
+        description="The passages do not support an answer (LORAG_ABSTAIN): `answer` says the "
+        "documents do not contain it; the passages searched are still listed.",
+    )
     request_id: str
 
 

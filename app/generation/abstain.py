@@ -30,7 +30,7 @@ _REFUSALS = re.compile(
 class AbstainConfig:
     enabled: bool = True
     # below this best retrieval score (cosine for the default encoder) the service abstains
-    min_score: float = 0.35
+    min_score: float = 0.45
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.min_score <= 1.0:
