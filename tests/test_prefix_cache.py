@@ -102,6 +102,23 @@ def test_answers_equal_the_cache_off_and_the_cache_serves(world) -> None:
         assert again[i].reused_tokens > 0
 
 
+def test_joiners_that_share_a_prefix_compute_it_once(world, monkeypatch) -> None:
+    """Rows arriving together: a repeat of an earlier joiner's prompt waits for a second
+    prefill call and reuses the blocks the first call computed, with the same answers."""
+    gen, _, a1 = world
+    rows = workload(a1)
+    want = run(StepBatch(gen), rows, [0] * len(rows))
+    monkeypatch.setattr("app.generation.step_batch.FOLLOW_MIN_TOKENS", BLOCK)
+    batch = StepBatch(gen, ON)  # a cold cache: nothing is cached before this one join
+    got = run(batch, rows, [0] * len(rows))
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    assert got[0].reused_tokens == 0
+    assert got[1].reused_tokens == (got[1].prompt_tokens - 1) // BLOCK * BLOCK
+    assert got[2].reused_tokens == 0  # another adapter
+    assert got[6].reused_tokens > 0  # the passages row 5 (same adapter) computes
+
+
 def test_a_hot_swap_drops_what_the_old_weights_computed(tmp_path: Path) -> None:
     gen, reg, a1 = setup("llama", tmp_path)
     row = GenRow("Where is Alpha?", [P1, P2], a1, 8)

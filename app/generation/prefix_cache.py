@@ -19,6 +19,11 @@ token attends only to tokens before it). The batch drops every entry whenever th
 weights change (an adapter installed, swapped, unloaded, merged or unmerged: `clear`), so a
 block never serves under weights other than the ones it was computed with.
 
+Rows that arrive together and share a prefix that is not cached yet (a popular question asked
+by several clients at once, a passage that several joiners retrieved) would each compute it in
+the one prefill of their join; `shared_blocks` finds them, and the step batch prefills such
+followers in a second call after their leaders' blocks are stored (`StepBatch.join_requests`).
+
 Threads: the model thread only.
 """
 
@@ -90,6 +95,15 @@ class PrefixCache:
             for i in range(layers)
         ]
 
+    def covered(self, adapter: str | None, prompt: Sequence[int]) -> int:
+        """How many leading tokens of prompt a lookup would reuse now (no stats, no LRU)."""
+        n = 0
+        for end in range(BLOCK, len(prompt), BLOCK):
+            if (adapter, tuple(prompt[:end])) not in self._blocks:
+                break
+            n = end
+        return n
+
     def missing(self, adapter: str | None, prompt: Sequence[int]) -> bool:
         """Whether some full block of prompt is not cached (store() would add it)."""
         if self.budget <= 0:
@@ -127,3 +141,26 @@ class PrefixCache:
                 _, old = self._blocks.popitem(last=False)
                 self.bytes -= sum(k.nbytes + v.nbytes for k, v in old)
                 self.stats.evictions += 1
+
+
+def shared_blocks(adapters: Sequence[str | None], prompts: Sequence[Sequence[int]]) -> list[int]:
+    """For each prompt, how many leading tokens (whole blocks, short of its last token) an
+    earlier prompt in the list under the same adapter also starts with. One pass over each
+    prompt: a block is named by a chained hash of the blocks up to it (a collision can only
+    make a split less useful, never an answer wrong: reuse itself goes by exact keys)."""
+    seen: set[int] = set()
+    out: list[int] = []
+    for adapter, prompt in zip(adapters, prompts, strict=True):
+        chain = hash(adapter)
+        names = []
+        for end in range(BLOCK, len(prompt), BLOCK):
+            chain = hash((chain, tuple(prompt[end - BLOCK : end])))
+            names.append(chain)
+        n = 0
+        for i, name in enumerate(names):
+            if name not in seen:
+                break
+            n = (i + 1) * BLOCK
+        out.append(n)
+        seen.update(names)
+    return out

@@ -47,10 +47,15 @@ from app.generation.modes.base import Answer, Found, Request
 from app.generation.modes.concat import Concat
 from app.generation.modes.sequence import RagSequence
 from app.generation.modes.token import RagToken
-from app.generation.prefix_cache import PrefixCache
+from app.generation.prefix_cache import PrefixCache, shared_blocks
 from app.lora.batched import BatchedLora, RowPlan
 
 log = logging.getLogger(__name__)
+
+# A joiner is prefilled in a second call after the others when it would reuse at least this
+# many of their prompt tokens: a model call's fixed cost on a CPU is about what prefilling a
+# few dozen tokens costs (bench/RESULTS.md, "Prefix cache").
+FOLLOW_MIN_TOKENS = 64
 
 Finished = tuple[Hashable, Answer]  # a request's key and its answer
 
@@ -270,29 +275,27 @@ class StepBatch:
         return finished + self.join_requests(requests)
 
     def join_requests(self, requests: Sequence[Request]) -> list[Finished]:
-        """Prefill requests (their prompts together) and add them to the batch."""
+        """Prefill requests (their prompts together) and add them to the batch. With the
+        prefix cache, requests whose prompts start with blocks that an earlier joiner's prompt
+        computes too are prefilled after those blocks are cached (`_followers`), and rows are
+        prefilled in calls of similar lengths left to compute (`_by_length`). Nothing joins
+        the batch until every call is done, so a failure in any adds nothing."""
         if not requests:
             return []
-        h = self.host
-        ids = [p for r in requests for p in r.prompts]
-        names = _row_names(requests)
-        ctx, extra = self._adapters(names, keep=False)
-        found = self._cached(names, ids)
-        cached = [layers[0][0].shape[1] if layers else 0 for layers in found]
-        left = h.family.padding_side == "left"
-        tokens, mask = pad(
-            [p[n:] for p, n in zip(ids, cached, strict=True)], h.pad_id, left=left, device=h.device
-        )
-        past = _past(found, cached, h.device) if any(cached) else None
-        with torch.inference_mode(), ctx:
-            state, logits = h.family.prefill(h.model, tokens, mask, extra, past)
-        kv.check_filled(state)  # refuse caches we cannot step, before merging
-        self._keep_prefixes(names, ids, cached, state)
-        if past is not None:
+        later = self._followers(requests)
+        first = [r for i, r in enumerate(requests) if i not in later]
+        second = [r for i, r in enumerate(requests) if i in later]
+        groups = self._by_length(first)
+        parts = [self._prefill(g) for g in groups]
+        later_groups = self._by_length(second)  # looked up after first's blocks are stored
+        parts += [self._prefill(g) for g in later_groups]
+        requests = [r for g in groups + later_groups for r in g]  # the rows' order in parts
+        state, logits = parts[0]
+        if len(parts) > 1:
             with torch.inference_mode():
-                state = kv.compact(state)
-        for r, n in zip(requests, _per_request(requests, cached), strict=True):
-            r.reused = n
+                for other, _ in parts[1:]:
+                    kv.merge(state, other)
+                logits = torch.cat([x for _, x in parts])
         at = 0
         for r in requests:
             states = state.enc_hidden[at : at + r.n] if state.enc_hidden is not None else None
@@ -313,6 +316,74 @@ class StepBatch:
             else:
                 kv.merge(self._state, state)
         return done
+
+    def _prefill(self, requests: Sequence[Request]) -> tuple[kv.State, torch.Tensor]:
+        """One prefill of the requests' rows, each after its longest cached prefix; their
+        prompt blocks are offered to the cache. Returns the state (holes compacted) and the
+        logits of each row's last prompt token [rows, V]."""
+        h = self.host
+        ids = [p for r in requests for p in r.prompts]
+        names = _row_names(requests)
+        ctx, extra = self._adapters(names, keep=False)
+        found = self._cached(names, ids)
+        cached = [layers[0][0].shape[1] if layers else 0 for layers in found]
+        left = h.family.padding_side == "left"
+        tokens, mask = pad(
+            [p[n:] for p, n in zip(ids, cached, strict=True)], h.pad_id, left=left, device=h.device
+        )
+        past = _past(found, cached, h.device) if any(cached) else None
+        with torch.inference_mode(), ctx:
+            state, logits = h.family.prefill(h.model, tokens, mask, extra, past)
+        kv.check_filled(state)  # refuse caches we cannot step, before merging
+        self._keep_prefixes(names, ids, cached, state)
+        if past is not None:
+            with torch.inference_mode():
+                state = kv.compact(state)
+        for r, n in zip(requests, _per_request(requests, cached), strict=True):
+            r.reused = n
+        return state, logits
+
+    def _by_length(self, requests: Sequence[Request]) -> list[list[Request]]:
+        """The requests in prefill calls of similar lengths to compute (prompt tokens after
+        the cached prefix), longest first. A call pads every row to its longest, and on a CPU
+        a padded token costs what a real one does, so one row that reuses most of its prompt
+        beside one that reuses nothing would save nothing; without the cache the groups are
+        the whole join (one call), as before."""
+        cache = self.prefixes
+        if cache is None or len(requests) < 2:
+            return [list(requests)] if requests else []
+
+        def todo(r: Request) -> int:
+            return max(len(p) - cache.covered(r.adapter, p) for p in r.prompts)
+
+        ordered = sorted(requests, key=todo, reverse=True)
+        groups: list[list[Request]] = []
+        top = 0
+        for r in ordered:
+            n = todo(r)
+            if groups and top - n <= max(FOLLOW_MIN_TOKENS, top // 4):
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+                top = n
+        return groups
+
+    def _followers(self, requests: Sequence[Request]) -> set[int]:
+        """The requests worth prefilling after the others: those with at least
+        FOLLOW_MIN_TOKENS prompt tokens, not cached yet, that an earlier joiner's prompt
+        starts with too. Below that, a second model call costs more than it saves."""
+        cache = self.prefixes
+        if cache is None or len(requests) < 2:
+            return set()
+        ids = [p for r in requests for p in r.prompts]
+        names = _row_names(requests)
+        shared = shared_blocks(names, ids)
+        gain = [
+            max(0, s - cache.covered(n, p)) if s else 0
+            for n, p, s in zip(names, ids, shared, strict=True)
+        ]
+        per = _per_request(requests, gain)
+        return {i for i, g in enumerate(per) if g >= FOLLOW_MIN_TOKENS}
 
     # ---- stepping -------------------------------------------------------------------------
 
