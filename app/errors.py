@@ -19,6 +19,10 @@ class NotReadyError(LoragError):
     """The service is starting or stopping."""
 
 
+class DatabaseUnavailable(NotReadyError):
+    """The database cannot be reached now (HTTP 503); the message names it without a password."""
+
+
 class AdapterNotFound(NotFoundError):
     def __init__(self, name: str) -> None:
         super().__init__(f"adapter {name!r} is not loaded")

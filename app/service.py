@@ -233,15 +233,30 @@ class RagService:
         return await asyncio.shield(pending)  # one caller giving up does not cancel the load
 
     async def _load_folder(self, name: str) -> AdapterInfo:
-        rel, version = self.adapter_source.locate(name)
-        try:
-            load = await self.prepare_adapter(rel, expect_version=version)
-        except AdapterPathNotFound:
-            raise AdapterNotFound(name) from None
-        info = await self.engine.run_exclusive(lambda: self.registry.ensure(name, load.adapter))
-        if info.path == rel and info.version == load.version:  # this folder is what serves
-            await self._apply_task(name, load.task)
-        return info
+        for _ in range(3):  # the registration changed while its files were read: read again
+            where = self.adapter_source.locate(name)
+            rel, version = where
+            try:
+                load = await self.prepare_adapter(rel, expect_version=version)
+            except AdapterPathNotFound:
+                raise AdapterNotFound(name) from None
+
+            def install(
+                load: PreparedLoad = load, where: tuple[str, str | None] = where
+            ) -> AdapterInfo | None:
+                # checked on the model thread, where a fleet's own installs run in order, so
+                # this never installs a folder that a newer registration replaced
+                if self.adapter_source.locate(name) != where:
+                    return None
+                return self.registry.ensure(name, load.adapter)
+
+            info = await self.engine.run_exclusive(install)
+            if info is None:
+                continue
+            if info.path == rel and info.version == load.version:  # this folder is what serves
+                await self._apply_task(name, load.task)
+            return info
+        raise AdapterNotFound(name)
 
     async def _ask(self, params: AskParams, lease: Lease | None) -> AskResult:
         t0 = time.perf_counter()
