@@ -37,6 +37,13 @@ from pathlib import Path
 from typing import Any
 
 DATA = Path(__file__).parent / "data"
+# the README's examples: each adapter's answer to them is printed after its figures
+README_QUESTIONS = [
+    "What is the capital of Alaska?",
+    "What is Anarchism?",
+    "Who wrote Hamlet?",
+    "What is the boiling point of water?",
+]
 log = logging.getLogger("bench.answer_quality")
 
 
@@ -144,6 +151,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("LORAG_LAZY_LOAD_ADAPTERS", "true")
+    # a busy machine must not turn slow answers into 504s: quality is measured, not latency
+    os.environ.setdefault("LORAG_REQUEST_TIMEOUT_S", "3600")
     if args.abstain is not None:
         os.environ["LORAG_ABSTAIN"] = args.abstain
 
@@ -184,13 +193,18 @@ def main() -> None:
                 )
                 if args.gate and not any(o.get("abstained") for o in out):
                     print("\n".join(gate_table(answerable, a_out, u_out, args.gate)), flush=True)
+                shown = ask_all(client, [{**bodies[0], "question": q} for q in README_QUESTIONS], 4)
+                for q, o in zip(README_QUESTIONS, shown, strict=True):
+                    flag = " (abstained)" if o.get("abstained") else ""
+                    print(f"    {q!r} -> {o['answer']!r}{flag}", flush=True)
                 dump[f"{adapter}/{mode}"] = {
                     "scores": s,
                     "answerable": a_out,
                     "unanswerable": u_out,
+                    "readme": shown,
                 }
-    if args.json:
-        args.json.write_text(json.dumps(dump, indent=1, ensure_ascii=False))
+                if args.json:  # after every adapter, so a failure later keeps what was measured
+                    args.json.write_text(json.dumps(dump, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":
