@@ -154,3 +154,23 @@ def wait_loaded(client) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("app did not finish loading in 120 s")
+
+
+# ---- a real PostgreSQL + pgvector (tests/pg.py): one server per session, a database per test
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory):
+    from tests.pg import PgServer
+
+    server = PgServer(tmp_path_factory.mktemp("pg") / "data")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the session's server (dropped after the test)."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
