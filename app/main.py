@@ -85,6 +85,7 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
     settings = state.settings
     try:
         components = await asyncio.to_thread(wiring.load_components, settings)
+        ledger = await asyncio.to_thread(wiring.build_ledger, settings)
     except Exception as exc:
         state.status = "failed"
         state.error = f"{type(exc).__name__}: {exc}"
@@ -98,7 +99,7 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
     state.components = components
     state.service = service
     state.indexes = wiring.build_indexes(settings, components, service, state.metrics)
-    fleet = wiring.build_fleet(settings, components, service, state.indexes)
+    fleet = wiring.build_fleet(service, state.indexes, ledger)
     await fleet.start()  # what the fleet registered is applied here before /ready says yes
     state.fleet = fleet
     if state.status == "loading":

