@@ -100,3 +100,18 @@ def test_unreachable_database_is_a_503_without_the_password(tmp_path) -> None:
         Database.open(DatabaseConfig(SecretStr(url), connect_timeout_s=1))
     assert "hunter2" not in str(err.value)
     assert "lorag:***@" in str(err.value)
+
+
+def test_pool_recovers_after_a_server_restart(pg_server, pg_url: str) -> None:
+    db = Database.open(DatabaseConfig(SecretStr(pg_url), connect_timeout_s=2))
+    try:
+        pg_server.stop()
+        try:
+            with pytest.raises(DatabaseUnavailable), db.connection() as conn:
+                conn.execute("SELECT 1")
+        finally:
+            pg_server.start()
+        with db.connection() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        db.close()
