@@ -256,12 +256,15 @@ def search(
     k: int,
     spec: AnnSpec,
     exclude: np.ndarray | None = None,
+    include: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores [n, k] float32, ids [n, k] int64) per query row; id -1 pads a short row.
 
-    `exclude` holds int64 ids that must never come back (deleted passages); they are filtered
-    inside the search, so a row still has k results when k live vectors are reachable (for IVF:
-    within the nprobe scanned buckets; for HNSW: within the ef_search candidates).
+    `exclude` holds int64 ids that must never come back (deleted passages); `include`, if
+    given, the only ids that may (a metadata filter's passages: exclude is then ignored). Both
+    are applied inside the search, so a row still has k results when k allowed vectors are
+    reachable (for IVF: within the nprobe scanned buckets; for HNSW: within the ef_search
+    candidates; `exact_among` completes a short HNSW row).
     """
     if k < 1:
         raise InvalidInputError(f"k must be at least 1, got {k}")
@@ -270,8 +273,10 @@ def search(
         raise InvalidInputError(
             f"queries must have shape [n, {index.d}], got {list(queries.shape)}"
         )
-    sel = None
-    if exclude is not None and len(exclude):
+    sel: Any = None
+    if include is not None:
+        sel = faiss.IDSelectorBatch(np.asarray(include, dtype=np.int64))
+    elif exclude is not None and len(exclude):
         sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, dtype=np.int64)))
     kind = kind_of(index)
     params: Any  # the stubs lack SearchParametersHNSW and the IVF fields
@@ -287,6 +292,28 @@ def search(
         params.sel = sel  # IndexIDMap2 translates positions to our ids; IVF stores our ids
     scores, ids = index.search(queries, k, params=params)  # [n, k] each
     return scores, ids
+
+
+def exact_among(
+    index: faiss.Index, queries: np.ndarray, k: int, ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact top-k by inner product among `ids` only (scores [n, k], ids [n, k], -1 padded),
+    from the stored vectors; None for IVF kinds, which keep no id -> vector map."""
+    outer = faiss.downcast_index(index)
+    if not isinstance(outer, faiss.IndexIDMap2):
+        return None
+    ids = np.asarray(ids, dtype=np.int64)
+    vectors = np.vstack([outer.reconstruct(int(i)) for i in ids]) if len(ids) else None
+    n = queries.shape[0]
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    found = np.full((n, k), -1, dtype=np.int64)
+    if vectors is None:
+        return scores, found
+    sims = np.ascontiguousarray(queries, dtype=np.float32) @ vectors.T  # [n, len(ids)]
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [n, <=k]
+    scores[:, : top.shape[1]] = np.take_along_axis(sims, top, axis=1)
+    found[:, : top.shape[1]] = ids[top]
+    return scores, found
 
 
 def supports_remove(index: faiss.Index) -> bool:

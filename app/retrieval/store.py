@@ -44,6 +44,7 @@ from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
 from app.retrieval import ann, atomic, wal
 from app.retrieval.ann import AnnSpec
 from app.retrieval.docstore import DocStore, StoredDocument, group_by_document
+from app.retrieval.filters import MetadataFilter
 from app.retrieval.manifest import (
     DATA_FILES,
     DOCUMENTS_FILE,
@@ -127,8 +128,12 @@ class PassageIndex:
         with self._lock:
             return self._docs.documents()
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k hits per query row, best first; k is capped at the number of passages."""
+    def search(
+        self, queries: np.ndarray, k: int, where: MetadataFilter | None = None
+    ) -> list[list[Hit]]:
+        """Top-k hits per query row, best first; k is capped at the number of passages (that
+        match `where`: only passages of documents whose metadata matches it come back, and k
+        of them when k match, the filter being applied inside the search)."""
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -136,13 +141,21 @@ class PassageIndex:
                 f"queries must have shape [n, {self.dim}], got {list(queries.shape)}"
             )
         with self._lock:
-            k = min(k, len(self))
+            allowed = None if where is None else self._matching_pids(where)  # [m] int64
+            k = min(k, len(self) if allowed is None else len(allowed))
             if k == 0:
                 return [[] for _ in range(queries.shape[0])]
             if self._excluded is None:  # deletes since the last search (a replay makes many)
                 self._excluded = np.array(sorted(self._tombstones), dtype=np.int64)
             # [n, k] each; id -1 marks "no result"; tombstones are excluded inside the search
-            scores, ids = ann.search(self._index, queries, k, self.spec, self._excluded)
+            scores, ids = ann.search(
+                self._index, queries, k, self.spec, self._excluded, include=allowed
+            )
+            if allowed is not None and (ids < 0).any():
+                # a graph walk can miss a selective filter's few passages: search those exactly
+                exact = ann.exact_among(self._index, queries, k, allowed)
+                if exact is not None:
+                    scores, ids = exact
             passage = self._docs.passage
             return [
                 [
@@ -152,6 +165,10 @@ class PassageIndex:
                 ]
                 for row_scores, row_ids in zip(scores, ids, strict=True)
             ]
+
+    def _matching_pids(self, where: MetadataFilter) -> np.ndarray:
+        pids = [pid for d in self._docs.documents() if where.matches(d.metadata) for pid in d.pids]
+        return np.array(sorted(pids), dtype=np.int64)
 
     # changes ------------------------------------------------------------------------------
 
