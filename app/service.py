@@ -29,6 +29,7 @@ from app.generation.abstain import ABSTAIN_TEXT, AbstainConfig, refuses, unsuppo
 from app.lora.bundle import PreparedTask
 from app.lora.registry import AdapterInfo, AdapterRegistry, Lease, PreparedAdapter
 from app.lora.tasks import TaskBundles
+from app.retrieval.filters import MetadataFilter
 
 T = TypeVar("T")
 
@@ -37,7 +38,12 @@ log = logging.getLogger(__name__)
 
 class Retrieves(Protocol):
     def retrieve(
-        self, questions: Sequence[str], k: int, *, index: str | None = None
+        self,
+        questions: Sequence[str],
+        k: int,
+        *,
+        index: str | None = None,
+        where: MetadataFilter | None = None,
     ) -> list[list[Hit]]: ...
 
     def resolve(self, name: str | None) -> SearchesVectors: ...
@@ -50,7 +56,9 @@ class ScoresPrompts(Protocol):
 
 
 class SearchesVectors(Protocol):
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]: ...
+    def search(
+        self, queries: np.ndarray, k: int, where: MetadataFilter | None = None
+    ) -> list[list[Hit]]: ...
 
 
 class AdapterSource(Protocol):
@@ -79,7 +87,8 @@ class PreparedLoad:
         return self.adapter.version
 
 
-RetrievalKey = tuple[int, str | None, str | None]  # top_k, index name, question-adapter name
+# top_k, index name, question-adapter name, metadata filter
+RetrievalKey = tuple[int, str | None, str | None, MetadataFilter | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,7 @@ class AskParams:
     mode: Mode | None = None  # None: the adapter's task default, else the service's
     decoding: Decoding = "thorough"
     index: str | None = None  # a named index; None: the active one
+    where: MetadataFilter | None = None  # only passages of documents whose metadata matches
     sampling: Sampling = GREEDY
     history: tuple[Turn, ...] = ()  # the conversation before the question (chat)
     # False: no passages, the conversation through the chat template as it is (or, with
@@ -273,7 +283,7 @@ class RagService:
             asker = params.adapter if task is not None else None
             hits: list[Hit] = []
             if params.retrieval:
-                key = (top_k, params.index, asker)
+                key = (top_k, params.index, asker, params.where)
                 hits = await self._retrievals.submit(key, params.question)
             t1 = time.perf_counter()
             if params.on_hits is not None:
@@ -399,11 +409,11 @@ class RagService:
         adapter with a question-encoder part encodes them itself (per call: no adapter switch
         is shared between requests), then searches the same index; every other request goes
         through the server's encoder."""
-        k, index, adapter = key
+        k, index, adapter, where = key
         vectors = self.tasks.question_vectors(list(questions), adapter)  # [n, dim] or None
         if vectors is None:
-            return self.retriever.retrieve(questions, k, index=index)
-        return self.retriever.resolve(index).search(vectors, k)
+            return self.retriever.retrieve(questions, k, index=index, where=where)
+        return self.retriever.resolve(index).search(vectors, k, where)
 
     async def _apply_task(self, name: str, task: PreparedTask) -> None:
         # on the retrieval thread, so a question adapter never changes under an encode

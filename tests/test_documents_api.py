@@ -236,3 +236,17 @@ def test_the_log_is_compacted_once_it_passes_its_limit(app_factory: Factory, roo
         time.sleep(0.05)
     assert (root / "facts" / "updates.log").stat().st_size == 0
     assert {"z0", "z1"} <= {p["doc_id"] for p in retrieved(client, top_k=10)}
+
+
+def test_ask_filter_retrieves_only_matching_documents(app_factory: Factory) -> None:
+    client = app_factory()
+    resp = client.post("/documents", json={"documents": [NEW_DOC]}, headers=ADMIN)
+    assert resp.status_code == 200, resp.text
+    # unfiltered, the new document is the best passage for its own question
+    assert retrieved(client)[0]["doc_id"] == "moon-zeta"
+    only_new = retrieved(client, filter={"year": {"$gte": 2030}, "source": "test"})
+    assert [p["doc_id"] for p in only_new] == ["moon-zeta"]  # k capped at the one match
+    others = retrieved(client, filter={"source": {"$ne": "test"}})
+    assert len(others) == 3 and "moon-zeta" not in {p["doc_id"] for p in others}
+    resp = client.post("/ask", json={"question": QUESTION, "filter": {"year": {"$near": 1}}})
+    assert resp.status_code == 422 and "$near" in resp.text and "year" in resp.text

@@ -19,6 +19,7 @@ from app.api.errors import status_for
 from app.api.schemas import AskRequest, AskResponse, PassageOut, Timings
 from app.contracts import BASE_ADAPTER, Hit, Sampling
 from app.errors import InvalidInputError, LoragError
+from app.retrieval import filters
 from app.service import AskParams, AskResult
 
 router = APIRouter(tags=["ask"])
@@ -52,6 +53,7 @@ async def ask(
         mode=body.mode,  # None: the adapter's task default, else settings.mode
         decoding=body.decoding,
         index=body.index,
+        where=filters.parse(body.filter),
         sampling=sampling_of(body),
     )
     if body.stream:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -42,6 +42,13 @@ class AskRequest(BaseModel):
         None,
         pattern=INDEX_NAME,
         description="A named index under the index root; default: the active one (GET /index).",
+    )
+    filter: dict[str, Any] | None = Field(
+        None,
+        description="Retrieve only passages of documents whose metadata matches: "
+        '{"lang": "en", "year": {"$gte": 2000}}; keys ANDed; operators $in, $ne, $gt, $gte, '
+        "$lt, $lte (numbers); anything else is refused (422).",
+        examples=[{"lang": "en"}],
     )
     stream: bool = Field(
         False,

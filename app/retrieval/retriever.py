@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from app.contracts import Hit
 from app.errors import IndexInvalid, InvalidInputError
 from app.retrieval.encoders import TextEncoder
+from app.retrieval.filters import MetadataFilter
 from app.retrieval.indexes import IndexCatalog
 from app.retrieval.store import PassageIndex
 
@@ -45,12 +46,18 @@ class Retriever:
         return self._source
 
     def retrieve(
-        self, questions: Sequence[str], k: int, *, index: str | None = None
+        self,
+        questions: Sequence[str],
+        k: int,
+        *,
+        index: str | None = None,
+        where: MetadataFilter | None = None,
     ) -> list[list[Hit]]:
         """For each question, its k best passages (fewer if the index is smaller), best first.
 
         `index` names one of the catalog's indexes (default: the active one); it is resolved
-        once, before encoding, so a concurrent switch cannot split this call."""
+        once, before encoding, so a concurrent switch cannot split this call. `where`: only passages
+        of documents whose metadata matches (app/retrieval/filters.py)."""
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")
         if isinstance(questions, str):
@@ -59,4 +66,4 @@ class Retriever:
         if not questions:
             return []
         vectors = self.encoder.encode_questions(questions)  # [n, dim]
-        return target.search(vectors, k)
+        return target.search(vectors, k, where)
