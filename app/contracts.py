@@ -9,9 +9,9 @@ here once, so no layer imports another's internals for them.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, get_args
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 if TYPE_CHECKING:  # annotations only: importing this module stays free of torch
     from torch import nn
@@ -45,10 +45,12 @@ class Passage:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A retrieved passage and its retrieval score (inner product of the embeddings)."""
+    """A retrieved passage, its retrieval score (inner product of the embeddings) and its
+    document's metadata (what a filter matched against)."""
 
     passage: Passage
     score: float
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

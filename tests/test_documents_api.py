@@ -246,6 +246,7 @@ def test_ask_filter_retrieves_only_matching_documents(app_factory: Factory) -> N
     assert retrieved(client)[0]["doc_id"] == "moon-zeta"
     only_new = retrieved(client, filter={"year": {"$gte": 2030}, "source": "test"})
     assert [p["doc_id"] for p in only_new] == ["moon-zeta"]  # k capped at the one match
+    assert only_new[0]["metadata"] == NEW_DOC["metadata"]  # passages carry it
     others = retrieved(client, filter={"source": {"$ne": "test"}})
     assert len(others) == 3 and "moon-zeta" not in {p["doc_id"] for p in others}
     resp = client.post("/ask", json={"question": QUESTION, "filter": {"year": {"$near": 1}}})

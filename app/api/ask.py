@@ -78,6 +78,7 @@ def passages_out(hits: list[Hit], weights: list[float]) -> list[PassageOut]:
             title=h.passage.title,
             text=h.passage.text,
             score=h.score,
+            metadata=dict(h.metadata),
             weight=w,
         )
         for h, w in zip(hits, weights, strict=True)

@@ -82,6 +82,9 @@ class PassageOut(BaseModel):
     title: str
     text: str
     score: float = Field(description="Retrieval score: inner product of the embeddings.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="The passage's document's metadata (POST /documents)."
+    )
     weight: float = Field(
         description="How much the passage counted: the prior p(z|x) for concat, the "
         "posterior p(z|x,y) for token and sequence. Sums to 1."

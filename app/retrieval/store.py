@@ -156,10 +156,10 @@ class PassageIndex:
                 exact = ann.exact_among(self._index, queries, k, allowed)
                 if exact is not None:
                     scores, ids = exact
-            passage = self._docs.passage
+            passage, document = self._docs.passage, self._docs.document
             return [
                 [
-                    Hit(p, float(s))
+                    Hit(p, float(s), _metadata(document(p.doc_id)))
                     for s, i in zip(row_scores, row_ids, strict=True)
                     if i >= 0 and (p := passage(int(i))) is not None
                 ]
@@ -374,6 +374,10 @@ class PassageIndex:
             len(tail.records),
         )
         return loaded
+
+
+def _metadata(document: StoredDocument | None) -> Mapping[str, Any]:
+    return document.metadata if document is not None else {}
 
 
 def _faiss_ids(index: faiss.Index) -> np.ndarray:
