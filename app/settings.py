@@ -23,6 +23,7 @@ from app.generation.abstain import AbstainConfig
 from app.generation.config import DecodingConfig, DType, GeneratorSpec
 
 if TYPE_CHECKING:
+    from app.db.config import DatabaseConfig
     from app.lora.residency import ResidencyPolicy
     from app.retrieval.ann import AnnSpec
     from app.retrieval.config import EncoderSpec
@@ -318,6 +319,15 @@ class Settings(BaseSettings):
             step_batching=self.step_batching,
             prefill_tokens_per_step=self.prefill_tokens_per_step,
         )
+
+    @property
+    def database(self) -> DatabaseConfig | None:
+        """The database of LORAG_STORE=postgres (None without LORAG_DATABASE_URL)."""
+        if self.database_url is None:
+            return None
+        from app.db.config import DatabaseConfig
+
+        return DatabaseConfig(self.database_url, connect_timeout_s=self.database_timeout_s)
 
     @property
     def residency(self) -> ResidencyPolicy:
