@@ -353,14 +353,13 @@ class StepBatch:
         if cache is None or len(requests) < 2:
             return [list(requests)] if requests else []
 
-        def todo(r: Request) -> int:
-            return max(len(p) - cache.covered(r.adapter, p) for p in r.prompts)
-
-        ordered = sorted(requests, key=todo, reverse=True)
+        # each request's longest row, in tokens after its cached prefix (a lookup walks the
+        # prompt's blocks, so once per request)
+        todo = [(max(len(p) - cache.covered(r.adapter, p) for p in r.prompts), r) for r in requests]
+        todo.sort(key=lambda item: item[0], reverse=True)
         groups: list[list[Request]] = []
         top = 0
-        for r in ordered:
-            n = todo(r)
+        for n, r in todo:
             if groups and top - n <= max(FOLLOW_MIN_TOKENS, top // 4):
                 groups[-1].append(r)
             else:
