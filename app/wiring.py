@@ -211,15 +211,13 @@ def build_ledger(settings: Settings) -> Ledger:
     Blocks (connects, migrates): call it off the event loop."""
     if settings.store != "postgres":
         return LocalLedger()
-    if settings.database_url is None:
+    config = settings.database
+    if config is None:
         raise InvalidInputError("LORAG_STORE=postgres needs LORAG_DATABASE_URL")
     from app.fleet.pg_ledger import PostgresLedger
 
-    return PostgresLedger.connect(
-        settings.database_url.get_secret_value(),
-        timeout_s=settings.database_timeout_s,
-        recheck_s=settings.fleet_recheck_s,
-    )
+    # its own Database for now; one Database for the store and the ledger once the store is wired
+    return PostgresLedger.open(config, recheck_s=settings.fleet_recheck_s)
 
 
 def build_fleet(service: RagService, indexes: IndexManager, ledger: Ledger) -> Fleet:

