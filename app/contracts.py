@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # annotations only: importing this module stays free of torch
 Mode = Literal["concat", "token", "sequence"]  # concat prompt, RAG-Token, RAG-Sequence
 MODES: tuple[Mode, ...] = get_args(Mode)
 Decoding = Literal["thorough", "fast"]  # RAG-Sequence's rescoring
+# how passages are retrieved: dense (embeddings), sparse (BM25 over the words), hybrid (both,
+# fused by reciprocal rank: app/retrieval/fusion.py)
+SearchMode = Literal["dense", "sparse", "hybrid"]
+SEARCH_MODES: tuple[SearchMode, ...] = get_args(SearchMode)
 GeneratorKind = Literal["seq2seq", "causal"]  # the backend families
 Turn = tuple[str, str]  # a chat message before the question: (system | user | assistant, text)
 # how a row's prompt is made: rag, the question with its passages in lorag's RAG prompt; chat,

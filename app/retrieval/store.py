@@ -39,12 +39,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from app.contracts import Hit, Passage
+from app.contracts import SEARCH_MODES, Hit, Passage, SearchMode
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
 from app.retrieval import ann, atomic, wal
 from app.retrieval.ann import AnnSpec
 from app.retrieval.docstore import DocStore, StoredDocument, group_by_document
 from app.retrieval.filters import MetadataFilter
+from app.retrieval.fusion import DEFAULT_FUSION, Fusion, rrf
 from app.retrieval.manifest import (
     DATA_FILES,
     DOCUMENTS_FILE,
@@ -54,6 +55,7 @@ from app.retrieval.manifest import (
     PASSAGES_FILE,
     IndexManifest,
 )
+from app.retrieval.sparse import SparseIndex
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class PassageIndex:
         self._docs = docs
         self._tombstones = set(ids.tolist()) - set(docs.pids())
         self._excluded: np.ndarray | None = None  # sorted tombstones, made at the next search
+        # BM25 over the docstore's passages, following every apply (app/retrieval/sparse.py)
+        self._sparse = SparseIndex([(pid, p) for pid in docs.pids() if (p := docs.passage(pid))])
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -129,13 +133,64 @@ class PassageIndex:
             return self._docs.documents()
 
     def search(
-        self, queries: np.ndarray, k: int, where: MetadataFilter | None = None
+        self,
+        queries: np.ndarray | None,
+        k: int,
+        where: MetadataFilter | None = None,
+        *,
+        mode: SearchMode = "dense",
+        texts: Sequence[str] | None = None,
+        fusion: Fusion = DEFAULT_FUSION,
     ) -> list[list[Hit]]:
-        """Top-k hits per query row, best first; k is capped at the number of passages (that
+        """Top-k hits per query, best first; k is capped at the number of passages (that
         match `where`: only passages of documents whose metadata matches it come back, and k
-        of them when k match, the filter being applied inside the search)."""
+        of them when k match, the filter being applied inside the search).
+
+        dense: by inner product with the `queries` vectors [n, dim]; sparse: by BM25 of the
+        questions' `texts` (n of them), only passages sharing a term with the question (the
+        score is BM25's); hybrid: both lists, `fusion.depth_for(k)` deep, fused by reciprocal
+        rank (app/retrieval/fusion.py; the score is the RRF score)."""
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")
+        if mode not in SEARCH_MODES:
+            raise InvalidInputError(f"unknown search mode {mode!r}: one of {list(SEARCH_MODES)}")
+        if mode != "dense" and (texts is None or isinstance(texts, str)):
+            raise InvalidInputError(f"a {mode} search needs the questions' texts")
+        if mode == "sparse":
+            return self._sparse_search(texts or (), k, where)
+        if queries is None:
+            raise InvalidInputError(f"a {mode} search needs the question vectors")
+        if mode == "dense":
+            return self._dense_search(queries, k, where)
+        texts = texts or ()
+        if len(texts) != queries.shape[0]:
+            raise InvalidInputError(f"{len(texts)} question texts for {queries.shape[0]} vectors")
+        depth = fusion.depth_for(k)
+        dense = self._dense_search(queries, depth, where)
+        sparse = self._sparse_search(texts, depth, where)
+        return [rrf([d, s], k, rrf_k=fusion.rrf_k) for d, s in zip(dense, sparse, strict=True)]
+
+    def _sparse_search(
+        self, texts: Sequence[str], k: int, where: MetadataFilter | None
+    ) -> list[list[Hit]]:
+        with self._lock:
+            allowed = None if where is None else self._matching_pids(where)  # [m] int64
+        # outside the store's lock: a stale BM25 index is rebuilt there (app/retrieval/sparse.py)
+        ranked = self._sparse.search(texts, k, allowed)
+        with self._lock:  # a passage deleted since is gone from the docstore: never returned
+            passage, document = self._docs.passage, self._docs.document
+            return [
+                [
+                    Hit(p, score, _metadata(document(p.doc_id)))
+                    for pid, score in row
+                    if (p := passage(pid)) is not None
+                ]
+                for row in ranked
+            ]
+
+    def _dense_search(
+        self, queries: np.ndarray, k: int, where: MetadataFilter | None
+    ) -> list[list[Hit]]:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InvalidInputError(
                 f"queries must have shape [n, {self.dim}], got {list(queries.shape)}"
@@ -200,10 +255,13 @@ class PassageIndex:
             self.next_id = int(pids.max()) + 1
         for document in record.documents:
             self._docs.put(document)
+            for pid, passage in zip(document.pids, document.passages, strict=True):
+                self._sparse.add(pid, passage)
 
     def _drop(self, doc_id: str) -> None:
         pids = self._docs.remove(doc_id)
         if pids:
+            self._sparse.remove(pids)
             self._tombstones.update(pids)
             self._excluded = None
 
