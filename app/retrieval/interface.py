@@ -20,13 +20,12 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from app.contracts import Hit
+from app.contracts import Hit, SearchMode  # SearchMode: dense, sparse, hybrid
 from app.retrieval.docstore import StoredDocument
 from app.retrieval.filters import MetadataFilter
 from app.retrieval.live import Upserted
 from app.retrieval.updates import Prepared
 
-SearchMode = Literal["dense"]  # later: "sparse", "hybrid"
 StoreKind = Literal["faiss", "postgres"]
 
 
@@ -51,14 +50,18 @@ class Collection(Protocol):
 
     def search(
         self,
-        queries: np.ndarray,  # [n, dim] float32
+        queries: np.ndarray | None,  # [n, dim] float32; dense and hybrid
         k: int,
         where: MetadataFilter | None = None,
         *,
         mode: SearchMode = "dense",
+        texts: Sequence[str] | None = None,  # the n questions' texts; sparse and hybrid
     ) -> list[list[Hit]]:
         """Top-k per query row, best first, only passages matching `where` (k of them when
-        k exist); fewer when the collection holds fewer."""
+        k exist); fewer when the collection holds fewer. dense ranks by the vectors' inner
+        product, sparse by BM25 of the texts (only passages sharing a term with the question;
+        the score is BM25's), hybrid fuses the two by app/retrieval/fusion.py's rrf (the score
+        is the RRF score)."""
         ...
 
     def upsert(self, prepared: Prepared) -> list[Upserted]:
