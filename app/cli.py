@@ -52,11 +52,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _index_config() -> IndexCommandConfig:
+    from functools import partial
+
+    from app.wiring import open_store
+
     settings = Settings()
     return IndexCommandConfig(
-        settings.index_dir,
+        partial(open_store, settings),
         settings.encoder_spec,
-        settings.search,
         settings.max_document_chars,
         settings.compaction,
     )
@@ -65,12 +68,15 @@ def _index_config() -> IndexCommandConfig:
 def training_config(settings: Settings) -> TrainingConfig:
     """What `lorag adapter train` reads: this service's index, encoder and roots. Built here,
     not as a Settings property, because serving must not import app.training (pyproject)."""
+    from functools import partial
+
     from app.training.config import TrainingConfig
+    from app.wiring import open_store
 
     return TrainingConfig(
         adapters_dir=settings.adapters_dir,
         cache_dir=settings.cache_dir,
-        index_path=settings.index_path,
+        store=partial(open_store, settings),
         encoder=settings.encoder_spec,
         base=settings.generator,
         top_k=settings.top_k,

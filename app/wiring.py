@@ -4,7 +4,8 @@ The app's lifespan (app/main.py), the CLI (`lorag ask`, `prepare`, the index com
 training and the benches all build through here, so each component is made one way and takes
 its own config (`settings.engine`, `settings.decoding`, ...), never Settings itself.
 
-    load_components(settings)      encoder, index catalog, generator, adapter registry; warm-up
+    open_store(settings, fp)       the passage store LORAG_STORE names (FAISS folders, PostgreSQL)
+    load_components(settings)      encoder, passage store, generator, adapter registry; warm-up
     build_service(settings, c)     decoder, step batch, engine (not started), RagService
     build_indexes(settings, c, s)  the IndexManager of document updates and compaction
     build_fleet(settings, c, s, i) the fleet's ledger (memory, or the database) and its follower
@@ -41,6 +42,7 @@ from app.lora.tasks import TaskBundles
 from app.retrieval.builder import build_index
 from app.retrieval.encoders import TextEncoder
 from app.retrieval.indexes import IndexCatalog
+from app.retrieval.interface import PassageStore, Watched
 from app.retrieval.manager import IndexManager
 from app.retrieval.manifest import IndexOutdated
 from app.retrieval.retriever import Retriever
@@ -62,12 +64,11 @@ class Components:
     """The heavy parts, loaded once: what the service is composed of."""
 
     encoder: TextEncoder
-    index: PassageIndex
     retriever: Retriever
     generator: Generator
     registry: AdapterRegistry
     load_seconds: dict[str, float]
-    catalog: IndexCatalog  # the named indexes; `index` is the one active at start
+    store: PassageStore  # the named indexes the retriever searches and /documents changes
 
 
 # loading ---------------------------------------------------------------------------------
@@ -75,6 +76,29 @@ class Components:
 
 def generator_of(spec: GeneratorSpec) -> Generator:
     return load_generator(spec.spec, device=spec.device, dtype=spec.dtype, cache_dir=spec.cache_dir)
+
+
+def open_store(settings: Settings, fingerprint: str) -> PassageStore:
+    """The passage store LORAG_STORE names, for the encoder `fingerprint`: the index folders
+    under LORAG_INDEX_DIR (faiss), or the collections in LORAG_DATABASE_URL (postgres). Every
+    caller (the server, the CLI, training) opens it here. Blocks (files, the database)."""
+    if settings.store == "postgres":
+        if settings.database is None:
+            raise InvalidInputError("LORAG_STORE=postgres needs LORAG_DATABASE_URL")
+        # until the PostgreSQL passage store is wired here (app/retrieval/pg_store.py), the
+        # ledger alone lives in the database
+        log.warning(
+            "LORAG_STORE=postgres: passages stay in the FAISS folders under %s (the PostgreSQL "
+            "passage store is not wired yet); adapter registrations and the active index are "
+            "in the database",
+            settings.index_dir,
+        )
+    return IndexCatalog(
+        settings.index_dir,
+        settings.index_name,
+        fingerprint=fingerprint,
+        search=settings.search,
+    )
 
 
 def load_components(settings: Settings) -> Components:
@@ -86,13 +110,9 @@ def load_components(settings: Settings) -> Components:
     encoder = settings.encoder_spec.load()
     times["encoder"] = time.perf_counter() - t
     t = time.perf_counter()
-    catalog = IndexCatalog(
-        settings.index_dir,
-        settings.index_name,
-        fingerprint=encoder.fingerprint,
-        search=settings.search,
-    )
-    index = catalog.resolve(None)  # the active index loads now: a bad one fails the start
+    store = open_store(settings, encoder.fingerprint)
+    retriever = Retriever(encoder, store)
+    passages, _ = retriever.resolve(None).count()  # the active index loads now: a bad one fails
     times["index"] = time.perf_counter() - t
     t = time.perf_counter()
     generator = generator_of(settings.generator_spec)
@@ -104,24 +124,24 @@ def load_components(settings: Settings) -> Components:
         policy=settings.residency,
     )
     t = time.perf_counter()
-    _warm_up(encoder, index, generator)
+    _warm_up(retriever, generator)
     times["warm_up"] = time.perf_counter() - t
     log.info(
-        "loaded encoder %s, index %s (%d passages), generator %s in %s",
+        "loaded encoder %s, %s index %s (%d passages), generator %s in %s",
         encoder.fingerprint,
-        settings.index_path,
-        len(index),
+        store.kind,
+        store.active,
+        passages,
         generator.model_id,
         {k: round(v, 2) for k, v in times.items()},
     )
-    retriever = Retriever(encoder, catalog)
-    return Components(encoder, index, retriever, generator, registry, times, catalog)
+    return Components(encoder, retriever, generator, registry, times, store)
 
 
-def _warm_up(encoder: TextEncoder, index: PassageIndex, generator: Generator) -> None:
+def _warm_up(retriever: Retriever, generator: Generator) -> None:
     """One tiny pass through each model before /ready says yes, so the first request does not
     pay for lazy initialization (thread pools, kernel selection, tokenizer caches)."""
-    hits = Retriever(encoder, index).retrieve(["warm-up"], 1)[0]
+    hits = retriever.retrieve(["warm-up"], 1)[0]
     generator.generate([GenRow("warm-up", [h.passage for h in hits], None, 1)])
 
 
@@ -192,12 +212,12 @@ def build_indexes(
     service: RagService,
     metrics: Metrics | None = None,
 ) -> IndexManager:
-    """Document updates and compaction on the catalog; embedding runs on the service's
+    """Document updates and compaction on the store; embedding runs on the service's
     retrieval thread, where the encoder already runs."""
-    if metrics is not None:
-        components.catalog.watch(metrics.observe_index)
+    if metrics is not None and isinstance(components.store, Watched):
+        components.store.watch(metrics.observe_index)
     return IndexManager(
-        components.catalog,
+        components.store,
         components.encoder,
         service.in_retrieval_thread,
         limits=settings.update_limits,

@@ -13,6 +13,7 @@ import app.retrieval.indexes as indexes
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
 from app.retrieval.chunking import chunk_document
 from app.retrieval.indexes import IndexCatalog
+from app.retrieval.memory_store import MemoryStore
 from app.retrieval.retriever import Retriever
 from app.retrieval.store import PassageIndex
 from tests.hash_encoder import HashEncoder
@@ -105,9 +106,10 @@ def test_a_request_finishes_on_the_index_it_started_with(root: Path) -> None:
 
 
 def test_a_single_index_retriever_refuses_a_name(root: Path) -> None:
-    retriever = Retriever(ENC, PassageIndex.load(root / "a"))  # type: ignore[arg-type]
-    with pytest.raises(InvalidInputError, match="'b'"):
+    retriever = Retriever(ENC, MemoryStore(PassageIndex.load(root / "a"), "a"))  # type: ignore[arg-type]
+    with pytest.raises(IndexNotFound, match=r"'b' asked for, .* one index, 'a'"):
         retriever.retrieve(["q"], 1, index="b")
+    assert "Marnsk" in retriever.retrieve(["capital of Veldoria"], 1, index="a")[0][0].passage.text
 
 
 def test_prepare_rebuilds_an_outdated_demo_index_and_refuses_another(

@@ -69,7 +69,7 @@ def test_delete_of_an_unknown_document_names_it_and_deletes_nothing(
     assert "document 'nope' is not in index 'notes'" in capsys.readouterr().err
     assert set(texts(tmp_path / "index" / "notes")) == {"kelp", "opal"}
     assert main(["index", "compact", "--name", "absent"]) == 2
-    assert "no index at" in capsys.readouterr().err
+    assert "no index 'absent'" in capsys.readouterr().err
 
 
 def test_a_running_server_sees_the_cli_changes_at_its_next_request(

@@ -15,6 +15,7 @@ from app.contracts import Passage
 from app.errors import IndexInvalid, InvalidInputError
 from app.retrieval.builder import build_index, collect_passages
 from app.retrieval.encoders import TextEncoder, load_encoder
+from app.retrieval.memory_store import MemoryStore
 from app.retrieval.retriever import Retriever
 from app.retrieval.store import PassageIndex
 from tests.tiny_encoders import WORDS, tiny_sentence_transformer
@@ -68,7 +69,7 @@ def test_retriever_equals_exact_search_over_encoder_outputs(
 ) -> None:
     build_index(sources, encoder, tmp_path / "idx", show_progress=False)
     index = PassageIndex.load(tmp_path / "idx")
-    retriever = Retriever(encoder, index)
+    retriever = Retriever(encoder, MemoryStore(index))
     questions = ["how does a glacier flow", "what made sound", "eel"]
     hits = retriever.retrieve(questions, 4)
     scores = encoder.encode_questions(questions) @ encoder.encode_passages(index.passages).T
@@ -88,7 +89,7 @@ def test_retriever_refuses_an_index_of_another_encoder(encoder: TextEncoder) -> 
         [Passage("d#0", "d", "", "x")], np.ones((1, encoder.dim), dtype=np.float32), "other"
     )
     with pytest.raises(IndexInvalid, match="'other'"):
-        Retriever(encoder, index)
+        Retriever(encoder, MemoryStore(index))
 
 
 class FailingEncoder:

@@ -89,6 +89,7 @@ def test_each_demo_question_has_a_passage_holding_its_answer(
 def test_default_encoder_ranks_the_answer_passage_first(documents: dict[str, Document]) -> None:
     """The real all-MiniLM-L6-v2 over the first passages of the answer and distractor articles."""
     from app.retrieval.encoders import load_encoder
+    from app.retrieval.memory_store import MemoryStore
     from app.retrieval.retriever import Retriever
     from app.retrieval.store import PassageIndex
 
@@ -96,7 +97,7 @@ def test_default_encoder_ranks_the_answer_passage_first(documents: dict[str, Doc
     doc_ids = [q["passage_id"].split("#")[0] for q in QUESTIONS["questions"]] + DISTRACTORS
     passages = [p for doc_id in doc_ids for p in passages_of(documents[doc_id])[:6]]
     index = PassageIndex.build(passages, encoder.encode_passages(passages), encoder.fingerprint)
-    retriever = Retriever(encoder, index)
+    retriever = Retriever(encoder, MemoryStore(index))
     questions = [q["question"] for q in QUESTIONS["questions"]]
     top = retriever.retrieve(questions, 3)
     assert [hits[0].passage.id for hits in top] == [q["passage_id"] for q in QUESTIONS["questions"]]

@@ -96,7 +96,7 @@ def test_keyword_construction_keeps_the_flat_names(tmp_path: Path) -> None:
     assert training == TrainingConfig(
         adapters_dir=tmp_path / "adapters",
         cache_dir=s.cache_dir,
-        index_path=tmp_path / "facts",
+        store=training.store,
         encoder=s.encoder_spec,
         base="tiny",
         top_k=3,
@@ -119,7 +119,7 @@ def test_keyword_construction_keeps_the_flat_names(tmp_path: Path) -> None:
         (lambda: ServerConfig(grace_s=-1), "grace_s"),
         (lambda: SecurityConfig(max_body_bytes=0), "max_body_bytes"),
         (
-            lambda: TrainingConfig(Path("a"), Path("c"), Path("i"), EncoderSpec(), top_k=0),
+            lambda: TrainingConfig(Path("a"), Path("c"), lambda _: None, EncoderSpec(), top_k=0),
             "top_k",
         ),
     ],

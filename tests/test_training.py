@@ -242,6 +242,7 @@ def test_qlora_adapter_serves_on_full_precision_base(tmp_path: Path) -> None:
 
 def test_examples_without_passages_get_the_index_top_k(index_root: Path, tmp_path: Path) -> None:
     from app.retrieval.encoders import load_encoder
+    from app.retrieval.memory_store import MemoryStore
     from app.retrieval.retriever import Retriever
     from app.retrieval.store import PassageIndex
     from app.training.data import load_examples
@@ -257,7 +258,7 @@ def test_examples_without_passages_get_the_index_top_k(index_root: Path, tmp_pat
     samples = resolve_samples(load_examples(data), training_config(settings), top_k=3)
     # the reference: the retriever the server uses, on the same index
     encoder = load_encoder("default", "sentence-transformers")
-    hits = Retriever(encoder, PassageIndex.load(index_root / "facts")).retrieve(
+    hits = Retriever(encoder, MemoryStore(PassageIndex.load(index_root / "facts"))).retrieve(
         [rows[0]["question"]], 3
     )[0]
     assert samples[0].passages == tuple(h.passage for h in hits)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 from app.api.deps import AdminDep, ServiceDep, StateDep
 from app.api.index import get_indexes
 from app.api.schemas import INDEX_NAME, DocumentOut, DocumentResult, DocumentsIn, DocumentsOut
-from app.retrieval.live import DocumentNotFound
+from app.retrieval.interface import DocumentNotFound
 from app.retrieval.updates import Document
 
 router = APIRouter(prefix="/documents", tags=["documents"])
@@ -31,7 +31,7 @@ async def upsert_documents(
     """Add each document, or replace the one with its id: chunk, embed, log (fsync), apply.
     All or none; visible to the next /ask once this returns."""
     indexes = get_indexes(state, service)
-    name = index or indexes.catalog.active  # once: a concurrent PUT /index cannot split this
+    name = index or indexes.active  # once: a concurrent PUT /index cannot split this
     documents = [Document(d.id, d.title, d.text, dict(d.metadata)) for d in body.documents]
     done = await indexes.upsert(documents, name)
     return DocumentsOut(
@@ -47,7 +47,7 @@ async def get_document(
     doc_id: str, state: StateDep, service: ServiceDep, index: IndexQuery = None
 ) -> DocumentOut:
     indexes = get_indexes(state, service)
-    name = index or indexes.catalog.active
+    name = index or indexes.active
     document = await indexes.document(doc_id, name)
     if document is None:
         raise DocumentNotFound(doc_id, name)
@@ -71,5 +71,5 @@ async def delete_document(
 ) -> Response:
     """Delete the document and all its passages, durably; its text is never returned again."""
     indexes = get_indexes(state, service)
-    await indexes.delete(doc_id, index or indexes.catalog.active)
+    await indexes.delete(doc_id, index or indexes.active)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

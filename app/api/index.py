@@ -7,7 +7,7 @@ from fastapi import APIRouter, Path
 from app.api.deps import AdminDep, FleetDep, ServiceDep, StateDep
 from app.api.schemas import INDEX_NAME, CompactOut, IndexList, IndexOut, IndexSelect
 from app.errors import NotReadyError
-from app.retrieval.indexes import IndexInfo
+from app.retrieval.interface import CollectionInfo
 from app.retrieval.manager import IndexManager
 
 router = APIRouter(prefix="/index", tags=["index"])
@@ -21,21 +21,21 @@ def get_indexes(state: StateDep, _: ServiceDep) -> IndexManager:
     return state.indexes
 
 
-def _out(info: IndexInfo) -> IndexOut:
+def _out(info: CollectionInfo) -> IndexOut:
     return IndexOut(
         name=info.name,
         active=info.active,
         loaded=info.loaded,
         passages=info.passages,
         documents=info.documents,
-        type=info.kind,
+        type=info.index_type,
         pending_updates=info.pending_updates,
     )
 
 
 async def _list(indexes: IndexManager) -> IndexList:
     infos = await indexes.list()
-    return IndexList(active=indexes.catalog.active, indexes=[_out(i) for i in infos])
+    return IndexList(active=indexes.active, indexes=[_out(i) for i in infos])
 
 
 @router.get("", response_model=IndexList)
@@ -56,7 +56,7 @@ async def select_index(
     """Make `name` the index /ask reads by default, loading it first, on every replica;
     requests already retrieving finish on the index they started with."""
     indexes = get_indexes(state, service)
-    await fleet.activate_index(body.name)  # the metrics follow (IndexCatalog.watch)
+    await fleet.activate_index(body.name)  # the metrics follow (the store's watch)
     return await _list(indexes)
 
 

@@ -118,7 +118,7 @@ class Fleet:
         if self._indexes is None:
             return
         async with self._lock:
-            before = self._indexes.catalog.active
+            before = self._indexes.active
             await self._indexes.activate(name)  # refuses a missing or foreign index first
             try:
                 await asyncio.to_thread(self.ledger.set_active_index, name)
@@ -185,7 +185,7 @@ class Fleet:
         log.info("following the fleet: unloaded adapter %r (%s)", name, why)
 
     async def _follow_index(self, name: str | None) -> None:
-        if name is None or self._indexes is None or self._indexes.catalog.active == name:
+        if name is None or self._indexes is None or self._indexes.active == name:
             return
         try:
             await self._indexes.activate(name)

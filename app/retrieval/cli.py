@@ -1,10 +1,12 @@
-"""`lorag index add | delete | compact`: change an index folder from the command line.
+"""`lorag index add | delete | compact`: change an index from the command line.
 
-They go through the same path as the server's /documents routes (app/retrieval/live.py): the
-folder's writer lock, the update log (fsynced before the command reports success), compaction.
-So they are safe beside a running server that serves the same folder: each change waits for a
-change in flight, and the server picks the CLI's changes up at its next request. `add` creates
-the index, empty, if the folder does not exist yet.
+They go through the passage store interface (app/retrieval/interface.py), the same one the
+server's /documents routes use. With the FAISS store that is the folder's writer lock, the
+update log (fsynced before the command reports success) and compaction
+(app/retrieval/live.py), so they are safe beside a running server that serves the same folder:
+each change waits for a change in flight, and the server picks the CLI's changes up at its next
+request. `add` creates the index, empty, if it does not exist yet. `compact` folds a log where
+the store keeps one (`Compacts`); elsewhere there is nothing to fold.
 
 The commands take an `IndexCommandConfig`, which app/cli.py builds from the settings when a
 command runs; nothing here reads the settings itself.
@@ -18,21 +20,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.retrieval.ann import AnnSpec
 from app.retrieval.config import EncoderSpec
-from app.retrieval.live import LiveIndex
+from app.retrieval.interface import Collection, Compacts, PassageStore
 from app.retrieval.manager import CompactionPolicy
 
 log = logging.getLogger(__name__)
 
 BATCH = 64  # documents per log record: a crash loses at most the batch in flight
 
+StoreOpener = Callable[[str], PassageStore]  # the store for an encoder fingerprint
+
 
 @dataclass(frozen=True)
 class IndexCommandConfig:
-    index_dir: Path  # the commands' --name is a folder under it
+    store: StoreOpener  # opens the configured store (app.wiring.open_store); --name is in it
     encoder: EncoderSpec  # embeds added documents (and must be the one the index was built with)
-    search: AnnSpec  # the kind of a new index
     max_document_chars: int  # as POST /documents refuses
     compaction: CompactionPolicy  # compact after a change once the log passes it
 
@@ -46,8 +48,9 @@ class IndexCommandConfig:
 Command = Callable[[argparse.Namespace, IndexCommandConfig], int]
 
 
-def _path(args: argparse.Namespace, config: IndexCommandConfig) -> Path:
-    return config.index_dir / args.index_name
+def _sizes(collection: Collection) -> str:
+    passages, documents = collection.count()
+    return f"{passages} passages in {documents} documents"
 
 
 def cmd_add(args: argparse.Namespace, config: IndexCommandConfig) -> int:
@@ -55,54 +58,78 @@ def cmd_add(args: argparse.Namespace, config: IndexCommandConfig) -> int:
     from app.retrieval.updates import Document, UpdateLimits, prepare, validate
 
     encoder = config.encoder.load()
-    live = LiveIndex.create(  # refuses another encoder's index, naming both
-        _path(args, config),
-        fingerprint=encoder.fingerprint,
-        dim=encoder.dim,
-        spec=config.search,
-        chunk_words=args.words,
-    )
-    documents = [
-        Document(d.id, d.title, d.text, d.metadata)
-        for d in read_sources([Path(s) for s in args.sources])
-    ]
-    # the whole input before any batch is written (an id twice across files is refused too)
-    validate(documents, UpdateLimits(len(documents) or 1, config.max_document_chars))
-    added = replaced = passages = 0
-    words = live.index.manifest.chunk_words
-    for start in range(0, len(documents), BATCH):
-        batch = documents[start : start + BATCH]
-        for outcome in live.upsert(prepare(batch, encoder, words=words)):
-            passages += outcome.passages
-            replaced += outcome.replaced
-            added += not outcome.replaced
-    _compact_if_due(live, config.compaction)
-    print(
-        f"{live.path}: added {added}, replaced {replaced} documents ({passages} passages); "
-        f"{len(live.index)} passages in {live.index.document_count} documents"
-    )
+    store = config.store(encoder.fingerprint)
+    try:
+        # refuses another encoder's index, naming both; a new one is chunked at --words
+        collection = store.create(args.index_name, dim=encoder.dim, chunk_words=args.words)
+        documents = [
+            Document(d.id, d.title, d.text, d.metadata)
+            for d in read_sources([Path(s) for s in args.sources])
+        ]
+        # the whole input before any batch is written (an id twice across files is refused too)
+        validate(documents, UpdateLimits(len(documents) or 1, config.max_document_chars))
+        added = replaced = passages = 0
+        words = collection.describe().chunk_words
+        for start in range(0, len(documents), BATCH):
+            batch = documents[start : start + BATCH]
+            for outcome in collection.upsert(prepare(batch, encoder, words=words)):
+                passages += outcome.passages
+                replaced += outcome.replaced
+                added += not outcome.replaced
+        _compact_if_due(collection, config.compaction)
+        print(
+            f"index {collection.name!r}: added {added}, replaced {replaced} documents "
+            f"({passages} passages); {_sizes(collection)}"
+        )
+    finally:
+        store.close()
     return 0
 
 
+def _open(args: argparse.Namespace, config: IndexCommandConfig) -> tuple[PassageStore, Collection]:
+    """The store and the named index of a command that embeds nothing (the encoder is loaded
+    for its fingerprint: an index of another encoder is refused by name)."""
+    store = config.store(config.encoder.load().fingerprint)
+    try:
+        return store, store.get(args.index_name)
+    except BaseException:
+        store.close()
+        raise
+
+
 def cmd_delete(args: argparse.Namespace, config: IndexCommandConfig) -> int:
-    live = LiveIndex.open(_path(args, config))
-    live.delete(args.doc_ids)  # all or none: an unknown id is named and nothing is deleted
-    _compact_if_due(live, config.compaction)
-    print(f"{live.path}: deleted {len(args.doc_ids)} documents; {len(live.index)} passages left")
+    store, collection = _open(args, config)
+    try:
+        collection.delete(args.doc_ids)  # all or none: an unknown id is named, nothing deleted
+        _compact_if_due(collection, config.compaction)
+        print(
+            f"index {collection.name!r}: deleted {len(args.doc_ids)} documents; "
+            + _sizes(collection)
+        )
+    finally:
+        store.close()
     return 0
 
 
 def cmd_compact(args: argparse.Namespace, config: IndexCommandConfig) -> int:
-    live = LiveIndex.open(_path(args, config))
-    records = live.pending_records
-    done = live.compact()
-    print(f"{live.path}: " + (f"folded {records} updates" if done else "nothing to compact"))
+    store, collection = _open(args, config)
+    try:
+        records = collection.describe().pending_updates or 0
+        done = isinstance(collection, Compacts) and collection.compact()
+        print(
+            f"index {collection.name!r}: "
+            + (f"folded {records} updates" if done else "nothing to compact")
+        )
+    finally:
+        store.close()
     return 0
 
 
-def _compact_if_due(live: LiveIndex, policy: CompactionPolicy) -> None:
-    if live.compaction_due(max_bytes=policy.max_log_bytes, max_records=policy.max_log_records):
-        live.compact()
+def _compact_if_due(collection: Collection, policy: CompactionPolicy) -> None:
+    if isinstance(collection, Compacts) and collection.compaction_due(
+        max_bytes=policy.max_log_bytes, max_records=policy.max_log_records
+    ):
+        collection.compact()
 
 
 def _bound(cmd: Command, config: Callable[[], IndexCommandConfig]) -> Callable[..., int]:
@@ -114,7 +141,7 @@ def add_index_parsers(
     actions: argparse._SubParsersAction[argparse.ArgumentParser],
     config: Callable[[], IndexCommandConfig],
 ) -> None:
-    name_help = "index folder name under LORAG_INDEX_DIR"
+    name_help = "index name (a folder under LORAG_INDEX_DIR with the FAISS store)"
     s = actions.add_parser(
         "add", help="add or replace documents (.jsonl/.txt/.md files or folders) in an index"
     )

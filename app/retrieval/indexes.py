@@ -15,38 +15,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from app.contracts import NAME_RE
-from app.errors import IndexNotFound, InvalidInputError
+from app.errors import IndexNotFound, InvalidInputError, LoragError
 from app.retrieval.ann import AnnSpec
 from app.retrieval.atomic import displaced
+from app.retrieval.interface import CollectionInfo, IndexObserver, StoreKind
 from app.retrieval.live import LiveIndex
-from app.retrieval.manifest import MANIFEST_FILE
-from app.retrieval.store import PassageIndex
+from app.retrieval.manifest import MANIFEST_FILE, IndexManifest
 
 logger = logging.getLogger(__name__)
 
 _NAME = NAME_RE
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    name: str
-    active: bool
-    loaded: bool
-    passages: int | None = None  # None while not loaded
-    documents: int | None = None
-    kind: str | None = None
-    pending_updates: int | None = None  # log records not yet compacted into the snapshot
-
-
-class IndexObserver(Protocol):
-    """Told an index's size after it loads or changes (the metrics gauges)."""
-
-    def __call__(self, name: str, passages: int, pending: int, *, active: bool) -> None: ...
 
 
 def check_name(name: str) -> str:
@@ -59,6 +40,11 @@ def check_name(name: str) -> str:
 
 
 class IndexCatalog:
+    """The FAISS store's PassageStore (app/retrieval/interface.py): the index folders under
+    `root`, each a LiveIndex once loaded; it is also `Watched` (the metrics gauges)."""
+
+    kind: StoreKind = "faiss"
+
     def __init__(
         self,
         root: Path,
@@ -93,21 +79,38 @@ class IndexCatalog:
             with self._guard:
                 live = self._loaded.get(name)
             if live is None:
-                live = self._load(name)
-                with self._guard:
-                    self._loaded[name] = live
-                self.changed(live)
+                live = self._add(self._load(name))
         return live
 
-    def resolve(self, name: str | None = None) -> PassageIndex:
-        """The in-memory index a request should search, resolved once for the request, after
-        catching up with changes another process (the CLI) made to its folder."""
-        live = self.get(name)
-        before, seq = live.index, live.index.last_seq
-        live.refresh()
-        if live.index is not before or live.index.last_seq != seq:
-            self.changed(live)
-        return live.index
+    def create(self, name: str, *, dim: int, chunk_words: int = 100) -> LiveIndex:
+        """The named index, created empty (of this catalog's ANN kind) if there is none."""
+        name = check_name(name)
+        with self._guard:
+            name_lock = self._loading.setdefault(name, threading.Lock())
+        with name_lock:
+            with self._guard:
+                live = self._loaded.get(name)
+            if live is None:
+                live = self._add(
+                    LiveIndex.create(
+                        self.root / name,
+                        fingerprint=self.fingerprint,
+                        dim=dim,
+                        spec=self._search or AnnSpec(),
+                        chunk_words=chunk_words,
+                    )
+                )
+        return live
+
+    def _add(self, live: LiveIndex) -> LiveIndex:
+        with self._guard:
+            live = self._loaded.setdefault(live.name, live)
+        live.owner = self
+        self.changed(live)
+        return live
+
+    def is_active(self, name: str) -> bool:
+        return name == self._active
 
     def _load(self, name: str) -> LiveIndex:
         path = self.root / name
@@ -139,27 +142,35 @@ class IndexCatalog:
             if _NAME.match(p.name) and (p / MANIFEST_FILE).is_file()
         )
 
-    def list(self) -> list[IndexInfo]:
+    def list(self) -> list[CollectionInfo]:
+        """Every index folder; one not loaded yet is described from its manifest, its sizes
+        None (loading it would read all its files)."""
         loaded = self.loaded()
         infos = []
         for name in sorted(set(self.names()) | loaded.keys()):
             live = loaded.get(name)
-            if live is None:
-                infos.append(IndexInfo(name, name == self._active, False))
-                continue
-            index = live.index
-            infos.append(
-                IndexInfo(
-                    name,
-                    name == self._active,
-                    True,
-                    len(index),
-                    index.document_count,
-                    index.manifest.index_type,
-                    live.pending_records,
-                )
-            )
+            infos.append(live.describe() if live is not None else self._unloaded(name))
         return infos
+
+    def _unloaded(self, name: str) -> CollectionInfo:
+        folder = self.root / name
+        try:
+            manifest = IndexManifest.parse((folder / MANIFEST_FILE).read_bytes(), folder)
+        except (OSError, LoragError) as exc:  # a load says why in full; a listing goes on
+            logger.warning("cannot read the manifest of %s: %s", folder, exc)
+            manifest = None
+        return CollectionInfo(
+            name=name,
+            kind=self.kind,
+            encoder=manifest.encoder if manifest else "",
+            dim=manifest.dim if manifest else 0,
+            passages=None,
+            documents=None,
+            index_type=manifest.index_type if manifest else "unreadable",
+            active=name == self._active,
+            chunk_words=manifest.chunk_words if manifest else 0,
+            loaded=False,
+        )
 
     def watch(self, observer: IndexObserver) -> None:
         """Report every change to `observer`, starting with the indexes loaded now."""
@@ -173,14 +184,6 @@ class IndexCatalog:
             active = live.name == self._active
             self.on_change(live.name, len(index), live.pending_records, active=active)
 
-    def close(self, *, compact: bool = True) -> None:
-        """Fold pending log records into snapshots (shutdown); errors are logged, not raised:
-        the log already holds every acknowledged change."""
-        if not compact:
-            return
-        for live in self.loaded().values():
-            if live.pending_records:
-                try:
-                    live.compact()
-                except Exception:
-                    logger.exception("compacting %s at shutdown failed; its log is kept", live.path)
+    def close(self) -> None:
+        """Nothing to release: every acknowledged change is in its folder's log already (the
+        server's shutdown compacts through IndexManager.close)."""

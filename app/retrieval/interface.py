@@ -7,23 +7,28 @@ filter (app/retrieval/filters.py, the same semantics in every store); `mode` lea
 sparse (BM25) and a hybrid search beside the dense one: a store that cannot serve a mode
 refuses it by name (InvalidInputError), it never falls back silently.
 
-Status: the contract. The FAISS store (IndexCatalog/LiveIndex/PassageIndex) and the Postgres
-store are being moved behind it; until then the retriever still takes a PassageIndex or an
-IndexCatalog.
+Optional capabilities: a store or collection may offer more than the contract (FAISS folds its
+update log into snapshots); a caller that wants it asks for the capability (`Compacts`,
+`Watched` below, runtime-checkable protocols), never for a kind of store.
+
+Status: the FAISS store implements it (IndexCatalog is its PassageStore, LiveIndex its
+Collection; app/retrieval/memory_store.py wraps one in-memory PassageIndex), and the retriever,
+IndexManager (/documents, /index), the CLI and training use only this interface. The Postgres
+store (app/retrieval/pg_store.py) is being written behind it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from app.contracts import Hit, SearchMode  # SearchMode: dense, sparse, hybrid
+from app.errors import NotFoundError
 from app.retrieval.docstore import StoredDocument
 from app.retrieval.filters import MetadataFilter
-from app.retrieval.live import Upserted
 from app.retrieval.updates import Prepared
 
 StoreKind = Literal["faiss", "postgres"]
@@ -37,10 +42,32 @@ class CollectionInfo:
     kind: StoreKind
     encoder: str  # the encoder fingerprint its vectors were made with
     dim: int
-    passages: int
-    documents: int
+    passages: int | None  # None only while not loaded (below)
+    documents: int | None
     index_type: str  # "IDMap2,HNSW32,Flat IP", "hnsw vector_ip_ops m=16", ...
     active: bool
+    chunk_words: int = 100  # words per passage: documents added later are chunked alike
+    # extras of a store that loads lazily or keeps a log (FAISS): a collection not loaded yet
+    # reports loaded=False and no sizes (None); pending_updates: log records not yet compacted
+    loaded: bool = True
+    pending_updates: int | None = None
+
+
+class DocumentNotFound(NotFoundError):
+    """delete() of an id the collection lacks (404), from any store."""
+
+    def __init__(self, doc_id: str, index: str) -> None:
+        super().__init__(f"document {doc_id!r} is not in index {index!r}")
+        self.doc_id = doc_id
+
+
+@dataclass(frozen=True)
+class Upserted:
+    """upsert()'s outcome for one document."""
+
+    doc_id: str
+    passages: int
+    replaced: bool
 
 
 class Collection(Protocol):
@@ -104,3 +131,28 @@ class PassageStore(Protocol):
     def list(self) -> list[CollectionInfo]: ...
 
     def close(self) -> None: ...
+
+
+class IndexObserver(Protocol):
+    """Told a collection's size after it loads or changes (the metrics gauges)."""
+
+    def __call__(self, name: str, passages: int, pending: int, *, active: bool) -> None: ...
+
+
+@runtime_checkable
+class Compacts(Protocol):
+    """Optional, of a Collection: an update log folded into snapshots (FAISS). IndexManager's
+    compaction policy and /index/{name}/compact reach it only through this."""
+
+    def compaction_due(self, *, max_bytes: int, max_records: int) -> bool: ...
+
+    def compact(self) -> bool:
+        """Fold the log into a snapshot; False if there was nothing to fold."""
+        ...
+
+
+@runtime_checkable
+class Watched(Protocol):
+    """Optional, of a PassageStore: reports every collection's size as it changes."""
+
+    def watch(self, observer: IndexObserver) -> None: ...

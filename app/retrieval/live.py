@@ -31,16 +31,24 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from app.errors import IndexInvalid, IndexNotFound, LoragError, NotFoundError, NotReadyError
+from app.contracts import Hit
+from app.errors import (
+    IndexInvalid,
+    IndexNotFound,
+    LoragError,
+    NotReadyError,
+)
 from app.retrieval import wal
 from app.retrieval.ann import AnnSpec
 from app.retrieval.atomic import displaced, recover_replace, remove_stale_temp
 from app.retrieval.docstore import StoredDocument
+from app.retrieval.filters import MetadataFilter
+from app.retrieval.interface import CollectionInfo, DocumentNotFound, SearchMode, Upserted
 from app.retrieval.manifest import LOG_FILE
 from app.retrieval.store import Origin, PassageIndex
 from app.retrieval.updates import Prepared
@@ -58,17 +66,13 @@ class IndexWriteError(LoragError):
     """The folder could not be written (disk full, read-only, permissions): nothing changed."""
 
 
-class DocumentNotFound(NotFoundError):
-    def __init__(self, doc_id: str, index: str) -> None:
-        super().__init__(f"document {doc_id!r} is not in index {index!r}")
-        self.doc_id = doc_id
+class Owner(Protocol):
+    """The store a LiveIndex belongs to (IndexCatalog): told of its changes, knows which
+    collection is active."""
 
+    def changed(self, live: LiveIndex) -> None: ...
 
-@dataclass(frozen=True)
-class Upserted:
-    doc_id: str
-    passages: int
-    replaced: bool
+    def is_active(self, name: str) -> bool: ...
 
 
 def lock_path(path: Path) -> Path:
@@ -100,13 +104,24 @@ def folder_lock(path: Path, *, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
 
 
 class LiveIndex:
-    def __init__(self, path: Path, index: PassageIndex, *, search: AnnSpec | None = None) -> None:
+    """The FAISS store's Collection (app/retrieval/interface.py): one index folder, searched in
+    memory, changed through its log; it also `Compacts`."""
+
+    def __init__(
+        self,
+        path: Path,
+        index: PassageIndex,
+        *,
+        search: AnnSpec | None = None,
+        owner: Owner | None = None,
+    ) -> None:
         self.path = path
         self.name = path.name
         self._index = index
         self._search = search
         self._fingerprint = index.manifest.encoder
         self._lock = threading.Lock()
+        self.owner = owner  # set by the IndexCatalog that loads it
 
     @classmethod
     def open(
@@ -140,6 +155,51 @@ class LiveIndex:
         """The current in-memory index; resolve it once per request (a reload replaces it)."""
         return self._index
 
+    # the Collection interface ---------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray | None,  # [n, dim] float32; dense and hybrid
+        k: int,
+        where: MetadataFilter | None = None,
+        *,
+        mode: SearchMode = "dense",
+        texts: Sequence[str] | None = None,  # the questions; sparse and hybrid
+    ) -> list[list[Hit]]:
+        """Top-k per query row, after catching up with another process's changes (the CLI's);
+        dense, sparse (BM25) or hybrid (PassageIndex.search)."""
+        self.refresh()
+        return self._index.search(queries, k, where, mode=mode, texts=texts)
+
+    def document(self, doc_id: str) -> StoredDocument | None:
+        return self._index.document(doc_id)
+
+    def count(self) -> tuple[int, int]:
+        index = self._index
+        return len(index), index.document_count
+
+    def describe(self) -> CollectionInfo:
+        index = self._index
+        manifest = index.manifest
+        return CollectionInfo(
+            name=self.name,
+            kind="faiss",
+            encoder=manifest.encoder,
+            dim=manifest.dim,
+            passages=len(index),
+            documents=index.document_count,
+            index_type=manifest.index_type,
+            active=self.owner is not None and self.owner.is_active(self.name),
+            chunk_words=manifest.chunk_words,
+            pending_updates=self.pending_records,
+        )
+
+    def _changed(self) -> None:
+        if self.owner is not None:
+            self.owner.changed(self)
+
+    # FAISS-only: the log and its compaction ------------------------------------------------
+
     @property
     def pending_records(self) -> int:
         """Log records since the last snapshot."""
@@ -169,6 +229,7 @@ class LiveIndex:
             return
         if not self._lock.acquire(blocking=False):  # our own change is being written
             return
+        before, seq = self._index, self._index.last_seq
         try:
             with folder_lock(self.path, wait_s=0):
                 self._catch_up()
@@ -176,6 +237,8 @@ class LiveIndex:
             pass
         finally:
             self._lock.release()
+        if self._index is not before or self._index.last_seq != seq:
+            self._changed()
 
     # changes ------------------------------------------------------------------------------
 
@@ -200,6 +263,7 @@ class LiveIndex:
                 outcome.append(Upserted(doc.id, len(passages), replaced))
             record = wal.Upsert(index.last_seq + 1, tuple(documents), prepared.vectors)
             self._commit(record)
+        self._changed()
         return outcome
 
     def delete(self, doc_ids: Sequence[str]) -> None:
@@ -210,6 +274,7 @@ class LiveIndex:
                 if index.document(doc_id) is None:
                     raise DocumentNotFound(doc_id, self.name)
             self._commit(wal.Delete(index.last_seq + 1, tuple(doc_ids)))
+        self._changed()
 
     def compact(self) -> bool:
         """Fold the log into a new snapshot (and drop tombstones if there are many); False if
@@ -222,6 +287,7 @@ class LiveIndex:
             started = time.perf_counter()
             records = self.pending_records
             self._index.save(self.path)
+        self._changed()
         logger.info(
             "compacted %s: %d log records folded into a snapshot of %d passages in %.2f s",
             self.path,

@@ -24,8 +24,7 @@ from typing import Protocol, TypeVar
 
 from app.retrieval.docstore import StoredDocument
 from app.retrieval.encoders import TextEncoder
-from app.retrieval.indexes import IndexCatalog, IndexInfo
-from app.retrieval.live import LiveIndex, Upserted
+from app.retrieval.interface import Collection, CollectionInfo, Compacts, PassageStore, Upserted
 from app.retrieval.updates import Document, UpdateLimits, prepare, validate
 
 logger = logging.getLogger(__name__)
@@ -46,75 +45,99 @@ class CompactionPolicy:
 
 
 class IndexManager:
+    """Document updates and the active index on a PassageStore, whatever its engine; a
+    collection that `Compacts` (FAISS) is compacted by `compaction`'s policy."""
+
     def __init__(
         self,
-        catalog: IndexCatalog,
+        store: PassageStore,
         encoder: TextEncoder,
         run_encoder: RunsEncoder,
         *,
         limits: UpdateLimits = UpdateLimits(),
         compaction: CompactionPolicy = CompactionPolicy(),
     ) -> None:
-        self.catalog = catalog
+        self.store = store
         self.encoder = encoder
         self._run_encoder = run_encoder
         self.limits = limits
         self.compaction = compaction
         self._background: set[asyncio.Task[None]] = set()
 
-    async def index(self, name: str | None) -> LiveIndex:
-        return await asyncio.to_thread(self.catalog.get, name)
+    @property
+    def active(self) -> str:
+        return self.store.active
+
+    async def index(self, name: str | None) -> Collection:
+        return await asyncio.to_thread(self.store.get, name)
 
     async def upsert(self, documents: Sequence[Document], index: str | None) -> list[Upserted]:
         validate(documents, self.limits)
-        live = await self.index(index)
-        words = live.index.manifest.chunk_words
+        collection = await self.index(index)
+        words = (await asyncio.to_thread(collection.describe)).chunk_words
         prepared = await self._run_encoder(lambda: prepare(documents, self.encoder, words=words))
-        outcome = await asyncio.to_thread(live.upsert, prepared)
-        self._after_change(live)
+        outcome = await asyncio.to_thread(collection.upsert, prepared)
+        self._after_change(collection)
         return outcome
 
     async def delete(self, doc_id: str, index: str | None) -> None:
-        live = await self.index(index)
-        await asyncio.to_thread(live.delete, [doc_id])
-        self._after_change(live)
+        collection = await self.index(index)
+        await asyncio.to_thread(collection.delete, [doc_id])
+        self._after_change(collection)
 
     async def document(self, doc_id: str, index: str | None) -> StoredDocument | None:
-        live = await self.index(index)
-        return live.index.document(doc_id)
+        collection = await self.index(index)
+        return await asyncio.to_thread(collection.document, doc_id)
 
     async def compact(self, index: str | None) -> bool:
-        live = await self.index(index)
-        done = await asyncio.to_thread(live.compact)
-        self.catalog.changed(live)
-        return done
+        """Fold the collection's log into a snapshot; False when there is nothing to fold (a
+        store without a log never has)."""
+        collection = await self.index(index)
+        if not isinstance(collection, Compacts):
+            return False
+        return await asyncio.to_thread(collection.compact)
 
-    async def activate(self, name: str) -> LiveIndex:
-        return await asyncio.to_thread(self.catalog.activate, name)
+    async def activate(self, name: str) -> Collection:
+        return await asyncio.to_thread(self.store.activate, name)
 
-    async def list(self) -> list[IndexInfo]:
-        return await asyncio.to_thread(self.catalog.list)
+    async def list(self) -> list[CollectionInfo]:
+        return await asyncio.to_thread(self.store.list)
 
-    def _after_change(self, live: LiveIndex) -> None:
-        self.catalog.changed(live)
+    def _after_change(self, collection: Collection) -> None:
+        if not isinstance(collection, Compacts):
+            return
         policy = self.compaction
-        if not live.compaction_due(
+        if not collection.compaction_due(
             max_bytes=policy.max_log_bytes, max_records=policy.max_log_records
         ):
             return
-        task = asyncio.create_task(self._compact_in_background(live))
+        task = asyncio.create_task(self._compact_in_background(collection))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _compact_in_background(self, live: LiveIndex) -> None:
+    async def _compact_in_background(self, collection: Compacts) -> None:
         try:
-            await asyncio.to_thread(live.compact)
-            self.catalog.changed(live)
+            await asyncio.to_thread(collection.compact)
         except Exception:  # the log still holds everything; the next trigger tries again
-            logger.exception("background compaction of %s failed", live.path)
+            logger.exception("background compaction failed; its log is kept")
 
     async def close(self) -> None:
-        """Wait for background compactions, then compact what is pending (shutdown)."""
+        """Wait for background compactions, compact what is pending, close the store
+        (shutdown)."""
         if self._background:
             await asyncio.wait(list(self._background))
-        await asyncio.to_thread(self.catalog.close)
+        await asyncio.to_thread(self._compact_pending)
+        await asyncio.to_thread(self.store.close)
+
+    def _compact_pending(self) -> None:
+        """Fold pending log records into snapshots; errors are logged, not raised: the log
+        already holds every acknowledged change."""
+        for info in self.store.list():
+            if not (info.loaded and info.pending_updates):
+                continue
+            collection = self.store.get(info.name)
+            if isinstance(collection, Compacts):
+                try:
+                    collection.compact()
+                except Exception:
+                    logger.exception("compacting %s at shutdown failed; its log is kept", info.name)

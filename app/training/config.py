@@ -7,19 +7,23 @@ are cut to leave the same room as served ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from app.retrieval.config import EncoderSpec
+    from app.retrieval.interface import PassageStore
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     adapters_dir: Path  # adapters are written to adapters_dir/<name>
     cache_dir: Path  # the converted default generator
-    index_path: Path  # retrieves passages for examples that bring none
+    # the passage store for an encoder fingerprint (app.wiring.open_store); its active index
+    # gives passages to examples that bring none
+    store: Callable[[str], PassageStore] = field(compare=False)
     encoder: EncoderSpec
     base: str = "default"  # the generator trained on when the options name none
     top_k: int = 5  # passages per question when the options say none

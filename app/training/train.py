@@ -74,11 +74,13 @@ def resolve_samples(
     hits: dict[int, tuple[Any, ...]] = {}
     if missing:
         from app.retrieval.retriever import Retriever
-        from app.retrieval.store import PassageIndex
 
         encoder = encoder or config.encoder.load()
-        index = PassageIndex.load(config.index_path, expect_fingerprint=encoder.fingerprint)
-        found = Retriever(encoder, index).retrieve([e.question for e in missing], top_k)
+        store = config.store(encoder.fingerprint)
+        try:
+            found = Retriever(encoder, store).retrieve([e.question for e in missing], top_k)
+        finally:
+            store.close()
         hits = {id(e): tuple(h) for e, h in zip(missing, found, strict=True)}
         log.info("retrieved %d passages each for %d examples", top_k, len(missing))
     samples = []
