@@ -14,7 +14,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from app.contracts import GREEDY, Decoding, Hit, Mode, Sampling, Template, Turn
+from app.contracts import GREEDY, Decoding, Hit, Mode, Sampling, SearchMode, Template, Turn
 from app.engine.coalesce import Coalescer
 from app.engine.engine import Engine, Expected
 from app.engine.requests import EngineRequest
@@ -44,6 +44,7 @@ class Retrieves(Protocol):
         *,
         index: str | None = None,
         where: MetadataFilter | None = None,
+        mode: SearchMode = "dense",
     ) -> list[list[Hit]]: ...
 
     def resolve(self, name: str | None) -> SearchesVectors: ...
@@ -57,7 +58,13 @@ class ScoresPrompts(Protocol):
 
 class SearchesVectors(Protocol):
     def search(
-        self, queries: np.ndarray, k: int, where: MetadataFilter | None = None
+        self,
+        queries: np.ndarray | None,
+        k: int,
+        where: MetadataFilter | None = None,
+        *,
+        mode: SearchMode = "dense",
+        texts: Sequence[str] | None = None,
     ) -> list[list[Hit]]: ...
 
 
@@ -87,8 +94,8 @@ class PreparedLoad:
         return self.adapter.version
 
 
-# top_k, index name, question-adapter name, metadata filter
-RetrievalKey = tuple[int, str | None, str | None, MetadataFilter | None]
+# top_k, index name, question-adapter name, metadata filter, search mode
+RetrievalKey = tuple[int, str | None, str | None, MetadataFilter | None, SearchMode]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,7 @@ class AskParams:
     decoding: Decoding = "thorough"
     index: str | None = None  # a named index; None: the active one
     where: MetadataFilter | None = None  # only passages of documents whose metadata matches
+    search: SearchMode | None = None  # dense, sparse (BM25) or hybrid; None: the service's
     sampling: Sampling = GREEDY
     history: tuple[Turn, ...] = ()  # the conversation before the question (chat)
     # False: no passages, the conversation through the chat template as it is (or, with
@@ -158,6 +166,7 @@ class RagService:
         tasks: TaskBundles | None = None,
         default_top_k: int = 5,
         default_mode: Mode = "concat",
+        default_search: SearchMode = "dense",
         scorer: ScoresPrompts | None = None,
         abstain: AbstainConfig | None = None,
     ) -> None:
@@ -171,6 +180,7 @@ class RagService:
         # adapters (applied and used on the retrieval thread below)
         self.tasks = tasks or TaskBundles(registry.root, None)
         self._defaults: tuple[int, Mode] = (default_top_k, default_mode)
+        self.default_search: SearchMode = default_search
         # One retrieval thread: the encoder's fast tokenizer is not safe to call from two
         # threads at once ("Already borrowed"), and on a CPU the encoder's own matmuls already
         # use every core. It runs beside the model thread, so retrieval and generation overlap.
@@ -282,14 +292,18 @@ class RagService:
             # a bundle with a question-encoder part encodes its own questions: its own group
             asker = params.adapter if task is not None else None
             hits: list[Hit] = []
+            search = params.search or self.default_search
             if params.retrieval:
-                key = (top_k, params.index, asker, params.where)
+                key = (top_k, params.index, asker, params.where, search)
                 hits = await self._retrievals.submit(key, params.question)
             t1 = time.perf_counter()
             if params.on_hits is not None:
                 params.on_hits(hits)
             grounded = params.retrieval and params.template == "rag"
-            if grounded and unsupported(self.abstain, [h.score for h in hits]):
+            # the retrieval gate's threshold is a cosine: sparse (BM25) and hybrid (RRF) scores
+            # are on other scales, so only the generator's own refusal counts for them
+            gated = grounded and search == "dense"
+            if gated and unsupported(self.abstain, [h.score for h in hits]):
                 return self._abstained(params, lease, mode, hits, t0, t1)
             result = await self._generate(params, lease, mode, hits, expected, t0, t1)
             if grounded and refuses(self.abstain, result.answer):
@@ -409,11 +423,15 @@ class RagService:
         adapter with a question-encoder part encodes them itself (per call: no adapter switch
         is shared between requests), then searches the same index; every other request goes
         through the server's encoder."""
-        k, index, adapter, where = key
-        vectors = self.tasks.question_vectors(list(questions), adapter)  # [n, dim] or None
+        k, index, adapter, where, mode = key
+        # a question adapter moves the dense half (sparse reads only the words)
+        vectors = None
+        if mode != "sparse":
+            vectors = self.tasks.question_vectors(list(questions), adapter)  # [n, dim] or None
         if vectors is None:
-            return self.retriever.retrieve(questions, k, index=index, where=where)
-        return self.retriever.resolve(index).search(vectors, k, where)
+            return self.retriever.retrieve(questions, k, index=index, where=where, mode=mode)
+        target = self.retriever.resolve(index)
+        return target.search(vectors, k, where, mode=mode, texts=list(questions))
 
     async def _apply_task(self, name: str, task: PreparedTask) -> None:
         # on the retrieval thread, so a question adapter never changes under an encode

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.contracts import Mode
+from app.contracts import Mode, SearchMode
 from app.engine.config import EngineConfig
 from app.generation.abstain import AbstainConfig
 from app.generation.config import DecodingConfig, DType, GeneratorSpec
@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, le=512)
     mode: Mode = Field(
         "concat", description="Decoding mode when the request does not say (see README)."
+    )
+    retrieval: SearchMode = Field(
+        "dense",
+        description="How /ask retrieves when the request does not say: dense (embeddings), "
+        "sparse (BM25) or hybrid (both, reciprocal rank fusion). Chosen in bench/RESULTS.md, "
+        "'Hybrid retrieval'. The abstention gate (abstain_min_score) applies to dense only.",
     )
     num_beams: int = Field(1, ge=1, le=8, description="Beams for the token/sequence modes.")
     min_prior: float | None = Field(

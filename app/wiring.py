@@ -201,6 +201,7 @@ def build_service(
         tasks=TaskBundles.for_encoder(settings.adapters_dir, components.encoder),
         default_top_k=settings.top_k,
         default_mode=settings.mode,
+        default_search=settings.retrieval,
         scorer=components.generator,
         abstain=settings.abstention,
     )

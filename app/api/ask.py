@@ -54,6 +54,7 @@ async def ask(
         decoding=body.decoding,
         index=body.index,
         where=filters.parse(body.filter),
+        search=body.retrieval,  # None: settings.retrieval
         sampling=sampling_of(body),
     )
     if body.stream:

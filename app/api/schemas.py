@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.contracts import NAME_PATTERN, Mode
+from app.contracts import NAME_PATTERN, Mode, SearchMode
 
 ADAPTER_NAME = NAME_PATTERN
 INDEX_NAME = ADAPTER_NAME  # a folder under index_dir, by the same rule
@@ -49,6 +49,13 @@ class AskRequest(BaseModel):
         '{"lang": "en", "year": {"$gte": 2000}}; keys ANDed; operators $in, $ne, $gt, $gte, '
         "$lt, $lte (numbers); anything else is refused (422).",
         examples=[{"lang": "en"}],
+    )
+    retrieval: SearchMode | None = Field(
+        None,
+        description="dense: by embedding similarity; sparse: BM25 over the passages' words "
+        "(exact terms, names, numbers); hybrid: both, fused by reciprocal rank (k=60). The "
+        "passages' `score` is the cosine, the BM25 score or the RRF score. Default: the "
+        "server's LORAG_RETRIEVAL.",
     )
     stream: bool = Field(
         False,
