@@ -26,6 +26,8 @@ from app.errors import (
     NotReadyError,
 )
 from app.generation.abstain import ABSTAIN_TEXT, AbstainConfig, refuses, unsupported
+from app.generation.config import PromptConfig
+from app.generation.prompts import prompt_order
 from app.lora.bundle import PreparedTask
 from app.lora.registry import AdapterInfo, AdapterRegistry, Lease, PreparedAdapter
 from app.lora.tasks import TaskBundles
@@ -169,8 +171,12 @@ class RagService:
         default_search: SearchMode = "dense",
         scorer: ScoresPrompts | None = None,
         abstain: AbstainConfig | None = None,
+        prompts: PromptConfig | None = None,
     ) -> None:
         self.retriever = retriever
+        # the generator's prompt layout: a concat answer lists its passages as its prompt
+        # numbers them (`_listed`)
+        self.prompts = prompts or PromptConfig()
         self.abstain = abstain or AbstainConfig(enabled=False)
         self.scorer = scorer  # the generator, for prompt log-probabilities (model thread)
         self.engine = engine
@@ -298,17 +304,25 @@ class RagService:
                 hits = await self._retrievals.submit(key, params.question)
             t1 = time.perf_counter()
             if params.on_hits is not None:
-                params.on_hits(hits)
+                params.on_hits(self._listed(mode, hits))
             grounded = params.retrieval and params.template == "rag"
             # the retrieval gate's threshold is a cosine: sparse (BM25) and hybrid (RRF) scores
             # are on other scales, so only the generator's own refusal counts for them
             gated = grounded and search == "dense"
             if gated and unsupported(self.abstain, [h.score for h in hits]):
-                return self._abstained(params, lease, mode, hits, t0, t1)
+                return self._abstained(params, lease, mode, self._listed(mode, hits), t0, t1)
             result = await self._generate(params, lease, mode, hits, expected, t0, t1)
             if grounded and refuses(self.abstain, result.answer):
                 return dataclasses.replace(result, answer=ABSTAIN_TEXT, abstained=True)
             return result
+
+    def _listed(self, mode: Mode, hits: list[Hit]) -> list[Hit]:
+        """The hits (in retrieval order) as the answer lists them: a concat prompt's in the
+        order the prompt numbers them (app/generation/prompts.py), so that a citation [n] names
+        the n-th; the RAG modes' (a prompt per passage) in retrieval order."""
+        if mode != "concat":
+            return hits
+        return prompt_order(hits, [h.passage for h in hits], self.prompts.concat_order)
 
     def _abstained(
         self,
@@ -366,17 +380,18 @@ class RagService:
         result = await self.engine.generate(request, timeout_s=self._timeout_s, expected=expected)
         t2 = time.perf_counter()
         text = result.answer.text
+        listed = self._listed(mode, hits)  # the engine read them in retrieval order
         return AskResult(
             # a completion continues the caller's text: its leading space is part of it
             answer=text if params.template == "raw" else text.strip(),
             adapter=params.adapter,
             adapter_version=result.adapter_version,
             mode=mode,
-            hits=hits,
+            hits=listed,
             weights=(
                 result.answer.weights
                 if result.answer.weights is not None
-                else prior_weights([h.score for h in hits])
+                else prior_weights([h.score for h in listed])
             ),
             timings_ms={
                 "retrieve": (t1 - t0) * 1000,

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.contracts import Mode, SearchMode
 from app.engine.config import EngineConfig
 from app.generation.abstain import AbstainConfig
-from app.generation.config import DecodingConfig, DType, GeneratorSpec
+from app.generation.config import ConcatOrder, DecodingConfig, DType, GeneratorSpec, PromptConfig
 
 if TYPE_CHECKING:
     from app.db.config import DatabaseConfig
@@ -136,6 +136,13 @@ class Settings(BaseSettings):
         description="How /ask retrieves when the request does not say: dense (embeddings), "
         "sparse (BM25) or hybrid (both, reciprocal rank fusion). Chosen in bench/RESULTS.md, "
         "'Hybrid retrieval'. The abstention gate (abstain_min_score) applies to dense only.",
+    )
+    concat_order: ConcatOrder = Field(
+        "score",
+        description="Concat mode's passage order, in the prompt and in the answer's `passages`: "
+        "score (retrieval order, best first) or stable (by document, then ordinal, so prompts "
+        "over overlapping passages share longer prefixes for the prefix cache; the budget still "
+        "drops the lowest-ranked first). Chosen in bench/RESULTS.md, 'Concat passage order'.",
     )
     num_beams: int = Field(1, ge=1, le=8, description="Beams for the token/sequence modes.")
     min_prior: float | None = Field(
@@ -311,6 +318,11 @@ class Settings(BaseSettings):
             min_prior=self.min_prior,
             prefix_cache_bytes=self.prefix_cache_bytes,
         )
+
+    @property
+    def prompts(self) -> PromptConfig:
+        """How the generator lays out its prompts; the service lists passages the same way."""
+        return PromptConfig(concat_order=self.concat_order)
 
     @property
     def abstention(self) -> AbstainConfig:

@@ -33,7 +33,7 @@ from app.engine.requests import Observers
 from app.errors import IndexNotFound, InvalidInputError
 from app.fleet.fleet import Fleet
 from app.fleet.ledger import Ledger, LocalLedger
-from app.generation.config import DecodingConfig, GeneratorSpec
+from app.generation.config import DecodingConfig, GeneratorSpec, PromptConfig
 from app.generation.generator import Generator, sync_batched_lora
 from app.generation.loading import load_generator, prepare_default_generator
 from app.generation.step_batch import StepBatch
@@ -74,8 +74,14 @@ class Components:
 # loading ---------------------------------------------------------------------------------
 
 
-def generator_of(spec: GeneratorSpec) -> Generator:
-    return load_generator(spec.spec, device=spec.device, dtype=spec.dtype, cache_dir=spec.cache_dir)
+def generator_of(spec: GeneratorSpec, prompts: PromptConfig | None = None) -> Generator:
+    return load_generator(
+        spec.spec,
+        device=spec.device,
+        dtype=spec.dtype,
+        cache_dir=spec.cache_dir,
+        prompt_config=prompts,
+    )
 
 
 def open_store(settings: Settings, fingerprint: str) -> PassageStore:
@@ -115,7 +121,7 @@ def load_components(settings: Settings) -> Components:
     passages, _ = retriever.resolve(None).count()  # the active index loads now: a bad one fails
     times["index"] = time.perf_counter() - t
     t = time.perf_counter()
-    generator = generator_of(settings.generator_spec)
+    generator = generator_of(settings.generator_spec, settings.prompts)
     times["generator"] = time.perf_counter() - t
     registry = AdapterRegistry(
         generator,
@@ -204,6 +210,7 @@ def build_service(
         default_search=settings.retrieval,
         scorer=components.generator,
         abstain=settings.abstention,
+        prompts=settings.prompts,
     )
 
 

@@ -12,6 +12,10 @@ from typing import Literal, get_args
 
 DType = Literal["float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[DType, ...] = get_args(DType)
+# how a concat prompt lays out its passages: score, in retrieval order (best first); stable, by
+# document then ordinal, so prompts over overlapping passage sets share longer prefixes
+ConcatOrder = Literal["score", "stable"]
+CONCAT_ORDERS: tuple[ConcatOrder, ...] = get_args(ConcatOrder)
 
 
 @dataclass(frozen=True)
@@ -48,3 +52,16 @@ class DecodingConfig:
             raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if self.min_prior is not None and not 0 <= self.min_prior < 1:
             raise ValueError(f"min_prior must be in [0, 1) or None, got {self.min_prior!r}")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How the generator's prompts are laid out (app/generation/prompts.py)."""
+
+    concat_order: ConcatOrder = "score"
+
+    def __post_init__(self) -> None:
+        if self.concat_order not in CONCAT_ORDERS:
+            raise ValueError(
+                f"concat_order {self.concat_order!r} is not one of {list(CONCAT_ORDERS)}"
+            )

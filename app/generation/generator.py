@@ -23,6 +23,7 @@ from transformers import BatchEncoding, GenerationConfig, PreTrainedTokenizerBas
 
 from app.contracts import BASE_ADAPTER, GeneratorKind, GenRow, Passage, Turn
 from app.errors import AdapterNotFound, InvalidInputError
+from app.generation.config import PromptConfig
 from app.generation.family import Family, family_for
 from app.generation.prompts import PromptBuilder
 from app.generation.step_batch import Decoded, decode
@@ -41,6 +42,7 @@ class Generator:
         *,
         model_id: str,
         device: torch.device,
+        prompt_config: PromptConfig | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -51,7 +53,9 @@ class Generator:
             # decoder-only checkpoints often ship without one; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = self.family.padding_side
-        self.prompts = PromptBuilder(tokenizer, self.kind)
+        self.prompts = PromptBuilder(
+            tokenizer, self.kind, (prompt_config or PromptConfig()).concat_order
+        )
         self.eos_ids = self._eos_ids()
         self.pad_id = int(tokenizer.pad_token_id)
         # the one end token the RAG searches stop on: the tokenizer's (<|im_end|> for chat)

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from app.errors import InvalidInputError
+from app.generation.config import PromptConfig
 from app.generation.generator import Generator
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def load_generator(
-    spec: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: Path
+    spec: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    cache_dir: Path,
+    prompt_config: PromptConfig | None = None,
 ) -> Generator:
     """A Generator for spec ("default", a hub id or a local path), in eval mode on device.
 
@@ -117,7 +123,9 @@ def load_generator(
         raise InvalidInputError(f"cannot load generator {spec!r}: {e}") from e
     torch_device = torch.device(device)
     model = model.to(device=torch_device)  # type: ignore[call-arg]
-    generator = Generator(model, tokenizer, model_id=model_id, device=torch_device)
+    generator = Generator(
+        model, tokenizer, model_id=model_id, device=torch_device, prompt_config=prompt_config
+    )
     log.info(
         "loaded generator %s (%s, %s, %s) in %.2f s",
         model_id,

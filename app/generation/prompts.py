@@ -3,23 +3,35 @@
 Seq2seq models get T5's QA format, "question: ... context: [1] title: text ...". Causal models
 get a system + user chat message when their tokenizer has a chat template, plain text otherwise.
 
-Passages are kept in retrieval order and fitted to a token budget: whole passages while they
-fit, then the first that does not fit is cut to the room left (if that room is worth having),
-and the rest are dropped. The top-ranked passages are the ones most likely to hold the answer,
-so cutting from the bottom loses the least; an equal share each would cut every passage.
+Passages arrive in retrieval order and are fitted to a token budget in that order: whole
+passages while they fit, then the first that does not fit is cut to the room left (if that room
+is worth having), and the rest are dropped. The top-ranked passages are the ones most likely to
+hold the answer, so cutting from the bottom loses the least; an equal share each would cut every
+passage.
+
+The passages kept are then laid out in the prompt order (PromptConfig.concat_order, one sort key
+here, `prompt_order`): "score" keeps retrieval order; "stable" sorts them by document, then
+ordinal, so two questions retrieving overlapping passage sets in another order share a longer
+token prefix, which the prefix KV cache reuses (app/generation/prefix_cache.py). Each passage
+is numbered [n] by its place in that order among all the passages given, kept or not, which is
+the order the service lists them in its answer (app/service.py), so a citation [n] names the
+answer's n-th passage whichever order is set.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TypeVar
 
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from app.contracts import GeneratorKind, Passage, Turn
+from app.generation.config import ConcatOrder
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SYSTEM = (
     "Answer the question using the numbered passages. "
@@ -34,12 +46,31 @@ def passage_block(number: int, passage: Passage, text: str | None = None) -> str
     return f"[{number}] {passage.title}: {body}" if passage.title else f"[{number}] {body}"
 
 
+def stable_key(passage: Passage) -> tuple[str, int, str]:
+    """(document, ordinal, id): a document's passages together, in reading order. Ids are
+    "<doc_id>#<ordinal>"; an id of another form sorts by itself after its document's."""
+    _, _, tail = passage.id.rpartition("#")
+    return (passage.doc_id, int(tail) if tail.isdigit() else 1 << 62, passage.id)
+
+
+def prompt_order(items: Sequence[T], passages: Sequence[Passage], order: ConcatOrder) -> list[T]:
+    """items (one per passage, in retrieval order) in the order a concat prompt lays out and
+    numbers their passages."""
+    if order == "score":
+        return list(items)
+    ranks = sorted(range(len(passages)), key=lambda i: stable_key(passages[i]))
+    return [items[i] for i in ranks]
+
+
 class PromptBuilder:
     """Renders (question, passages) into one prompt string that fits max_tokens."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, kind: GeneratorKind) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, kind: GeneratorKind, order: ConcatOrder = "score"
+    ) -> None:
         self.tokenizer = tokenizer
         self.kind = kind
+        self.order: ConcatOrder = order
         self.chat = kind == "causal" and bool(getattr(tokenizer, "chat_template", None))
 
     def n_tokens(self, text: str) -> int:
@@ -102,35 +133,39 @@ class PromptBuilder:
         max_tokens: int,
         history: Sequence[Turn] = (),
     ) -> str:
-        """The prompt with as many passages (in order) as fit in max_tokens tokens. A
-        conversation longer than half the budget loses its oldest turns first (system
-        messages stay); then passages are cut from the bottom, as without one."""
+        """The prompt with as many passages (chosen in retrieval order) as fit in max_tokens
+        tokens, laid out and numbered in the prompt order. A conversation longer than half the
+        budget loses its oldest turns first (system messages stay); then passages are cut from
+        the bottom of the retrieval order, as without one."""
         question = self._fit_question(question, max_tokens)
         history = self._fit_history(question, list(history), max_tokens)
         room = max_tokens - self.n_tokens(self.render(question, [], history)) - MARGIN_TOKENS
-        blocks: list[str] = []
-        for number, passage in enumerate(passages, start=1):
+        laid_out = prompt_order(range(len(passages)), passages, self.order)
+        numbers = {i: n for n, i in enumerate(laid_out, start=1)}  # passage index -> [n]
+        kept: dict[int, str] = {}  # the prompt number of each passage kept: its block
+        for i, passage in enumerate(passages):
+            number = numbers[i]
             block = passage_block(number, passage)
             cost = self.n_tokens(block) + 1  # +1: the separator between blocks
             if cost <= room:
-                blocks.append(block)
+                kept[number] = block
                 room -= cost
                 continue
             head = self.n_tokens(passage_block(number, passage, "")) + 1
             keep = room - head
             if keep >= MIN_PASSAGE_TOKENS:
                 text = str(self.tokenizer.decode(self._ids(passage.text)[:keep]))
-                blocks.append(passage_block(number, passage, text))
+                kept[number] = passage_block(number, passage, text)
             log.debug(
                 "prompt budget %d tokens: kept %d of %d passages (passage %d cut to %d tokens)",
                 max_tokens,
-                len(blocks),
+                len(kept),
                 len(passages),
                 number,
                 max(keep, 0),
             )
             break
-        return self.render(question, blocks, history)
+        return self.render(question, [kept[n] for n in sorted(kept)], history)
 
     def _fit_history(self, question: str, history: list[Turn], max_tokens: int) -> list[Turn]:
         dropped = 0
