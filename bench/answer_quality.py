@@ -17,7 +17,12 @@ Per adapter and mode it prints:
 - for the retrieval gate, what each threshold on the best passage's score would give (the gate
   runs before generation, so this is what the server would answer at that threshold).
 
+- retrieval recall@k for dense, sparse (BM25) and hybrid (RRF) search, alone with
+  --retrieval-only (no generation: bench/retrieval_recall.py), or per --retrievals in the run.
+
     .venv/bin/python -m bench.answer_quality --adapters base concise cited grounded
+    .venv/bin/python -m bench.answer_quality --retrieval-only
+    .venv/bin/python -m bench.answer_quality --retrievals dense hybrid
     .venv/bin/python -m bench.answer_quality --abstain false --json /tmp/aq.json
 """
 
@@ -141,6 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", nargs="+", default=["base"])
     parser.add_argument("--modes", nargs="+", default=["concat"])
+    parser.add_argument(
+        "--retrievals", nargs="+", default=[None], choices=["dense", "sparse", "hybrid", None]
+    )
+    parser.add_argument(
+        "--retrieval-only", action="store_true", help="recall@k per retrieval mode, no answers"
+    )
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -161,6 +172,11 @@ def main() -> None:
     from app.main import create_app
     from app.settings import Settings
 
+    if args.retrieval_only:
+        from bench.retrieval_recall import run
+
+        run(Settings())
+        return
     answerable, unanswerable = read("answerable_heldout.jsonl"), read("unanswerable_heldout.jsonl")
     if args.limit:
         answerable, unanswerable = answerable[: args.limit], unanswerable[: args.limit]
@@ -168,43 +184,46 @@ def main() -> None:
     with TestClient(create_app(Settings())) as client:
         while client.get("/ready").status_code != 200:
             time.sleep(0.5)
-        for adapter in args.adapters:
-            for mode in args.modes:
-                bodies = [
-                    {
-                        "question": q["question"],
-                        "top_k": args.top_k,
-                        "max_new_tokens": args.max_new_tokens,
-                        "mode": mode,
-                        **({} if adapter == "base" else {"adapter": adapter}),
-                    }
-                    for q in answerable + unanswerable
-                ]
-                t = time.perf_counter()
-                out = ask_all(client, bodies, args.concurrency)
-                took = time.perf_counter() - t
-                a_out, u_out = out[: len(answerable)], out[len(answerable) :]
-                s = score(answerable, unanswerable, a_out, u_out)
-                print(
-                    f"{adapter:9s} {mode:8s} n={len(answerable)}+{len(unanswerable)} "
-                    + " ".join(f"{k}={v:.3f}" for k, v in s.items())
-                    + f" ({took:.0f} s)",
-                    flush=True,
-                )
-                if args.gate and not any(o.get("abstained") for o in out):
-                    print("\n".join(gate_table(answerable, a_out, u_out, args.gate)), flush=True)
-                shown = ask_all(client, [{**bodies[0], "question": q} for q in README_QUESTIONS], 4)
-                for q, o in zip(README_QUESTIONS, shown, strict=True):
-                    flag = " (abstained)" if o.get("abstained") else ""
-                    print(f"    {q!r} -> {o['answer']!r}{flag}", flush=True)
-                dump[f"{adapter}/{mode}"] = {
-                    "scores": s,
-                    "answerable": a_out,
-                    "unanswerable": u_out,
-                    "readme": shown,
+        for adapter, mode, retrieval in (
+            (a, m, r) for a in args.adapters for m in args.modes for r in args.retrievals
+        ):
+            bodies = [
+                {
+                    "question": q["question"],
+                    "top_k": args.top_k,
+                    "max_new_tokens": args.max_new_tokens,
+                    "mode": mode,
+                    **({} if adapter == "base" else {"adapter": adapter}),
+                    **({} if retrieval is None else {"retrieval": retrieval}),
                 }
-                if args.json:  # after every adapter, so a failure later keeps what was measured
-                    args.json.write_text(json.dumps(dump, indent=1, ensure_ascii=False))
+                for q in answerable + unanswerable
+            ]
+            t = time.perf_counter()
+            out = ask_all(client, bodies, args.concurrency)
+            took = time.perf_counter() - t
+            a_out, u_out = out[: len(answerable)], out[len(answerable) :]
+            s = score(answerable, unanswerable, a_out, u_out)
+            print(
+                f"{adapter:9s} {mode:8s} {retrieval or 'default':8s} "
+                f"n={len(answerable)}+{len(unanswerable)} "
+                + " ".join(f"{k}={v:.3f}" for k, v in s.items())
+                + f" ({took:.0f} s)",
+                flush=True,
+            )
+            if args.gate and not any(o.get("abstained") for o in out):
+                print("\n".join(gate_table(answerable, a_out, u_out, args.gate)), flush=True)
+            shown = ask_all(client, [{**bodies[0], "question": q} for q in README_QUESTIONS], 4)
+            for q, o in zip(README_QUESTIONS, shown, strict=True):
+                flag = " (abstained)" if o.get("abstained") else ""
+                print(f"    {q!r} -> {o['answer']!r}{flag}", flush=True)
+            dump[f"{adapter}/{mode}" + (f"/{retrieval}" if retrieval else "")] = {
+                "scores": s,
+                "answerable": a_out,
+                "unanswerable": u_out,
+                "readme": shown,
+            }
+            if args.json:  # after every adapter, so a failure later keeps what was measured
+                args.json.write_text(json.dumps(dump, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

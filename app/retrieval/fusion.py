@@ -23,10 +23,12 @@ RRF_K = 60  # Cormack et al.'s constant
 @dataclass(frozen=True)
 class Fusion:
     """How a hybrid search fuses: RRF's k, and how deep each list is read (at least the k
-    passages asked for)."""
+    passages asked for). Depth 50: on the demo's 229 answerable questions, hybrid recall@5 was
+    0.834 fusing the top 20 of each list, 0.852 the top 50 or 100 (bench/RESULTS.md, "Hybrid
+    retrieval"); RRF's k (10 to 120) moved it by at most 0.01."""
 
     rrf_k: int = RRF_K
-    depth: int = 20
+    depth: int = 50
 
     def __post_init__(self) -> None:
         if self.rrf_k < 0:
