@@ -1,0 +1,151 @@
+"""The Postgres store's tables, its migrations (range 1xx) and the DDL of one collection.
+
+    lorag_collections       one row per named index: encoder fingerprint, dim, chunk_words and
+                            how its HNSW index is built (precision, m, ef_construction)
+    lorag_store             one row: the active collection's name
+    lorag_documents         (collection_id, doc_id) -> title, metadata jsonb (what filters match)
+    lorag_passages_<id>     one table per collection: pid (identity), doc_id, ordinal, the
+                            Passage's id, title and text, and `embedding vector(dim)`
+
+Why a table per collection, not one table with an untyped `vector` column: pgvector's HNSW
+index needs a typed column (or a typed expression: `(embedding::vector(384))`), so one shared
+table would need a partial expression index per collection (`WHERE collection_id = 7`), and the
+planner uses a partial index only when it can prove the query's predicate implies the index's,
+which a generic plan of a prepared statement (`collection_id = $1`) does not; nor would the
+query's cast always match the index's expression. A table per collection has plain, typed
+columns, one HNSW index that every query of it can use, its own planner statistics (a filter's
+selectivity is estimated for that corpus), and its deletes and vacuums touch no other corpus.
+The price is DDL at `create` (CREATE TABLE and CREATE INDEX, in the same transaction as the
+collections row, so a collection exists whole or not at all).
+
+Precision: the heap always holds float32 `vector(dim)`; `halfvec` builds the HNSW index over
+`(embedding::halfvec(dim))` (half the index bytes, bench/RESULTS.md) while scores are still
+computed on the full vectors, so an exact scan and reported scores do not change with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from psycopg import sql
+
+from app.db.migrations import Migration
+from app.errors import InvalidInputError
+
+Precision = Literal["vector", "halfvec"]
+MAX_HNSW_DIM = {"vector": 2000, "halfvec": 4000}  # pgvector's limits for an HNSW index
+
+# migrations 1xx belong to the store; app.db applies them in order, once, under its lock
+MIGRATIONS = [
+    Migration(
+        101,
+        "passage store: collections, the active one, documents",
+        sql="""
+        CREATE TABLE lorag_collections (
+            id serial PRIMARY KEY,
+            name text NOT NULL UNIQUE,
+            encoder text NOT NULL,
+            dim int NOT NULL CHECK (dim > 0),
+            chunk_words int NOT NULL CHECK (chunk_words > 0),
+            precision text NOT NULL CHECK (precision IN ('vector', 'halfvec')),
+            hnsw_m int NOT NULL CHECK (hnsw_m >= 2),
+            ef_construction int NOT NULL CHECK (ef_construction >= 4),
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE lorag_store (
+            id boolean PRIMARY KEY DEFAULT true CHECK (id),
+            active text NOT NULL
+        );
+        CREATE TABLE lorag_documents (
+            collection_id int NOT NULL REFERENCES lorag_collections (id) ON DELETE CASCADE,
+            doc_id text NOT NULL,
+            title text NOT NULL,
+            metadata jsonb NOT NULL DEFAULT '{}',
+            PRIMARY KEY (collection_id, doc_id)
+        );
+        CREATE INDEX lorag_documents_metadata
+            ON lorag_documents USING gin (metadata jsonb_path_ops);
+        """,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class PgIndexSpec:
+    """How a new collection's HNSW index is built (pgvector's defaults: m=16,
+    ef_construction=64)."""
+
+    precision: Precision = "vector"
+    m: int = 16
+    ef_construction: int = 64
+
+    def __post_init__(self) -> None:
+        if self.precision not in MAX_HNSW_DIM:
+            raise InvalidInputError(
+                f"precision {self.precision!r} is not one of {sorted(MAX_HNSW_DIM)}"
+            )
+        if not 2 <= self.m <= 100:
+            raise InvalidInputError(f"hnsw m must be in [2, 100], got {self.m}")
+        if not 4 <= self.ef_construction <= 1000 or self.ef_construction < 2 * self.m:
+            raise InvalidInputError(
+                f"ef_construction must be in [max(4, 2*m), 1000], got {self.ef_construction} "
+                f"with m={self.m}"
+            )
+
+    @property
+    def opclass(self) -> str:
+        return f"{self.precision}_ip_ops"
+
+    def describe(self) -> str:
+        return f"hnsw {self.opclass} m={self.m} ef_construction={self.ef_construction}"
+
+
+def passages_table(collection_id: int) -> sql.Identifier:
+    return sql.Identifier(f"lorag_passages_{collection_id}")
+
+
+def indexed_expr(
+    precision: Precision, dim: int, col: sql.Composable = sql.Identifier("embedding")
+) -> sql.Composable:
+    """What the HNSW index is built over, and what an index-ordered query must order by."""
+    if precision == "vector":
+        return col
+    return sql.SQL("({}::halfvec({}))").format(col, sql.Literal(dim))
+
+
+def create_passages_ddl(collection_id: int, dim: int, spec: PgIndexSpec) -> list[sql.Composed]:
+    """CREATE TABLE and its indexes for one collection's passages."""
+    if dim > MAX_HNSW_DIM[spec.precision]:
+        raise InvalidInputError(
+            f"an HNSW index over {spec.precision} takes at most {MAX_HNSW_DIM[spec.precision]} "
+            f"dimensions, got {dim}"
+        )
+    table = passages_table(collection_id)
+    return [
+        sql.SQL(
+            """CREATE TABLE {} (
+                pid bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                doc_id text NOT NULL,
+                ordinal int NOT NULL,
+                passage_id text NOT NULL,
+                title text NOT NULL,
+                text text NOT NULL,
+                embedding vector({}) NOT NULL,
+                UNIQUE (doc_id, ordinal)
+            )"""
+        ).format(table, sql.Literal(dim)),
+        # vectors inline in the heap, never compressed or moved out (they do not compress, and
+        # detoasting each row would slow every exact scan); texts may still be toasted
+        sql.SQL("ALTER TABLE {} ALTER COLUMN embedding SET STORAGE PLAIN").format(table),
+        sql.SQL(
+            "CREATE INDEX {} ON {} USING hnsw ({} {}) WITH (m = {}, ef_construction = {})"
+        ).format(
+            sql.Identifier(f"lorag_passages_{collection_id}_hnsw"),
+            table,
+            indexed_expr(spec.precision, dim),
+            sql.SQL(spec.opclass),
+            sql.Literal(spec.m),
+            sql.Literal(spec.ef_construction),
+        ),
+    ]

@@ -1,0 +1,464 @@
+"""The passage store in PostgreSQL + pgvector: named collections that every replica shares.
+
+    PgStore.open(db, fingerprint, active="demo", search=PgSearchConfig(), index=PgIndexSpec())
+
+applies the store's migrations (app/retrieval/pg_schema.py; once per database, under app.db's
+advisory lock) on the replica's one pool (app.db.pool.Database), and serves PassageStore and
+Collection (app/retrieval/interface.py) with the FAISS store's semantics: the same Hits (the
+Passage, its inner-product score, its document's metadata), the same metadata filter
+(MetadataFilter.sql, the SQL rendering of the predicate the FAISS store applies), the same
+errors (IndexNotFound naming the known collections, IndexInvalid naming both encoders,
+DocumentNotFound refusing a whole delete).
+
+Search (its SQL and settings: app/retrieval/pg_search.py) orders by `<#>` (pgvector's negative
+inner product) over the collection's HNSW index, with `hnsw.iterative_scan = relaxed_order`:
+when a filter rejects what the graph walk found, the scan goes on until k passages match,
+instead of returning fewer; the k found are re-sorted by their full-precision score. If a scan
+still ends short of k, that query is answered by an exact scan, as the FAISS store answers a
+graph walk that missed a selective filter's passages, so k come back whenever k match.
+`PgSearchConfig(exact=True)` disables index scans: every query is an exact scan (sequential,
+sorted), the reference the HNSW path is measured against.
+
+An upsert is one transaction: lock the collection's row (one writer per collection at a time,
+across replicas), delete the replaced documents and their passages, insert the documents, and
+COPY the passages in binary (vectors as pgvector's binary format; bench/RESULTS.md has COPY
+against executemany). Either all of it commits or none: a bad row (text PostgreSQL cannot hold,
+such as a NUL character) or a lost connection rolls back everything, and a deleted document's
+text is gone with its rows. Database errors become DatabaseUnavailable (HTTP 503, the server
+named without its password: app.db.pool).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from app.contracts import Hit, Passage, SearchMode
+from app.db.pool import Database
+from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
+from app.retrieval import pg_search
+from app.retrieval.docstore import StoredDocument
+from app.retrieval.filters import MetadataFilter
+from app.retrieval.indexes import check_name
+from app.retrieval.interface import CollectionInfo, DocumentNotFound, StoreKind, Upserted
+from app.retrieval.pg_schema import MIGRATIONS, PgIndexSpec, create_passages_ddl, passages_table
+from app.retrieval.pg_search import PgSearchConfig
+from app.retrieval.updates import Prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A lorag_collections row."""
+
+    id: int
+    name: str
+    encoder: str
+    dim: int
+    chunk_words: int
+    spec: PgIndexSpec
+
+
+_COLUMNS = "id, name, encoder, dim, chunk_words, precision, hnsw_m, ef_construction"
+
+
+def _row(r: tuple[Any, ...]) -> _Row:
+    spec = PgIndexSpec(precision=r[5], m=r[6], ef_construction=r[7])
+    return _Row(r[0], r[1], r[2], r[3], r[4], spec)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class PgCollection:
+    """One named index: a lorag_passages_<id> table and its documents' rows. Stateless beyond
+    its (immutable) collections row, so any thread may use it."""
+
+    def __init__(
+        self, db: Database, row: _Row, search: PgSearchConfig, is_active: Callable[[str], bool]
+    ) -> None:
+        self.name = row.name
+        self.encoder = row.encoder
+        self.dim = row.dim
+        self.chunk_words = row.chunk_words  # documents added later are chunked alike
+        self.spec = row.spec
+        self._db = db
+        self._id = row.id
+        self._table = passages_table(row.id)
+        self._search = search
+        self._is_active = is_active
+
+    # search -------------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray | None,  # [n, dim] float32
+        k: int,
+        where: MetadataFilter | None = None,
+        *,
+        mode: SearchMode = "dense",
+        texts: Sequence[str] | None = None,
+    ) -> list[list[Hit]]:
+        if mode != "dense":
+            raise InvalidInputError(
+                f"search mode {mode!r} is not served by the postgres store (it serves 'dense')"
+            )
+        if queries is None:
+            raise InvalidInputError("dense search needs query vectors")
+        if k < 1:
+            raise InvalidInputError(f"k must be at least 1, got {k}")
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InvalidInputError(
+                f"queries must have shape [n, {self.dim}], got {list(queries.shape)}"
+            )
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not np.isfinite(queries).all():
+            raise InvalidInputError("query vectors must be finite")
+        exact = self._search.exact
+        with self._db.connection() as conn:
+            pg_search.configure(conn, self._search, k, exact=exact)
+            results = []
+            for q in queries:  # [dim]
+                hits = self._query(conn, q, k, where, exact=exact)
+                if len(hits) < k and not exact:  # the scan stopped short: ask exactly
+                    log.debug(
+                        "index %s: HNSW scan found %d of k=%d, exact scan", self.name, len(hits), k
+                    )
+                    pg_search.configure(conn, self._search, k, exact=True)
+                    hits = self._query(conn, q, k, where, exact=True)
+                    pg_search.configure(conn, self._search, k, exact=False)
+                results.append(hits)
+        return results
+
+    def _query(
+        self,
+        conn: psycopg.Connection,
+        q: np.ndarray,  # [dim]
+        k: int,
+        where: MetadataFilter | None,
+        *,
+        exact: bool,
+    ) -> list[Hit]:
+        query, params = self._statement(q, k, where, exact=exact)
+        return [
+            Hit(Passage(pid, doc_id, title, text), float(score), metadata)
+            for pid, doc_id, title, text, score, metadata in conn.execute(query, params)
+        ]
+
+    def _statement(
+        self, q: np.ndarray, k: int, where: MetadataFilter | None, *, exact: bool
+    ) -> tuple[sql.Composed, list[Any]]:
+        return pg_search.statement(
+            self._table, self._id, self.dim, self.spec.precision, q, k, where, exact=exact
+        )
+
+    def plan(self, query: np.ndarray, k: int, where: MetadataFilter | None = None) -> str:
+        """EXPLAIN of one query as search() would run it first (which index, if any)."""
+        exact = self._search.exact
+        q = np.ascontiguousarray(query, dtype=np.float32)  # [dim]
+        with self._db.connection() as conn:
+            pg_search.configure(conn, self._search, k, exact=exact)
+            stmt, params = self._statement(q, k, where, exact=exact)
+            rows = conn.execute(sql.SQL("EXPLAIN ") + stmt, params).fetchall()
+        return "\n".join(r[0] for r in rows)
+
+    # changes ------------------------------------------------------------------------------
+
+    def upsert(self, prepared: Prepared) -> list[Upserted]:
+        """Add or replace whole documents in one transaction: all or none."""
+        if prepared.fingerprint != self.encoder:
+            raise IndexInvalid(
+                f"vectors from encoder {prepared.fingerprint!r}, but index {self.name!r} was "
+                f"built with {self.encoder!r}"
+            )
+        vectors = self._check_vectors(prepared)  # [total passages, dim]
+        ids = [doc.id for doc, _ in prepared.documents]
+        try:
+            with self._db.connection() as conn:
+                self._lock(conn)
+                replaced = self._remove(conn, ids)
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO lorag_documents (collection_id, doc_id, title, metadata) "
+                        "VALUES (%s, %s, %s, %s)",
+                        [
+                            (self._id, d.id, d.title, Jsonb(dict(d.metadata)))
+                            for d, _ in prepared.documents
+                        ],
+                    )
+                    copy_sql = sql.SQL(
+                        "COPY {} (doc_id, ordinal, passage_id, title, text, embedding) "
+                        "FROM STDIN WITH (FORMAT BINARY)"
+                    ).format(self._table)
+                    with cur.copy(copy_sql) as copy:
+                        copy.set_types(["text", "int4", "text", "text", "text", "vector"])
+                        row = 0
+                        for doc, passages in prepared.documents:
+                            for ordinal, p in enumerate(passages):
+                                copy.write_row(
+                                    (doc.id, ordinal, p.id, p.title, p.text, vectors[row])
+                                )
+                                row += 1
+        except psycopg.DataError as exc:  # a value PostgreSQL cannot hold; rolled back
+            raise InvalidInputError(
+                f"index {self.name!r} refused the documents ({_first_line(exc)}); nothing was "
+                "changed"
+            ) from None
+        log.info("index %s: upserted %d documents (%d passages)", self.name, len(ids), len(vectors))
+        return [
+            Upserted(doc.id, len(passages), doc.id in replaced)
+            for doc, passages in prepared.documents
+        ]
+
+    def _check_vectors(self, prepared: Prepared) -> np.ndarray:
+        passages = [p for _, doc_passages in prepared.documents for p in doc_passages]
+        vectors = prepared.vectors
+        if vectors.ndim != 2 or vectors.shape != (len(passages), self.dim):
+            raise InvalidInputError(
+                f"vectors must have shape [{len(passages)}, {self.dim}], got {list(vectors.shape)}"
+            )
+        if not np.isfinite(vectors).all():
+            row = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+            raise InvalidInputError(f"vector of passage {passages[row].id!r} is not finite")
+        for doc, doc_passages in prepared.documents:
+            if not doc_passages:
+                raise InvalidInputError(f"document {doc.id!r} has no passages")
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def delete(self, doc_ids: Sequence[str]) -> None:
+        """Delete whole documents in one transaction; an unknown id refuses the lot."""
+        ids = list(dict.fromkeys(doc_ids))
+        with self._db.connection() as conn:
+            self._lock(conn)
+            found = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT doc_id FROM lorag_documents "
+                    "WHERE collection_id = %s AND doc_id = ANY(%s)",
+                    (self._id, ids),
+                )
+            }
+            for doc_id in ids:
+                if doc_id not in found:
+                    raise DocumentNotFound(doc_id, self.name)
+            self._remove(conn, ids)
+        log.info("index %s: deleted %d documents", self.name, len(ids))
+
+    def _lock(self, conn: psycopg.Connection) -> None:
+        """One writer per collection at a time, whichever replica; released at commit."""
+        conn.execute("SELECT 1 FROM lorag_collections WHERE id = %s FOR NO KEY UPDATE", (self._id,))
+
+    def _remove(self, conn: psycopg.Connection, ids: list[str]) -> set[str]:
+        """Delete these documents and their passages; the ids that were there."""
+        cur = conn.execute(
+            "DELETE FROM lorag_documents WHERE collection_id = %s AND doc_id = ANY(%s) "
+            "RETURNING doc_id",
+            (self._id, ids),
+        )
+        gone = {r[0] for r in cur}
+        if gone:
+            conn.execute(
+                sql.SQL("DELETE FROM {} WHERE doc_id = ANY(%s)").format(self._table), (list(gone),)
+            )
+        return gone
+
+    # reads --------------------------------------------------------------------------------
+
+    def document(self, doc_id: str) -> StoredDocument | None:
+        with self._db.connection() as conn:
+            head = conn.execute(
+                "SELECT title, metadata FROM lorag_documents "
+                "WHERE collection_id = %s AND doc_id = %s",
+                (self._id, doc_id),
+            ).fetchone()
+            if head is None:
+                return None
+            rows = conn.execute(
+                sql.SQL(
+                    "SELECT pid, passage_id, title, text FROM {} WHERE doc_id = %s ORDER BY ordinal"
+                ).format(self._table),
+                (doc_id,),
+            ).fetchall()
+        passages = tuple(Passage(pid, doc_id, title, text) for _, pid, title, text in rows)
+        return StoredDocument(doc_id, head[0], passages, tuple(r[0] for r in rows), head[1])
+
+    def count(self) -> tuple[int, int]:
+        """(passages, documents)."""
+        with self._db.connection() as conn:
+            row = conn.execute(
+                sql.SQL(
+                    "SELECT (SELECT count(*) FROM {}), "
+                    "(SELECT count(*) FROM lorag_documents WHERE collection_id = %s)"
+                ).format(self._table),
+                (self._id,),
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def describe(self) -> CollectionInfo:
+        passages, documents = self.count()
+        return CollectionInfo(
+            name=self.name,
+            kind="postgres",
+            encoder=self.encoder,
+            dim=self.dim,
+            passages=passages,
+            documents=documents,
+            index_type=self.spec.describe(),
+            active=self._is_active(self.name),
+            chunk_words=self.chunk_words,
+        )
+
+    def index_bytes(self) -> int:
+        """Bytes on disk of the HNSW index (for benches and /index)."""
+        with self._db.connection() as conn:
+            row = conn.execute(
+                "SELECT pg_relation_size(%s::regclass)", (f"lorag_passages_{self._id}_hnsw",)
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+class PgStore:
+    """The named collections of one database, and which one is active (shared by replicas)."""
+
+    kind: StoreKind = "postgres"
+
+    def __init__(
+        self, db: Database, fingerprint: str, search: PgSearchConfig, index: PgIndexSpec
+    ) -> None:
+        self.fingerprint = fingerprint
+        self._db = db
+        self._search = search
+        self._index = index
+        self._cache: dict[str, PgCollection] = {}  # collections never change once created
+        self._guard = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        db: Database,
+        fingerprint: str,
+        *,
+        active: str = "demo",
+        search: PgSearchConfig | None = None,
+        index: PgIndexSpec | None = None,
+    ) -> PgStore:
+        """The store on `db`, its migrations applied; `active` is the active collection's name
+        if the database has none yet (it need not exist: get() then names what does)."""
+        db.migrate(MIGRATIONS)
+        with db.connection() as conn:
+            conn.execute(
+                "INSERT INTO lorag_store (id, active) VALUES (true, %s) "
+                "ON CONFLICT (id) DO NOTHING",
+                (check_name(active),),
+            )
+        return cls(db, fingerprint, search or PgSearchConfig(), index or PgIndexSpec())
+
+    @property
+    def where(self) -> str:
+        return f"database {self._db.redacted_url}"
+
+    @property
+    def active(self) -> str:
+        with self._db.connection() as conn:
+            row = conn.execute("SELECT active FROM lorag_store").fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def get(self, name: str | None = None) -> PgCollection:
+        name = check_name(name) if name is not None else self.active
+        with self._guard:
+            cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        with self._db.connection() as conn:
+            r = conn.execute(
+                f"SELECT {_COLUMNS} FROM lorag_collections WHERE name = %s", (name,)
+            ).fetchone()
+            names = (
+                []
+                if r
+                else [
+                    n for (n,) in conn.execute("SELECT name FROM lorag_collections ORDER BY name")
+                ]
+            )
+        if r is None:
+            known = ", ".join(names) or "none"
+            raise IndexNotFound(f"no index {name!r} in {self.where} (there are: {known})")
+        row = _row(r)
+        if row.encoder != self.fingerprint:
+            raise IndexInvalid(
+                f"index {name!r} in {self.where} was built with encoder {row.encoder!r}, but "
+                f"the server uses encoder {self.fingerprint!r}; rebuild the index with this "
+                "encoder or configure the one it was built with"
+            )
+        collection = PgCollection(self._db, row, self._search, self._is_active)
+        with self._guard:
+            return self._cache.setdefault(name, collection)
+
+    def create(self, name: str, *, dim: int, chunk_words: int = 100) -> PgCollection:
+        """The named collection, created empty (table and HNSW index, one transaction) with
+        this store's encoder and index spec if it is absent; safe when replicas race."""
+        check_name(name)
+        if dim < 1 or chunk_words < 1:
+            raise InvalidInputError(f"dim and chunk_words must be >= 1, got {dim}, {chunk_words}")
+        spec = self._index
+        with self._db.connection() as conn:
+            r = conn.execute(
+                "INSERT INTO lorag_collections "
+                "(name, encoder, dim, chunk_words, precision, hnsw_m, ef_construction) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+                (
+                    name,
+                    self.fingerprint,
+                    dim,
+                    chunk_words,
+                    spec.precision,
+                    spec.m,
+                    spec.ef_construction,
+                ),
+            ).fetchone()
+            if r is not None:  # ours: the rest of the collection in the same transaction
+                for ddl in create_passages_ddl(r[0], dim, spec):
+                    conn.execute(ddl)
+                log.info(
+                    "created index %s in %s (%d-d, %s)", name, self.where, dim, spec.describe()
+                )
+        return self.get(name)
+
+    def activate(self, name: str) -> PgCollection:
+        collection = self.get(name)
+        with self._db.connection() as conn:
+            row = conn.execute("SELECT active FROM lorag_store FOR UPDATE").fetchone()
+            conn.execute("UPDATE lorag_store SET active = %s", (name,))
+        previous = row[0] if row else None
+        if previous != name:
+            log.info("active index: %s -> %s", previous, name)
+        return collection
+
+    def _is_active(self, name: str) -> bool:
+        return self.active == name
+
+    def list(self) -> list[CollectionInfo]:
+        """Every collection, another encoder's too (its info names that encoder)."""
+        with self._db.connection() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM lorag_collections ORDER BY name")
+            collections = [
+                PgCollection(self._db, _row(r), self._search, self._is_active) for r in rows
+            ]
+        return [c.describe() for c in collections]
+
+    def close(self) -> None:
+        """Nothing of its own to close: the pool is the caller's (shared with the fleet)."""

@@ -1,0 +1,403 @@
+"""The Postgres store (app/retrieval/pg_store.py) against the session's real PostgreSQL+pgvector,
+with the FAISS store as the reference: exact-scan parity with a flat index, HNSW recall, live
+add/replace/delete, all-or-none upserts, metadata filters that still return k, and refusals
+by name (another encoder's index, an unknown one, a database that is down)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+
+from app.contracts import Hit, Passage
+from app.db.config import DatabaseConfig
+from app.db.pool import Database
+from app.errors import DatabaseUnavailable, IndexInvalid, IndexNotFound, InvalidInputError
+from app.retrieval.ann import AnnSpec
+from app.retrieval.chunking import chunk_document
+from app.retrieval.filters import parse
+from app.retrieval.interface import DocumentNotFound
+from app.retrieval.pg_schema import MIGRATIONS, PgIndexSpec
+from app.retrieval.pg_search import PgSearchConfig
+from app.retrieval.pg_store import PgCollection, PgStore
+from app.retrieval.sources import read_sources
+from app.retrieval.store import PassageIndex
+from app.retrieval.updates import Document, Prepared
+from tests.hash_encoder import HashEncoder
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_INDEX = ROOT / "index" / "demo"
+DEMO_SOURCE = ROOT / "index" / "sources" / "demo.jsonl"
+CORPUS_PASSAGES = 1200  # a slice of the demo corpus: HNSW inserts cost ~1 ms each here
+K = 10
+
+
+@dataclass(frozen=True)
+class Corpus:
+    fingerprint: str
+    documents: list[tuple[Document, list[Passage]]]
+    vectors: np.ndarray  # [passages, dim] float32, document then passage order
+    queries: np.ndarray  # [n, dim]
+
+    @property
+    def passages(self) -> list[Passage]:
+        return [p for _, ps in self.documents for p in ps]
+
+    def prepared(self) -> Prepared:
+        return Prepared(self.fingerprint, self.documents, self.vectors)
+
+    def faiss_flat(self) -> PassageIndex:
+        metadata = {d.id: dict(d.metadata) for d, _ in self.documents}
+        spec = AnnSpec(kind="flat")
+        return PassageIndex.build(
+            self.passages, self.vectors, self.fingerprint, spec=spec, metadata=metadata
+        )
+
+
+def _group(i: int) -> dict[str, Any]:
+    return {"group": i % 4, "lang": "en" if i % 3 else "de"}
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    """The demo corpus's first documents: the built demo index's real vectors (MiniLM) when
+    index/demo exists, else the same documents embedded with the hashing encoder."""
+    try:
+        index = PassageIndex.load(DEMO_INDEX)
+        stored = index.documents()
+        faiss_index = index._index  # the only way to its stored vectors
+        pairs = [
+            (Document(d.id, d.title, "", _group(i)), list(d.passages)) for i, d in enumerate(stored)
+        ]
+        fingerprint = index.manifest.encoder
+        pids_of = {d.id: d.pids for d in stored}
+
+        def vectors_of(docs: list[tuple[Document, list[Passage]]]) -> np.ndarray:
+            pids = np.array([pid for d, _ in docs for pid in pids_of[d.id]], dtype=np.int64)
+            return faiss_index.reconstruct_batch(pids)
+    except (IndexNotFound, IndexInvalid):
+        encoder = HashEncoder()
+        source = list(read_sources([DEMO_SOURCE]))
+        pairs = [
+            (
+                Document(d.id, d.title, d.text, _group(i)),
+                chunk_document(d.id, d.title, d.text, words=100),
+            )
+            for i, d in enumerate(source)
+        ]
+        fingerprint = encoder.fingerprint
+
+        def vectors_of(docs: list[tuple[Document, list[Passage]]]) -> np.ndarray:
+            return encoder.encode_passages([p for _, ps in docs for p in ps])
+
+    chosen: list[tuple[Document, list[Passage]]] = []
+    for pair in pairs:
+        if sum(len(ps) for _, ps in chosen) >= CORPUS_PASSAGES:
+            break
+        chosen.append(pair)
+    vectors = np.ascontiguousarray(vectors_of(chosen), dtype=np.float32)
+    # queries between passages, not on them: 0.7 of one plus 0.3 of another, plus noise
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, len(vectors), (2, 40))
+    queries = 0.7 * vectors[a] + 0.3 * vectors[b]
+    queries += rng.normal(0, 0.02, queries.shape)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return Corpus(fingerprint, chosen, vectors, queries.astype(np.float32))
+
+
+@pytest.fixture
+def db(pg_url: str) -> Iterator[Database]:
+    database = Database.open(DatabaseConfig(SecretStr(pg_url), connect_timeout_s=2), MIGRATIONS)
+    yield database
+    database.close()
+
+
+def _ids(hits: list[Hit]) -> list[str]:
+    return [h.passage.id for h in hits]
+
+
+def _recall(approx: list[list[Hit]], exact: list[list[Hit]]) -> float:
+    found = [len(set(_ids(a)) & set(_ids(e))) / len(e) for a, e in zip(approx, exact, strict=True)]
+    return float(np.mean(found))
+
+
+def _loaded(db: Database, corpus: Corpus, name: str = "demo", **index: Any) -> PgCollection:
+    store = PgStore.open(db, corpus.fingerprint, index=PgIndexSpec(**index))
+    collection = store.create(name, dim=corpus.vectors.shape[1])
+    collection.upsert(corpus.prepared())
+    return collection
+
+
+def test_exact_scan_matches_faiss_flat_and_hnsw_keeps_recall(db: Database, corpus: Corpus) -> None:
+    hnsw = _loaded(db, corpus)
+    exact = PgStore.open(db, corpus.fingerprint, search=PgSearchConfig(exact=True)).get("demo")
+    flat = corpus.faiss_flat()
+    q = corpus.queries
+    assert hnsw.count() == (len(flat), flat.document_count)
+    assert "Index Scan using lorag_passages_1_hnsw" in hnsw.plan(q[0], K)
+    assert "hnsw" not in exact.plan(q[0], K)
+
+    for where in (None, parse({"group": 1}), parse({"lang": {"$ne": "de"}, "group": {"$lt": 2}})):
+        want = flat.search(q, K, where)
+        got = exact.search(q, K, where)
+        assert [_ids(h) for h in got] == [_ids(h) for h in want]
+        for g, w in zip(got, want, strict=True):
+            assert [h.passage for h in g] == [h.passage for h in w]  # id, doc_id, title, text
+            assert np.allclose([h.score for h in g], [h.score for h in w], atol=1e-5, rtol=0)
+            assert [dict(h.metadata) for h in g] == [dict(h.metadata) for h in w]
+        approx = hnsw.search(q, K, where)
+        assert all(len(h) == K for h in approx)
+        assert _recall(approx, got) >= 0.95
+        if where is not None:
+            assert all(where.matches(h.metadata) for hits in approx for h in hits)
+
+
+def test_halfvec_index_keeps_recall_and_full_precision_scores(db: Database, corpus: Corpus) -> None:
+    half = _loaded(db, corpus, "half", precision="halfvec")
+    exact = PgStore.open(db, corpus.fingerprint, search=PgSearchConfig(exact=True)).get("half")
+    assert "hnsw halfvec_ip_ops" in half.describe().index_type
+    assert "Index Scan using lorag_passages_1_hnsw" in half.plan(corpus.queries[0], K)
+    approx, want = half.search(corpus.queries, K), exact.search(corpus.queries, K)
+    assert _recall(approx, want) >= 0.95
+    pairs = []  # (halfvec search's score, exact scan's) of each passage both found for a query
+    for a, w in zip(approx, want, strict=True):
+        exact_scores = {h.passage.id: h.score for h in w}
+        pairs += [(h.score, exact_scores[h.passage.id]) for h in a if h.passage.id in exact_scores]
+    got, expected = np.array(pairs).T
+    assert np.allclose(got, expected, atol=1e-6)  # full precision, not the halfvec walk's
+
+
+# ---- small live corpora: the hashing encoder, a handful of documents -------------------------
+
+ENCODER = HashEncoder()
+
+
+def _prepare(*docs: Document) -> Prepared:
+    chunked = [(d, chunk_document(d.id, d.title, d.text, words=100)) for d in docs]
+    vectors = ENCODER.encode_passages([p for _, ps in chunked for p in ps])
+    return Prepared(ENCODER.fingerprint, chunked, vectors)
+
+
+def _query(text: str) -> np.ndarray:
+    return ENCODER.encode_questions([text])
+
+
+@pytest.fixture
+def store(db: Database) -> PgStore:
+    return PgStore.open(db, ENCODER.fingerprint)
+
+
+FACTS = [
+    Document(
+        "zorblax",
+        "Zorblax",
+        "Zorblax is a purple gas giant orbiting the star Quell.",
+        {"kind": "space"},
+    ),
+    Document(
+        "tarn",
+        "Tarn of Velm",
+        "The Tarn of Velm is a mountain lake with glowing eels.",
+        {"kind": "lake"},
+    ),
+    Document(
+        "piano",
+        "Piano",
+        "A piano sounds when felt hammers strike steel strings.",
+        {"kind": "music"},
+    ),
+]
+
+
+def _all_texts(collection: PgCollection, query: str) -> list[str]:
+    return [h.passage.text for h in collection.search(_query(query), 50)[0]]
+
+
+def test_live_add_replace_and_delete(store: PgStore) -> None:
+    docs = store.create("live", dim=ENCODER.dim)
+    outcome = docs.upsert(_prepare(*FACTS))
+    assert [(u.doc_id, u.replaced) for u in outcome] == [
+        ("zorblax", False),
+        ("tarn", False),
+        ("piano", False),
+    ]
+    assert docs.count() == (3, 3)
+    assert _ids(docs.search(_query("purple gas giant Quell"), 1)[0]) == ["zorblax#0"]
+
+    new = Document(
+        "zorblax",
+        "Zorblax",
+        "Zorblax was renamed Quellheim by the survey of 2040.",
+        {"kind": "renamed"},
+    )
+    assert docs.upsert(_prepare(new))[0].replaced
+    assert docs.count() == (3, 3)
+    assert not any("purple" in t for t in _all_texts(docs, "purple gas giant Quell"))
+    stored = docs.document("zorblax")
+    assert stored is not None and stored.passages[0].text == new.text
+    assert stored.metadata == {"kind": "renamed"} and stored.title == "Zorblax"
+
+    with pytest.raises(DocumentNotFound, match="'nope' is not in index 'live'"):
+        docs.delete(["tarn", "nope"])
+    assert docs.document("tarn") is not None  # the lot was refused
+    docs.delete(["tarn"])
+    assert docs.document("tarn") is None
+    assert docs.count() == (2, 2)
+    assert not any("eels" in t for t in _all_texts(docs, "mountain lake glowing eels"))
+
+
+def test_a_bad_document_rolls_back_the_whole_upsert(store: PgStore) -> None:
+    docs = store.create("live", dim=ENCODER.dim)
+    docs.upsert(_prepare(*FACTS))
+    before = docs.document("piano")
+    replacement = Document("piano", "Piano", "Pianos are now made of glass.")
+    # PostgreSQL's text cannot hold NUL: the second document fails inside the transaction,
+    # after the first one's old passages were deleted and its new ones written
+    bad = Document("broken", "Broken", "a NUL \x00 in the text")
+    with pytest.raises(InvalidInputError, match="index 'live' refused the documents"):
+        docs.upsert(_prepare(replacement, bad))
+    assert docs.document("piano") == before
+    assert docs.document("broken") is None
+    assert docs.count() == (3, 3)
+
+    nan = _prepare(replacement)
+    nan.vectors[0, 3] = np.nan
+    with pytest.raises(InvalidInputError, match="'piano#0' is not finite"):
+        docs.upsert(nan)
+    short = _prepare(replacement)
+    with pytest.raises(InvalidInputError, match=r"shape \[1, 64\]"):
+        docs.upsert(Prepared(short.fingerprint, short.documents, short.vectors[:, :32]))
+    other = Prepared("another-encoder", short.documents, short.vectors)
+    with pytest.raises(IndexInvalid, match=r"'another-encoder'.*'hash-trigram-64'"):
+        docs.upsert(other)
+    assert docs.document("piano") == before
+
+
+def _synthetic(n_docs: int, per_doc: int, dim: int = 32) -> Prepared:
+    """Random unit vectors, per_doc passages per document, 'group' = doc number % 50 (2%)."""
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(n_docs * per_doc, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    documents = []
+    for i in range(n_docs):
+        doc = Document(f"d{i}", f"D{i}", "x", {"group": i % 50})
+        documents.append(
+            (doc, [Passage(f"d{i}#{j}", doc.id, doc.title, f"p{j}") for j in range(per_doc)])
+        )
+    return Prepared(ENCODER.fingerprint, documents, vectors)
+
+
+def test_filters_return_only_matches_and_k_of_them(db: Database) -> None:
+    # 3000 passages, 'group' = document % 50; ef_search=20 for k=20, so one graph walk finds
+    # fewer than k that match any filter: k come back only by the iterative scan (which, past
+    # max_scan_tuples, still hands out the candidates it had set aside), the exact fallback,
+    # or an exact scan of the matches, which the planner picks for a selective filter
+    prepared = _synthetic(300, 10)
+    narrow = PgStore.open(db, ENCODER.fingerprint, search=PgSearchConfig(ef_search=20))
+    docs = narrow.create("synthetic", dim=32)
+    docs.upsert(prepared)
+    with db.connection() as conn:
+        conn.execute("ANALYZE")  # as autovacuum would after a load: the planner's row counts
+    capped = PgStore.open(
+        db, ENCODER.fingerprint, search=PgSearchConfig(ef_search=20, max_scan_tuples=1)
+    )
+    exact = PgStore.open(db, ENCODER.fingerprint, search=PgSearchConfig(exact=True))
+    queries = np.random.default_rng(2).normal(size=(8, 32)).astype(np.float32)
+    selective, broad = {"group": 7}, {"group": {"$gte": 10}}  # 2% and 80% of the passages
+    for raw in (selective, {"group": {"$in": [3, 4]}}, {"group": {"$lt": 15}}, broad):
+        where = parse(raw)
+        assert where is not None
+        want = exact.get("synthetic").search(queries, 20, where)
+        for store in (narrow, capped):
+            got = store.get("synthetic").search(queries, 20, where)
+            assert all(len(hits) == 20 for hits in got), raw
+            assert all(where.matches(h.metadata) for hits in got for h in hits), raw
+            # a deliberately narrow walk on random vectors; the defaults' recall is checked on
+            # the demo corpus above
+            assert _recall(got, want) >= 0.7, raw
+    assert "hnsw" not in docs.plan(queries[0], 20, parse(selective))  # scans the 60 matches
+    assert "Index Scan using lorag_passages_1_hnsw" in docs.plan(queries[0], 20, parse(broad))
+
+    # a document moved to another group by a replace leaves the old group's results
+    moved = Document("d7", "D7", "x", {"group": 8})
+    docs.upsert(
+        Prepared(ENCODER.fingerprint, [(moved, prepared.documents[7][1])], prepared.vectors[70:80])
+    )
+    for store in (narrow, exact):
+        group7 = store.get("synthetic").search(queries, 20, parse({"group": 7}))
+        group8 = store.get("synthetic").search(queries, 60, parse({"group": 8}))
+        assert all(h.passage.doc_id != "d7" for hits in group7 for h in hits)
+        assert all(len(hits) == 20 for hits in group7)  # 50 passages still match
+        assert {"d7", "d8"} <= {h.passage.doc_id for h in group8[0]}
+    assert docs.search(queries, 5, parse({"group": 999})) == [[] for _ in range(8)]
+
+
+def test_another_encoders_index_and_unknown_names_are_refused_by_name(db: Database) -> None:
+    ours = PgStore.open(db, "encoder-a")
+    ours.create("docs", dim=8)
+    theirs = PgStore.open(db, "encoder-b")
+    with pytest.raises(IndexInvalid, match=r"'docs'.*'encoder-a'.*'encoder-b'"):
+        theirs.get("docs")
+    with pytest.raises(IndexInvalid):
+        theirs.create("docs", dim=8)  # present, built by another encoder: not handed out
+    with pytest.raises(IndexNotFound, match=r"no index 'nope'.*\(there are: docs\)"):
+        ours.get("nope")
+    with pytest.raises(InvalidInputError, match="index name"):
+        ours.get("../etc")
+    assert [(i.name, i.encoder) for i in theirs.list()] == [("docs", "encoder-a")]
+
+
+def test_active_collection_and_creation_are_shared_by_replicas(db: Database) -> None:
+    a = PgStore.open(db, ENCODER.fingerprint, active="one")
+    b = PgStore.open(db, ENCODER.fingerprint, active="ignored")  # the database has one already
+    assert b.active == "one"
+    with pytest.raises(IndexNotFound):
+        a.get()  # the active name need not exist yet
+    created: list[str] = []
+    barrier = threading.Barrier(3)
+
+    def create() -> None:
+        barrier.wait()
+        created.append(PgStore.open(db, ENCODER.fingerprint).create("two", dim=8).name)
+
+    threads = [threading.Thread(target=create) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert created == ["two"] * 3
+    a.create("one", dim=8)
+    b.activate("two")
+    assert a.active == "two" and a.get().name == "two"
+    infos = {i.name: i for i in a.list()}
+    assert infos["two"].active and not infos["one"].active
+    assert infos["two"].kind == "postgres" and infos["two"].passages == 0
+
+
+def test_a_database_that_is_down_is_a_prompt_503_and_the_store_recovers(
+    pg_server, pg_url: str
+) -> None:
+    db = Database.open(DatabaseConfig(SecretStr(pg_url), connect_timeout_s=1), MIGRATIONS)
+    try:
+        docs = PgStore.open(db, ENCODER.fingerprint).create("live", dim=ENCODER.dim)
+        docs.upsert(_prepare(*FACTS))
+        pg_server.stop()
+        try:
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match="unavailable"):
+                docs.search(_query("piano"), 1)
+            with pytest.raises(DatabaseUnavailable):
+                docs.upsert(_prepare(FACTS[0]))
+            assert time.monotonic() - started < 5  # the connect timeout, not a hang
+        finally:
+            pg_server.start()
+        assert _ids(docs.search(_query("felt hammers steel strings"), 1)[0]) == ["piano#0"]
+    finally:
+        db.close()
