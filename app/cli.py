@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.contracts import SEARCH_MODES
 from app.errors import LoragError
 from app.logs import configure_logging
 from app.retrieval.cli import IndexCommandConfig, add_index_parsers
@@ -137,7 +138,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     if args.url:
         body: dict[str, Any] = {"question": args.question}
-        for key in ("adapter", "top_k", "max_new_tokens"):
+        for key in ("adapter", "top_k", "max_new_tokens", "retrieval"):
             if getattr(args, key):
                 body[key] = getattr(args, key)
         result = _http("POST", f"{args.url.rstrip('/')}/ask", body, None)
@@ -150,6 +151,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             top_k=args.top_k,  # None: the adapter's task default, else LORAG_TOP_K
             max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+            search=args.retrieval,  # None: LORAG_RETRIEVAL
         )
         result = _answer(asyncio.run(_ask_in_process(settings, params)))
     print(json.dumps(result, indent=2))
@@ -244,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter")
     s.add_argument("--top-k", dest="top_k", type=int)
     s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    s.add_argument(
+        "--retrieval",
+        choices=SEARCH_MODES,
+        help="dense, sparse (BM25) or hybrid; default: LORAG_RETRIEVAL",
+    )
     s.add_argument("--url")
     s.add_argument("--index-name", dest="index_name")
     s.set_defaults(func=cmd_ask)
