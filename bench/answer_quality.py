@@ -210,7 +210,8 @@ def main() -> None:
                 + f" ({took:.0f} s)",
                 flush=True,
             )
-            if args.gate and not any(o.get("abstained") for o in out):
+            cosines = retrieval in (None, "dense")  # the gate's scale (not BM25's or RRF's)
+            if args.gate and cosines and not any(o.get("abstained") for o in out):
                 print("\n".join(gate_table(answerable, a_out, u_out, args.gate)), flush=True)
             shown = ask_all(client, [{**bodies[0], "question": q} for q in README_QUESTIONS], 4)
             for q, o in zip(README_QUESTIONS, shown, strict=True):

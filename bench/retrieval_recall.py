@@ -88,6 +88,7 @@ def rebuild_times(passages: Sequence[Passage], copies: Sequence[int] = (1, 10)) 
 
 def run(settings: Any) -> None:
     from app.retrieval.retriever import Retriever
+    from app.retrieval.store import PassageIndex
     from app.wiring import open_store
 
     encoder = settings.encoder_spec.load()
@@ -98,6 +99,6 @@ def run(settings: Any) -> None:
     }
     sets["all"] = sets["heldout"] + sets["train"]
     print("\n".join(recall_table(retriever, sets)), flush=True)
-    passages = [p for d in retriever.resolve(None).index.documents() for p in d.passages]
+    passages = list(PassageIndex.load(settings.index_path).passages)
     print(f"BM25 rebuild (app/retrieval/sparse.py), demo corpus of {len(passages)} passages:")
     print("\n".join(rebuild_times(passages)), flush=True)

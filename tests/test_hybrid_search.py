@@ -7,6 +7,7 @@ close) giving the same results, the metadata filter, and /ask's `retrieval` thro
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ FILLER = [
 QUESTION = "What is the part number QX7731 printed on?"
 
 
-def _index(docs: list[tuple[str, str]], **metadata: dict[str, object]) -> PassageIndex:
+def _index(docs: list[tuple[str, str]], **metadata: Mapping[str, object]) -> PassageIndex:
     passages = [Passage(f"{d}#0", d, d.title(), t) for d, t in docs]
     return PassageIndex.build(
         passages, ENC.encode_passages(passages), ENC.fingerprint, metadata=metadata
@@ -177,3 +178,34 @@ def test_ask_retrieval_sparse_through_the_app(client_factory) -> None:  # type: 
     resp = client.post("/ask", json={"question": question, "retrieval": "bm42"})
     assert resp.status_code == 422 and "retrieval" in resp.text and "bm42" in resp.text
     assert np.isfinite(float(sparse[0]["score"]))  # type: ignore[arg-type]
+
+
+def test_a_passage_deleted_during_a_rebuild_is_not_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from app.retrieval import sparse as sparse_module
+
+    index = sparse_module.SparseIndex(
+        [(0, Passage("a#0", "a", "A", "quasar one")), (1, Passage("b#0", "b", "B", "quasar two"))]
+    )
+    started, go = threading.Event(), threading.Event()
+    tokenize = sparse_module.tokenize
+
+    def slow(texts: list[str]) -> list[list[str]]:
+        if len(texts) == 2:  # the build's: pause it while a delete comes in
+            started.set()
+            go.wait(10)
+        return tokenize(texts)
+
+    monkeypatch.setattr(sparse_module, "tokenize", slow)
+    out: list[list[tuple[int, float]]] = []
+    searcher = threading.Thread(target=lambda: out.extend(index.search(["quasar"], 5)))
+    searcher.start()
+    assert started.wait(10)
+    index.remove([0])  # after the build read the passages, before it finished
+    go.set()
+    searcher.join(10)
+    assert [pid for pid, _ in out[0]] == [1]  # built with pid 0, masked at once
+    assert [pid for pid, _ in index.search(["quasar"], 5)[0]] == [1]  # and rebuilt without it
