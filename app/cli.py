@@ -55,11 +55,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _index_config() -> IndexCommandConfig:
     from functools import partial
 
-    from app.wiring import open_store
+    from app.wiring import opened_store
 
     settings = Settings()
     return IndexCommandConfig(
-        partial(open_store, settings),
+        partial(opened_store, settings),
         settings.encoder_spec,
         settings.max_document_chars,
         settings.compaction,
@@ -72,12 +72,12 @@ def training_config(settings: Settings) -> TrainingConfig:
     from functools import partial
 
     from app.training.config import TrainingConfig
-    from app.wiring import open_store
+    from app.wiring import opened_store
 
     return TrainingConfig(
         adapters_dir=settings.adapters_dir,
         cache_dir=settings.cache_dir,
-        store=partial(open_store, settings),
+        store=partial(opened_store, settings),
         encoder=settings.encoder_spec,
         base=settings.generator,
         top_k=settings.top_k,

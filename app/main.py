@@ -52,6 +52,8 @@ def create_app(
             if state.service is not None:
                 await state.service.engine.stop()
                 state.service.close()
+            if state.components is not None:  # the store, then the database all of them used
+                await asyncio.to_thread(state.components.close)
 
     app = FastAPI(
         title="lorag",
@@ -83,10 +85,13 @@ def create_app(
 async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> None:
     """Load in a worker thread, then compose the service through app/wiring.py and start it."""
     settings = state.settings
+    components = None
     try:
         components = await asyncio.to_thread(wiring.load_components, settings)
-        ledger = await asyncio.to_thread(wiring.build_ledger, settings)
+        ledger = await asyncio.to_thread(wiring.build_ledger, settings, components.database)
     except Exception as exc:
+        if components is not None:
+            await asyncio.to_thread(components.close)
         state.status = "failed"
         state.error = f"{type(exc).__name__}: {exc}"
         log.error("startup failed: %s", state.error)

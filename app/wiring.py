@@ -4,7 +4,9 @@ The app's lifespan (app/main.py), the CLI (`lorag ask`, `prepare`, the index com
 training and the benches all build through here, so each component is made one way and takes
 its own config (`settings.engine`, `settings.decoding`, ...), never Settings itself.
 
-    open_store(settings, fp)       the passage store LORAG_STORE names (FAISS folders, PostgreSQL)
+    open_database(settings)        the replica's one PostgreSQL pool (LORAG_STORE=postgres)
+    open_store(settings, fp, db)   the passage store LORAG_STORE names (FAISS folders, PostgreSQL)
+    opened_store(settings, fp)     the same for one command (the CLI, training), closed after
     load_components(settings)      encoder, passage store, generator, adapter registry; warm-up
     build_service(settings, c)     decoder, step batch, engine (not started), RagService
     build_indexes(settings, c, s)  the IndexManager of document updates and compaction
@@ -18,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +53,7 @@ from app.service import RagService
 from app.settings import DEFAULT, Settings
 
 if TYPE_CHECKING:
+    from app.db.pool import Database
     from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,13 @@ class Components:
     registry: AdapterRegistry
     load_seconds: dict[str, float]
     store: PassageStore  # the named indexes the retriever searches and /documents changes
+    database: Database | None = None  # the pool the store and the fleet share (postgres)
+
+    def close(self) -> None:
+        """Close the store, then the database they share (the last step of a shutdown)."""
+        self.store.close()
+        if self.database is not None:
+            self.database.close()
 
 
 # loading ---------------------------------------------------------------------------------
@@ -84,27 +94,55 @@ def generator_of(spec: GeneratorSpec, prompts: PromptConfig | None = None) -> Ge
     )
 
 
-def open_store(settings: Settings, fingerprint: str) -> PassageStore:
+def open_database(settings: Settings) -> Database | None:
+    """The replica's one pool on LORAG_DATABASE_URL, which the passage store and the fleet's
+    ledger share; None with LORAG_STORE=faiss. Blocks (connects): DatabaseUnavailable (503)
+    names the server, never its password."""
+    if settings.store != "postgres":
+        return None
+    config = settings.database
+    if config is None:
+        raise InvalidInputError("LORAG_STORE=postgres needs LORAG_DATABASE_URL")
+    from app.db.pool import Database
+
+    return Database.open(config)  # each user applies its own migrations (store 1xx, fleet 2xx)
+
+
+def open_store(
+    settings: Settings, fingerprint: str, database: Database | None = None
+) -> PassageStore:
     """The passage store LORAG_STORE names, for the encoder `fingerprint`: the index folders
-    under LORAG_INDEX_DIR (faiss), or the collections in LORAG_DATABASE_URL (postgres). Every
-    caller (the server, the CLI, training) opens it here. Blocks (files, the database)."""
+    under LORAG_INDEX_DIR (faiss), or the collections in `database` (postgres; the caller's, it
+    outlives the store). Every caller (the server, the CLI, training) opens it here. Blocks
+    (files, the database)."""
     if settings.store == "postgres":
-        if settings.database is None:
-            raise InvalidInputError("LORAG_STORE=postgres needs LORAG_DATABASE_URL")
-        # until the PostgreSQL passage store is wired here (app/retrieval/pg_store.py), the
-        # ledger alone lives in the database
-        log.warning(
-            "LORAG_STORE=postgres: passages stay in the FAISS folders under %s (the PostgreSQL "
-            "passage store is not wired yet); adapter registrations and the active index are "
-            "in the database",
-            settings.index_dir,
-        )
+        if database is None:
+            raise InvalidInputError("LORAG_STORE=postgres: the store needs the database open")
+        from app.retrieval.pg_store import PgStore
+
+        return PgStore.open(database, fingerprint, active=settings.index_name)
     return IndexCatalog(
         settings.index_dir,
         settings.index_name,
         fingerprint=fingerprint,
         search=settings.search,
     )
+
+
+@contextmanager
+def opened_store(settings: Settings, fingerprint: str) -> Iterator[PassageStore]:
+    """open_store for one command (`lorag index ...`, training): with its own database
+    connection when there is one, both closed on exit."""
+    database = open_database(settings)
+    try:
+        store = open_store(settings, fingerprint, database)
+        try:
+            yield store
+        finally:
+            store.close()
+    finally:
+        if database is not None:
+            database.close()
 
 
 def load_components(settings: Settings) -> Components:
@@ -116,9 +154,15 @@ def load_components(settings: Settings) -> Components:
     encoder = settings.encoder_spec.load()
     times["encoder"] = time.perf_counter() - t
     t = time.perf_counter()
-    store = open_store(settings, encoder.fingerprint)
-    retriever = Retriever(encoder, store)
-    passages, _ = retriever.resolve(None).count()  # the active index loads now: a bad one fails
+    database = open_database(settings)
+    try:
+        store = open_store(settings, encoder.fingerprint, database)
+        retriever = Retriever(encoder, store)
+        passages, _ = retriever.resolve(None).count()  # the active index loads now, or fails
+    except BaseException:
+        if database is not None:
+            database.close()
+        raise
     times["index"] = time.perf_counter() - t
     t = time.perf_counter()
     generator = generator_of(settings.generator_spec, settings.prompts)
@@ -141,7 +185,7 @@ def load_components(settings: Settings) -> Components:
         generator.model_id,
         {k: round(v, 2) for k, v in times.items()},
     )
-    return Components(encoder, retriever, generator, registry, times, store)
+    return Components(encoder, retriever, generator, registry, times, store, database)
 
 
 def _warm_up(retriever: Retriever, generator: Generator) -> None:
@@ -233,19 +277,17 @@ def build_indexes(
     )
 
 
-def build_ledger(settings: Settings) -> Ledger:
+def build_ledger(settings: Settings, database: Database | None) -> Ledger:
     """Where adapter registrations and the active index live: this process's memory with the
-    embedded store (one process), the database every replica shares with LORAG_STORE=postgres.
-    Blocks (connects, migrates): call it off the event loop."""
-    if settings.store != "postgres":
+    embedded store (one process), the database every replica shares with LORAG_STORE=postgres
+    (`database`, the pool the passage store uses too; the caller closes it). Blocks (migrates):
+    call it off the event loop."""
+    if database is None:
         return LocalLedger()
-    config = settings.database
-    if config is None:
-        raise InvalidInputError("LORAG_STORE=postgres needs LORAG_DATABASE_URL")
-    from app.fleet.pg_ledger import PostgresLedger
+    from app.fleet.pg_ledger import FLEET_MIGRATIONS, PostgresLedger
 
-    # its own Database for now; one Database for the store and the ledger once the store is wired
-    return PostgresLedger.open(config, recheck_s=settings.fleet_recheck_s)
+    database.migrate(FLEET_MIGRATIONS)
+    return PostgresLedger(database, recheck_s=settings.fleet_recheck_s)
 
 
 def build_fleet(service: RagService, indexes: IndexManager, ledger: Ledger) -> Fleet:
@@ -260,6 +302,7 @@ async def running_service(
     """A started RagService without a server (`lorag ask`, benches): the models load in a
     worker thread, the engine runs on this event loop and is stopped, its queue answered, on
     exit."""
+    owned = components is None
     if components is None:
         components = await asyncio.to_thread(load_components, settings)
     service = build_service(settings, components)
@@ -269,3 +312,5 @@ async def running_service(
     finally:
         await service.engine.stop()
         service.close()
+        if owned:
+            components.close()

@@ -2,12 +2,16 @@
 adapter put on one is served by the other at the same version within 2 s, and unloaded on one
 is refused by the other within 2 s; a replica whose copy of a folder differs from the registered
 version never serves it; a database restart under load gives 503s to what needs the database
-and /ready says why (never the password), then everything recovers with no restart."""
+and /ready says why (never the password), then everything recovers with no restart. The
+passages are in the database too (the facts index copied there by `lorag index copy`): a
+document added on one replica is retrieved on the other."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -101,6 +105,16 @@ def replicas(
         "LORAG_ABSTAIN": "false",
         "LORAG_SHUTDOWN_DRAIN_S": "0",
     }
+    # the passages live in the database too: the facts index copied there, vectors as they are
+    copy = subprocess.run(
+        [sys.executable, "-m", "app.cli", "index", "copy", str(index_root / "facts")],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert copy.returncode == 0, copy.stderr
+    assert "into postgres index 'facts'" in copy.stdout and PASSWORD not in copy.stdout
     with ExitStack() as stack:  # both start at once: they apply the migrations together
         a, pa = stack.enter_context(
             serve({**env, "LORAG_ADAPTERS_DIR": str(shared)}, expect_ready=False)
@@ -171,17 +185,45 @@ def test_a_replica_never_serves_a_copy_that_differs_from_the_registered_version(
     assert httpx.delete(f"{a}/adapters/drift", timeout=30).status_code == 204
 
 
+def test_a_document_added_on_one_replica_is_retrieved_on_the_other(replicas: Replicas) -> None:
+    a, b = replicas.a, replicas.b
+    doc = {
+        "id": "zintrel",
+        "title": "Zintrel lighthouse",
+        "text": "The Zintrel lighthouse stands on Oskar Point; it was first lit in 1911.",
+    }
+    question = {"question": "Where does the Zintrel lighthouse stand?", "top_k": 1}
+    assert ask(b, **question).json()["passages"][0]["doc_id"] != "zintrel"  # not there yet
+    added = httpx.post(f"{a}/documents", json={"documents": [doc]}, timeout=60)
+    assert added.status_code == 200, added.text
+    # one database: B reads it at once, by id and by retrieval
+    got = httpx.get(f"{b}/documents/zintrel", timeout=10)
+    assert got.status_code == 200 and " ".join(got.json()["passages"]) == doc["text"]
+    assert ask(b, **question).json()["passages"][0]["doc_id"] == "zintrel"
+    assert httpx.delete(f"{b}/documents/zintrel", timeout=30).status_code == 204
+    assert httpx.get(f"{a}/documents/zintrel", timeout=10).status_code == 404
+    assert ask(a, **question).json()["passages"][0]["doc_id"] != "zintrel"
+
+
 def test_a_database_restart_under_load_gives_503s_then_recovers(replicas: Replicas) -> None:
     a, b = replicas.a, replicas.b
     assert httpx.put(f"{a}/adapters/live", json={"path": "v1"}, timeout=30).status_code == 201
     until(lambda: adapter_version(b, "live") is not None, FOLLOW_S)
     stop = threading.Event()
-    answers: list[int] = []
+    answers: list[int | str] = []
+    refusals: list[str] = []
 
-    def load() -> None:  # asks that need no database go on being answered throughout
+    def load() -> None:  # retrieval reads the database: a prompt 503 while it is down, never a hang
         while not stop.is_set():
             for url in (a, b):
-                answers.append(ask(url, adapter="live").status_code)
+                try:
+                    r = ask(url, adapter="live")
+                except httpx.TimeoutException:
+                    answers.append("timeout")
+                    continue
+                answers.append(r.status_code)
+                if r.status_code == 503:
+                    refusals.append(r.text)
 
     worker = threading.Thread(target=load)
     worker.start()
@@ -203,7 +245,10 @@ def test_a_database_restart_under_load_gives_503s_then_recovers(replicas: Replic
     finally:
         stop.set()
         worker.join()
-    assert answers and set(answers) == {200}, sorted(set(answers))
+    assert answers and set(answers) <= {200, 503}, sorted(set(answers), key=str)
+    assert refusals and all("database" in r and PASSWORD not in r for r in refusals)
+    for url in (a, b):  # retrieval is back too
+        until(lambda url=url: ask(url, adapter="live").status_code == 200, 5)
     # the listener is back: a change on B reaches A within the bound again
     put = httpx.put(f"{b}/adapters/during", json={"path": "v2"}, timeout=30)
     assert put.status_code == 201, put.text

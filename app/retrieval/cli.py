@@ -1,4 +1,4 @@
-"""`lorag index add | delete | compact`: change an index from the command line.
+"""`lorag index add | delete | compact | copy`: change an index from the command line.
 
 They go through the passage store interface (app/retrieval/interface.py), the same one the
 server's /documents routes use. With the FAISS store that is the folder's writer lock, the
@@ -6,7 +6,9 @@ update log (fsynced before the command reports success) and compaction
 (app/retrieval/live.py), so they are safe beside a running server that serves the same folder:
 each change waits for a change in flight, and the server picks the CLI's changes up at its next
 request. `add` creates the index, empty, if it does not exist yet. `compact` folds a log where
-the store keeps one (`Compacts`); elsewhere there is nothing to fold.
+the store keeps one (`Compacts`); elsewhere there is nothing to fold. `copy` puts a FAISS
+folder's documents into the configured store (Postgres) with the folder's vectors
+(app/retrieval/index_copy.py).
 
 The commands take an `IndexCommandConfig`, which app/cli.py builds from the settings when a
 command runs; nothing here reads the settings itself.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +31,13 @@ log = logging.getLogger(__name__)
 
 BATCH = 64  # documents per log record: a crash loses at most the batch in flight
 
-StoreOpener = Callable[[str], PassageStore]  # the store for an encoder fingerprint
+# the store for an encoder fingerprint, closed on exit (app.wiring.opened_store)
+StoreOpener = Callable[[str], AbstractContextManager[PassageStore]]
 
 
 @dataclass(frozen=True)
 class IndexCommandConfig:
-    store: StoreOpener  # opens the configured store (app.wiring.open_store); --name is in it
+    store: StoreOpener  # opens the configured store (LORAG_STORE); --name is one of its indexes
     encoder: EncoderSpec  # embeds added documents (and must be the one the index was built with)
     max_document_chars: int  # as POST /documents refuses
     compaction: CompactionPolicy  # compact after a change once the log passes it
@@ -58,8 +62,7 @@ def cmd_add(args: argparse.Namespace, config: IndexCommandConfig) -> int:
     from app.retrieval.updates import Document, UpdateLimits, prepare, validate
 
     encoder = config.encoder.load()
-    store = config.store(encoder.fingerprint)
-    try:
+    with config.store(encoder.fingerprint) as store:
         # refuses another encoder's index, naming both; a new one is chunked at --words
         collection = store.create(args.index_name, dim=encoder.dim, chunk_words=args.words)
         documents = [
@@ -81,47 +84,51 @@ def cmd_add(args: argparse.Namespace, config: IndexCommandConfig) -> int:
             f"index {collection.name!r}: added {added}, replaced {replaced} documents "
             f"({passages} passages); {_sizes(collection)}"
         )
-    finally:
-        store.close()
     return 0
 
 
-def _open(args: argparse.Namespace, config: IndexCommandConfig) -> tuple[PassageStore, Collection]:
-    """The store and the named index of a command that embeds nothing (the encoder is loaded
-    for its fingerprint: an index of another encoder is refused by name)."""
-    store = config.store(config.encoder.load().fingerprint)
-    try:
-        return store, store.get(args.index_name)
-    except BaseException:
-        store.close()
-        raise
+def _fingerprint(config: IndexCommandConfig) -> str:
+    """The configured encoder's, for a command that embeds nothing: an index of another
+    encoder is refused by name, as for the server."""
+    return config.encoder.load().fingerprint
 
 
 def cmd_delete(args: argparse.Namespace, config: IndexCommandConfig) -> int:
-    store, collection = _open(args, config)
-    try:
+    with config.store(_fingerprint(config)) as store:
+        collection = store.get(args.index_name)
         collection.delete(args.doc_ids)  # all or none: an unknown id is named, nothing deleted
         _compact_if_due(collection, config.compaction)
-        print(
-            f"index {collection.name!r}: deleted {len(args.doc_ids)} documents; "
-            + _sizes(collection)
-        )
-    finally:
-        store.close()
+        done = f"deleted {len(args.doc_ids)} documents"
+        print(f"index {collection.name!r}: {done}; {_sizes(collection)}")
     return 0
 
 
 def cmd_compact(args: argparse.Namespace, config: IndexCommandConfig) -> int:
-    store, collection = _open(args, config)
-    try:
+    with config.store(_fingerprint(config)) as store:
+        collection = store.get(args.index_name)
         records = collection.describe().pending_updates or 0
         done = isinstance(collection, Compacts) and collection.compact()
+        outcome = f"folded {records} updates" if done else "nothing to compact"
+        print(f"index {collection.name!r}: {outcome}")
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace, config: IndexCommandConfig) -> int:
+    """A FAISS index folder into the configured store (LORAG_STORE), its vectors as they are:
+    nothing is embedded, so no encoder is loaded; the store checks the folder's encoder."""
+    from app.retrieval.index_copy import copy_index
+    from app.retrieval.store import PassageIndex
+
+    source = PassageIndex.load(Path(args.folder))
+    name = args.index_name or Path(args.folder).name
+    with config.store(source.manifest.encoder) as store:
+        target = store.create(name, dim=source.dim, chunk_words=source.manifest.chunk_words)
+        documents, passages = copy_index(source, target)
+        info = target.describe()
         print(
-            f"index {collection.name!r}: "
-            + (f"folded {records} updates" if done else "nothing to compact")
+            f"copied {args.folder} into {info.kind} index {name!r}: {documents} documents "
+            f"({passages} passages); {_sizes(target)}"
         )
-    finally:
-        store.close()
     return 0
 
 
@@ -158,3 +165,10 @@ def add_index_parsers(
     s = actions.add_parser("compact", help="fold an index's update log into a new snapshot")
     s.add_argument("--name", dest="index_name", required=True, help=name_help)
     s.set_defaults(func=_bound(cmd_compact, config))
+    s = actions.add_parser(
+        "copy",
+        help="copy a FAISS index folder into the configured store (LORAG_STORE), vectors as-is",
+    )
+    s.add_argument("folder", help="the FAISS index folder to copy from")
+    s.add_argument("--name", dest="index_name", help="target index name (default: the folder's)")
+    s.set_defaults(func=_bound(cmd_copy, config))

@@ -122,12 +122,11 @@ class IndexManager:
             logger.exception("background compaction failed; its log is kept")
 
     async def close(self) -> None:
-        """Wait for background compactions, compact what is pending, close the store
-        (shutdown)."""
+        """Wait for background compactions, then compact what is pending (shutdown; the store
+        is closed by whoever opened it)."""
         if self._background:
             await asyncio.wait(list(self._background))
         await asyncio.to_thread(self._compact_pending)
-        await asyncio.to_thread(self.store.close)
 
     def _compact_pending(self) -> None:
         """Fold pending log records into snapshots; errors are logged, not raised: the log

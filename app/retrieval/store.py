@@ -132,6 +132,19 @@ class PassageIndex:
         with self._lock:
             return self._docs.documents()
 
+    def vectors(self, pids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of these passage ids, [len(pids), dim] float32 (`lorag index
+        copy`); flat and HNSW indexes keep them exactly, IVF ones keep no id -> vector map."""
+        outer = faiss.downcast_index(self._index)
+        if not isinstance(outer, faiss.IndexIDMap2):
+            raise InvalidInputError(
+                f"a {self.kind} index keeps no vector per passage id: its vectors cannot be "
+                "copied (embed the sources again: lorag index build)"
+            )
+        with self._lock:
+            rows = [outer.reconstruct(int(pid)) for pid in pids]
+        return np.vstack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
+
     def search(
         self,
         queries: np.ndarray | None,

@@ -8,6 +8,7 @@ are cut to leave the same room as served ones.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,9 +22,9 @@ if TYPE_CHECKING:
 class TrainingConfig:
     adapters_dir: Path  # adapters are written to adapters_dir/<name>
     cache_dir: Path  # the converted default generator
-    # the passage store for an encoder fingerprint (app.wiring.open_store); its active index
-    # gives passages to examples that bring none
-    store: Callable[[str], PassageStore] = field(compare=False)
+    # the passage store for an encoder fingerprint, closed on exit (app.wiring.opened_store);
+    # its active index gives passages to examples that bring none
+    store: Callable[[str], AbstractContextManager[PassageStore]] = field(compare=False)
     encoder: EncoderSpec
     base: str = "default"  # the generator trained on when the options name none
     top_k: int = 5  # passages per question when the options say none

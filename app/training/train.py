@@ -76,11 +76,8 @@ def resolve_samples(
         from app.retrieval.retriever import Retriever
 
         encoder = encoder or config.encoder.load()
-        store = config.store(encoder.fingerprint)
-        try:
+        with config.store(encoder.fingerprint) as store:
             found = Retriever(encoder, store).retrieve([e.question for e in missing], top_k)
-        finally:
-            store.close()
         hits = {id(e): tuple(h) for e, h in zip(missing, found, strict=True)}
         log.info("retrieved %d passages each for %d examples", top_k, len(missing))
     samples = []

@@ -1,0 +1,49 @@
+"""`lorag index copy`: a FAISS index folder's documents into any store, with their vectors.
+
+The vectors come out of the FAISS index (`PassageIndex.vectors`: flat and HNSW keep them
+exactly), so nothing is embedded again and the copy searches as the folder does: the same
+passages (ids, titles, texts, the document's metadata) under the same encoder fingerprint,
+which the target store checks as for any upsert. Documents go over in batches of whole
+documents, each batch one upsert (all or none); a copy that stops part way is resumed by
+running it again, since an upsert of a document already there replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from app.retrieval.docstore import StoredDocument
+from app.retrieval.interface import Collection
+from app.retrieval.store import PassageIndex
+from app.retrieval.updates import Document, Prepared
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # documents per upsert (the demo corpus: ~20 upserts)
+
+
+def prepared_from(source: PassageIndex, documents: list[StoredDocument]) -> Prepared:
+    """These documents of `source`, as an upsert of their stored passages and vectors."""
+    pids = [pid for doc in documents for pid in doc.pids]
+    return Prepared(
+        source.manifest.encoder,
+        [
+            (
+                Document(doc.id, doc.title, " ".join(p.text for p in doc.passages), doc.metadata),
+                list(doc.passages),
+            )
+            for doc in documents
+        ],
+        source.vectors(pids),  # [len(pids), dim], in document then passage order
+    )
+
+
+def copy_index(source: PassageIndex, target: Collection, *, batch: int = BATCH) -> tuple[int, int]:
+    """Upsert every document of `source` into `target`; (documents, passages) copied."""
+    documents = sorted(source.documents(), key=lambda d: d.id)
+    passages = 0
+    for start in range(0, len(documents), batch):
+        chunk = documents[start : start + batch]
+        passages += sum(u.passages for u in target.upsert(prepared_from(source, chunk)))
+        log.info("copied %d of %d documents", min(start + batch, len(documents)), len(documents))
+    return len(documents), passages
