@@ -126,6 +126,27 @@ def test_bundle_serves_its_question_encoder_per_request(
     for job, got in zip(jobs, results, strict=True):
         assert_hits(got, refs[job])
 
+    # hybrid: the bundle moves the dense half; BM25 reads the words alone
+    def fused(dense: list[str], sparse: list[str]) -> list[str]:
+        score: dict[str, float] = {}
+        for ranked in (dense, sparse):
+            for rank, doc in enumerate(ranked, start=1):
+                score[doc] = score.get(doc, 0.0) + 1 / (60 + rank)
+        return sorted(dict.fromkeys(dense + sparse), key=lambda d: -score[d])  # ties: first met
+
+    def docs(q: str, **body: object) -> list[str]:
+        resp = client.post("/ask", json={"question": q, "top_k": k, **body})
+        return [d for d, _ in hits_of(resp)]
+
+    differs = False
+    for q in QUESTIONS:
+        sparse = docs(q, retrieval="sparse")
+        assert docs(q, retrieval="sparse", adapter="task") == sparse
+        want = fused([d for d, _ in refs[(q, True)]], sparse)
+        assert docs(q, retrieval="hybrid", adapter="task") == want
+        differs |= want != fused([d for d, _ in refs[(q, False)]], sparse)
+    assert differs  # fusing the base's dense list instead would have failed above
+
     # the bundle's default top_k applies when the request gives none; the request's wins
     assert len(client.post("/ask", json={"question": QUESTIONS[0], "adapter": "task"}).json()[
         "passages"]) == 2  # fmt: skip
