@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.contracts import SEARCH_MODES
-from app.errors import LoragError
+from app.errors import InvalidInputError, LoragError
 from app.logs import configure_logging
 from app.retrieval.cli import IndexCommandConfig, add_index_parsers
 from app.settings import Settings
@@ -28,7 +28,7 @@ log = logging.getLogger("lorag")
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for key in ("host", "port", "index_name"):
+    for key in ("host", "port", "index_name", "store"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
@@ -88,15 +88,33 @@ def training_config(settings: Settings) -> TrainingConfig:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from app.retrieval.builder import build_index
+    from app.retrieval.builder import build_index, build_passage_index
 
     settings = _settings(args)
+    if settings.store != "faiss" and args.index_type is not None:
+        raise InvalidInputError(
+            f"--type is a FAISS index kind; the {settings.store} store has its own"
+        )
     encoder = settings.encoder_spec.load(passage_autocast="bfloat16" if args.bf16 else None)
+    sources = [Path(s) for s in args.sources]
+    if settings.store != "faiss":
+        from app.retrieval.ann import AnnSpec
+        from app.retrieval.index_copy import fill
+        from app.wiring import opened_store
+
+        # embedded in memory (flat: the vectors stay as they are), then upserted into the store
+        index = build_passage_index(sources, encoder, words=args.words, spec=AnnSpec("flat"))
+        with opened_store(settings, encoder.fingerprint) as store:
+            documents, passages = fill(store, settings.index_name, index)
+        print(
+            f"built {settings.store} index {settings.index_name!r}: {documents} documents "
+            f"({passages} passages), encoder {encoder.fingerprint}"
+        )
+        return 0
     out = settings.index_path
     spec = settings.search
     if args.index_type is not None:
         spec = replace(spec, kind=args.index_type)
-    sources = [Path(s) for s in args.sources]
     manifest = build_index(sources, encoder, out, words=args.words, spec=spec)
     print(
         f"built {out}: {manifest.passage_count} passages, {manifest.index_type}, "
@@ -207,8 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     idx = sub.add_parser("index", help="build indexes").add_subparsers(dest="action", required=True)
     s = idx.add_parser("build", help="build an index from .jsonl/.txt/.md files or folders")
     s.add_argument("sources", nargs="+")
-    s.add_argument("--name", dest="index_name", default="demo", help="index folder name")
+    s.add_argument("--name", dest="index_name", default="demo", help="index name")
     s.add_argument("--words", type=int, default=100, help="words per passage")
+    s.add_argument(
+        "--store",
+        choices=["faiss", "postgres"],
+        help="where the index goes (default: LORAG_STORE): a folder under LORAG_INDEX_DIR, or "
+        "a collection in LORAG_DATABASE_URL",
+    )
     s.add_argument(
         "--type",
         dest="index_type",

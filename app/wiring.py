@@ -41,8 +41,10 @@ from app.generation.loading import load_generator, prepare_default_generator
 from app.generation.step_batch import StepBatch
 from app.lora.registry import AdapterRegistry
 from app.lora.tasks import TaskBundles
-from app.retrieval.builder import build_index
+from app.retrieval.ann import AnnSpec
+from app.retrieval.builder import build_index, build_passage_index
 from app.retrieval.encoders import TextEncoder
+from app.retrieval.index_copy import copy_index
 from app.retrieval.indexes import IndexCatalog
 from app.retrieval.interface import PassageStore, Watched
 from app.retrieval.manager import IndexManager
@@ -196,9 +198,14 @@ def _warm_up(retriever: Retriever, generator: Generator) -> None:
 
 
 def prepare(settings: Settings, *, demo_source: Path | None = None) -> None:
-    """First-run setup for the embedded default: convert the generator, build the demo index."""
+    """First-run setup for the embedded default: convert the generator, build the demo index
+    (a folder, or with LORAG_STORE=postgres a collection in the database)."""
     if settings.generator == DEFAULT:
         prepare_default_generator(settings.cache_dir)
+    demo_source = demo_source or settings.index_dir / DEMO_SOURCE
+    if settings.store == "postgres":
+        _prepare_in_database(settings, demo_source)
+        return
     try:
         PassageIndex.load(settings.index_path)
         return
@@ -209,10 +216,29 @@ def prepare(settings: Settings, *, demo_source: Path | None = None) -> None:
         if settings.index_name != DEMO_INDEX:
             raise
         log.warning("rebuilding the demo index: %s", exc)
-    demo_source = demo_source or settings.index_dir / DEMO_SOURCE
     log.info("building the demo index from %s into %s", demo_source, settings.index_path)
     encoder = settings.encoder_spec.load()
     build_index([demo_source], encoder, settings.index_path, spec=settings.search)
+
+
+def _prepare_in_database(settings: Settings, demo_source: Path) -> None:
+    """The demo collection, built the first time. Replicas that start together may both
+    build it: each batch is an upsert of the same documents, so the last one leaves it whole."""
+    encoder = settings.encoder_spec.load()
+    with opened_store(settings, encoder.fingerprint) as store:
+        present = {info.name: info for info in store.list()}.get(settings.index_name)
+        if present is not None and present.documents:
+            return
+        if settings.index_name != DEMO_INDEX:
+            raise IndexNotFound(
+                f"no index {settings.index_name!r} in the database: build it with "
+                "`lorag index build --store postgres` or `lorag index copy`"
+            )
+        log.info("building the demo index from %s into the database", demo_source)
+        demo = build_passage_index([demo_source], encoder, spec=AnnSpec("flat"))
+        copy_index(
+            demo, store.create(DEMO_INDEX, dim=demo.dim, chunk_words=demo.manifest.chunk_words)
+        )
 
 
 # composing -------------------------------------------------------------------------------

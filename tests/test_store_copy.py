@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.cli import main
-from app.errors import InvalidInputError
+from app.errors import IndexNotFound, InvalidInputError
 from app.retrieval.ann import AnnSpec
 from app.retrieval.chunking import chunk_document
 from app.retrieval.index_copy import prepared_from
@@ -79,3 +79,50 @@ def test_an_ivf_index_cannot_give_its_vectors() -> None:
     )
     with pytest.raises(InvalidInputError, match="ivf_sq index keeps no vector per passage id"):
         prepared_from(index, index.documents()[:1])
+
+
+def test_build_into_postgres_then_prepare_the_demo_there_once(
+    pg_env: Settings,
+    tmp_path: Path,
+    tiny_generators: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import app.wiring as wiring
+    from app.retrieval.builder import build_passage_index
+    from app.retrieval.encoders import load_encoder
+
+    docs = [
+        {"id": "kelp", "title": "Kelp", "text": "Giant kelp grows half a metre a day."},
+        {"id": "opal", "title": "Opal", "text": "Opal holds water inside silica spheres."},
+    ]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    build = ["index", "build", str(source), "--name", "notes", "--store", "postgres"]
+    assert main([*build, "--words", "5"]) == 0
+    assert "built postgres index 'notes': 2 documents" in capsys.readouterr().out
+    encoder = load_encoder("default", "sentence-transformers")
+    reference = build_passage_index([source], encoder, words=5, show_progress=False)
+    queries = encoder.encode_questions(["How fast does kelp grow?", "What is inside opal?"])
+    with opened_store(pg_env, encoder.fingerprint) as store:
+        notes = store.get("notes")
+        assert notes.describe().chunk_words == 5 and notes.count() == (len(reference), 2)
+        got, want = notes.search(queries, 2), reference.search(queries, 2)
+        assert [[h.passage for h in row] for row in got] == [
+            [h.passage for h in row] for row in want
+        ]
+    assert main(build) == 2  # a build replaces; into a filled collection it is refused
+    assert "'notes' already holds 2 documents" in capsys.readouterr().err
+
+    demo = pg_env.model_copy(update={"index_name": "demo", "generator": str(tiny_generators["t5"])})
+    wiring.prepare(demo, demo_source=source)
+    with opened_store(demo, encoder.fingerprint) as store:
+        assert store.get("demo").count() == (len(build_passage_index([source], encoder)), 2)
+
+    def no_second_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo index was built again")
+
+    monkeypatch.setattr(wiring, "build_passage_index", no_second_build)
+    wiring.prepare(demo, demo_source=source)  # there already: nothing to do
+    with pytest.raises(IndexNotFound, match="no index 'other' in the database"):
+        wiring.prepare(demo.model_copy(update={"index_name": "other"}), demo_source=source)

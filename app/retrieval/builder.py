@@ -71,16 +71,15 @@ def embed_passages(
     return vectors
 
 
-def build_index(
+def build_passage_index(
     sources: Sequence[Path],
     encoder: TextEncoder,
-    out: Path,
     *,
     show_progress: bool = True,
     words: int = 100,
     spec: AnnSpec | None = None,
-) -> IndexManifest:
-    """Index every passage of `sources` with `encoder` into the folder `out` (replacing it)."""
+) -> PassageIndex:
+    """Every passage of `sources`, embedded with `encoder`, in an index held in memory."""
     started = time.perf_counter()
     documents = collect_documents(sources)
     passages = [
@@ -96,14 +95,30 @@ def build_index(
     index = PassageIndex.build(
         passages, vectors, encoder.fingerprint, spec=spec, metadata=metadata, chunk_words=words
     )
-    with folder_lock(out):
-        remove_stale_temp(out)
-        index.save(out)
     logger.info(
-        "built %s: %d passages in %.1f s (%.0f passages/s embedding)",
-        out,
+        "indexed %d passages in %.1f s (%.0f passages/s embedding)",
         len(passages),
         time.perf_counter() - started,
         len(passages) / max(embed_s, 1e-9),
     )
+    return index
+
+
+def build_index(
+    sources: Sequence[Path],
+    encoder: TextEncoder,
+    out: Path,
+    *,
+    show_progress: bool = True,
+    words: int = 100,
+    spec: AnnSpec | None = None,
+) -> IndexManifest:
+    """Index every passage of `sources` with `encoder` into the folder `out` (replacing it)."""
+    index = build_passage_index(
+        sources, encoder, show_progress=show_progress, words=words, spec=spec
+    )
+    with folder_lock(out):
+        remove_stale_temp(out)
+        index.save(out)
+    logger.info("built %s", out)
     return index.manifest

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 
+from app.errors import InvalidInputError
 from app.retrieval.docstore import StoredDocument
-from app.retrieval.interface import Collection
+from app.retrieval.interface import Collection, PassageStore
 from app.retrieval.store import PassageIndex
 from app.retrieval.updates import Document, Prepared
 
@@ -47,3 +48,17 @@ def copy_index(source: PassageIndex, target: Collection, *, batch: int = BATCH) 
         passages += sum(u.passages for u in target.upsert(prepared_from(source, chunk)))
         log.info("copied %d of %d documents", min(start + batch, len(documents)), len(documents))
     return len(documents), passages
+
+
+def fill(store: PassageStore, name: str, source: PassageIndex) -> tuple[int, int]:
+    """A new index `name` in `store` holding `source` (`lorag index build` into a store that
+    is not a folder, the demo index in the database); one that already holds documents is
+    refused by name, since a build replaces and an upsert would only add."""
+    target = store.create(name, dim=source.dim, chunk_words=source.manifest.chunk_words)
+    passages, documents = target.count()
+    if documents:
+        raise InvalidInputError(
+            f"{store.kind} index {name!r} already holds {documents} documents ({passages} "
+            "passages): add or replace documents with `lorag index add`, or build another name"
+        )
+    return copy_index(source, target)
