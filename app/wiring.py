@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from app.contracts import GenRow
+from app.contracts import GenRow, SearchMode
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.requests import Observers
@@ -176,7 +176,7 @@ def load_components(settings: Settings) -> Components:
         policy=settings.residency,
     )
     t = time.perf_counter()
-    _warm_up(retriever, generator)
+    _warm_up(retriever, generator, settings.retrieval)
     times["warm_up"] = time.perf_counter() - t
     log.info(
         "loaded encoder %s, %s index %s (%d passages), generator %s in %s",
@@ -190,9 +190,12 @@ def load_components(settings: Settings) -> Components:
     return Components(encoder, retriever, generator, registry, times, store, database)
 
 
-def _warm_up(retriever: Retriever, generator: Generator) -> None:
+def _warm_up(retriever: Retriever, generator: Generator, search: SearchMode = "dense") -> None:
     """One tiny pass through each model before /ready says yes, so the first request does not
-    pay for lazy initialization (thread pools, kernel selection, tokenizer caches)."""
+    pay for lazy initialization (thread pools, kernel selection, tokenizer caches; the BM25
+    index of a server whose default retrieval reads it)."""
+    if search != "dense":
+        retriever.retrieve(["warm-up"], 1, mode=search)
     hits = retriever.retrieve(["warm-up"], 1)[0]
     generator.generate([GenRow("warm-up", [h.passage for h in hits], None, 1)])
 
