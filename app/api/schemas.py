@@ -237,7 +237,10 @@ class IndexOut(BaseModel):
     loaded: bool
     passages: int | None = Field(description="None until the index is loaded.")
     documents: int | None
-    type: str | None = Field(description="The FAISS index, e.g. 'IDMap2,HNSW32,Flat IP'.")
+    type: str | None = Field(
+        description="The index: FAISS's, e.g. 'IDMap2,HNSW32,Flat IP', or PostgreSQL's, e.g. "
+        "'hnsw vector_ip_ops m=16 ef_construction=64'."
+    )
     pending_updates: int | None = Field(
         description="Update-log records not yet compacted into the snapshot."
     )

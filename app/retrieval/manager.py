@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from app.errors import LoragError
 from app.retrieval.docstore import StoredDocument
 from app.retrieval.encoders import TextEncoder
 from app.retrieval.interface import Collection, CollectionInfo, Compacts, PassageStore, Upserted
@@ -131,7 +132,12 @@ class IndexManager:
     def _compact_pending(self) -> None:
         """Fold pending log records into snapshots; errors are logged, not raised: the log
         already holds every acknowledged change."""
-        for info in self.store.list():
+        try:
+            infos = self.store.list()
+        except LoragError as exc:  # a database that is down: there is no log of ours to fold
+            logger.warning("no compaction at shutdown: %s", exc)
+            return
+        for info in infos:
             if not (info.loaded and info.pending_updates):
                 continue
             collection = self.store.get(info.name)
