@@ -253,6 +253,38 @@ def test_live_add_replace_and_delete(store: PgStore) -> None:
     assert not any("eels" in t for t in _all_texts(docs, "mountain lake glowing eels"))
 
 
+def test_replicas_replacing_one_document_at_once_leave_one_whole_version(db: Database) -> None:
+    # two stores on one database stand for two replicas; each replaces the same document
+    # with its own version (of a different passage count) many times, concurrently
+    replicas = [PgStore.open(db, ENCODER.fingerprint) for _ in range(2)]
+    replicas[0].create("live", dim=ENCODER.dim)
+    versions = [
+        Document("doc", "Doc", " ".join(["alpha"] * 150)),  # 2 passages
+        Document("doc", "Doc", " ".join(["beta"] * 250)),  # 3 passages
+    ]
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            for _ in range(10):
+                replicas[i].get("live").upsert(_prepare(versions[i]))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    docs = replicas[1].get("live")
+    stored = docs.document("doc")
+    assert stored is not None
+    words = {w for p in stored.passages for w in p.text.split()}
+    assert words in ({"alpha"}, {"beta"})  # one version's passages, never a mix
+    assert docs.count() == (len(stored.passages), 1)
+
+
 def test_a_bad_document_rolls_back_the_whole_upsert(store: PgStore) -> None:
     docs = store.create("live", dim=ENCODER.dim)
     docs.upsert(_prepare(*FACTS))
