@@ -194,8 +194,21 @@ def test_a_document_added_on_one_replica_is_retrieved_on_the_other(replicas: Rep
     }
     question = {"question": "Where does the Zintrel lighthouse stand?", "top_k": 1}
     assert ask(b, **question).json()["passages"][0]["doc_id"] != "zintrel"  # not there yet
+
+    def listed(url: str) -> dict[str, Any]:
+        listing = httpx.get(f"{url}/index", timeout=10).json()
+        assert listing["active"] == "facts"
+        return {i["name"]: i for i in listing["indexes"]}["facts"]
+
+    before = listed(b)
+    assert before["type"].startswith("hnsw") and before["loaded"]  # the database's index
     added = httpx.post(f"{a}/documents", json={"documents": [doc]}, timeout=60)
     assert added.status_code == 200, added.text
+    after = listed(b)
+    assert (after["documents"], after["passages"]) == (
+        before["documents"] + 1,
+        before["passages"] + 1,
+    )
     # one database: B reads it at once, by id and by retrieval
     got = httpx.get(f"{b}/documents/zintrel", timeout=10)
     assert got.status_code == 200 and " ".join(got.json()["passages"]) == doc["text"]
