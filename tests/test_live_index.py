@@ -144,6 +144,14 @@ def test_validation_names_the_bad_document() -> None:
         ([Document("", "", "x")], "document 0: id is empty"),
         ([Document("a\nb", "", "x")], "control character"),
         ([Document("s", "", "half \ud800 pair")], "text holds '\\\\ud800' at 5, not a character"),
+        # NUL: refused for both stores alike (PostgreSQL cannot hold it), naming the field
+        ([ok, Document("n", "", "a \x00 b")], r"document 1 \('n'\): text holds a NUL .* at 2"),
+        ([Document("n", "T\x00", "x")], r"'n'\): title holds a NUL"),
+        (
+            [Document("n", "", "x", {"tags": ["ok", "b\x00d"]})],
+            r"metadata\['tags'\]\[1\] holds a NUL",
+        ),
+        ([Document("n", "", "x", {"k\x00": 1})], r"'n'\): metadata key holds a NUL"),
     ]
     for documents, message in cases:
         with pytest.raises(InvalidInputError, match=message):

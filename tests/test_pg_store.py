@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from psycopg import sql
 from pydantic import SecretStr
 
 from app.contracts import Hit, Passage
@@ -290,10 +291,24 @@ def test_a_bad_document_rolls_back_the_whole_upsert(store: PgStore) -> None:
     docs.upsert(_prepare(*FACTS))
     before = docs.document("piano")
     replacement = Document("piano", "Piano", "Pianos are now made of glass.")
-    # PostgreSQL's text cannot hold NUL: the second document fails inside the transaction,
-    # after the first one's old passages were deleted and its new ones written
-    bad = Document("broken", "Broken", "a NUL \x00 in the text")
-    with pytest.raises(InvalidInputError, match="index 'live' refused the documents"):
+    # the database refuses the second document's passage inside the transaction, after the
+    # first one's old passages were deleted and its new ones written (a trigger raising a
+    # data exception; NUL, which PostgreSQL cannot hold either, is refused before any store by
+    # updates.validate)
+    with store._db.connection() as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_broken() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.doc_id = 'broken' THEN RAISE EXCEPTION 'broken passage' USING ERRCODE = "
+            "'data_exception'; END IF; RETURN NEW; END $$"
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER refuse_broken BEFORE INSERT ON {} FOR EACH ROW "
+                "EXECUTE FUNCTION refuse_broken()"
+            ).format(docs._table)
+        )
+    bad = Document("broken", "Broken", "a passage the database refuses")
+    with pytest.raises(InvalidInputError, match=r"index 'live' refused the documents.*broken"):
         docs.upsert(_prepare(replacement, bad))
     assert docs.document("piano") == before
     assert docs.document("broken") is None

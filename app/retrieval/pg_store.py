@@ -22,9 +22,10 @@ sorted), the reference the HNSW path is measured against.
 An upsert is one transaction: lock the collection's row (one writer per collection at a time,
 across replicas), delete the replaced documents and their passages, insert the documents, and
 COPY the passages in binary (vectors as pgvector's binary format; bench/RESULTS.md has COPY
-against executemany). Either all of it commits or none: a bad row (text PostgreSQL cannot hold,
-such as a NUL character) or a lost connection rolls back everything, and a deleted document's
-text is gone with its rows. Database errors become DatabaseUnavailable (HTTP 503, the server
+against executemany). Either all of it commits or none: a row the database refuses or a lost
+connection rolls back everything, and a deleted document's text is gone with its rows. (NUL,
+which PostgreSQL's text and jsonb cannot hold, never gets here: updates.validate refuses it for
+every store alike, naming the document and field.) Database errors become DatabaseUnavailable (HTTP 503, the server
 named without its password: app.db.pool).
 """
 

@@ -80,7 +80,9 @@ def validate(documents: Sequence[Document], limits: UpdateLimits) -> None:
             )
         for part, value in (("id", doc.id), ("title", doc.title), ("text", doc.text)):
             _check_encodable(where, part, value)
+            _check_no_nul(where, part, value)
         _check_encodable(where, "metadata", json.dumps(dict(doc.metadata), ensure_ascii=False))
+        _check_no_nul_in(where, "metadata", doc.metadata)
 
 
 def _check_encodable(where: str, part: str, value: str) -> None:
@@ -91,6 +93,27 @@ def _check_encodable(where: str, part: str, value: str) -> None:
         raise InvalidInputError(
             f"{where}: {part} holds {value[exc.start]!r} at {exc.start}, not a character"
         ) from None
+
+
+def _check_no_nul(where: str, part: str, value: str) -> None:
+    """NUL is refused by every store alike: PostgreSQL's text and jsonb cannot hold it, so the
+    FAISS store refuses it too (one semantics), before any encoder time is spent."""
+    at = value.find("\x00")
+    if at >= 0:
+        raise InvalidInputError(f"{where}: {part} holds a NUL character ('\\x00') at {at}")
+
+
+def _check_no_nul_in(where: str, part: str, value: Any) -> None:
+    """Every key and string inside a metadata value (json.dumps writes NUL as an escape)."""
+    if isinstance(value, str):
+        _check_no_nul(where, part, value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_no_nul(where, f"{part} key", str(key))
+            _check_no_nul_in(where, f"{part}[{key!r}]", item)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_no_nul_in(where, f"{part}[{i}]", item)
 
 
 def prepare(documents: Sequence[Document], encoder: TextEncoder, *, words: int) -> Prepared:
