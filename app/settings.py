@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from app.retrieval.ann import AnnSpec
     from app.retrieval.config import EncoderSpec
     from app.retrieval.manager import CompactionPolicy
+    from app.retrieval.pg_schema import PgIndexSpec
+    from app.retrieval.pg_search import PgSearchConfig
     from app.retrieval.updates import UpdateLimits
 
 DEFAULT = "default"  # the packaged offline model for that role
@@ -261,6 +263,27 @@ class Settings(BaseSettings):
         "(a notification sent while it was reconnecting is lost).",
     )
 
+    # the Postgres store's queries and new collections (app/retrieval/pg_search.py, pg_schema.py;
+    # measured in bench/RESULTS.md, "The Postgres store against FAISS")
+    pg_ef_search: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="LORAG_STORE=postgres: HNSW candidate list per query (hnsw.ef_search, at "
+        "least top_k is used); higher: better recall, slower.",
+    )
+    pg_precision: Literal["vector", "halfvec"] = Field(
+        "vector",
+        description="LORAG_STORE=postgres: what a new collection's HNSW index holds: vector "
+        "(float32) or halfvec (float16, about half the index bytes); scores are computed on the "
+        "float32 vectors either way. An existing collection keeps the precision it was built with.",
+    )
+    pg_exact: bool = Field(
+        False,
+        description="LORAG_STORE=postgres: answer every query by an exact scan (no HNSW index "
+        "scan): exact results, a scan of every passage per query.",
+    )
+
     # adapter residency (app/lora/residency.py)
     adapter_memory_bytes: int | None = Field(
         None,
@@ -337,6 +360,20 @@ class Settings(BaseSettings):
             step_batching=self.step_batching,
             prefill_tokens_per_step=self.prefill_tokens_per_step,
         )
+
+    @property
+    def pg_search(self) -> PgSearchConfig:
+        """How the Postgres store answers queries (LORAG_PG_EF_SEARCH, LORAG_PG_EXACT)."""
+        from app.retrieval.pg_search import PgSearchConfig
+
+        return PgSearchConfig(exact=self.pg_exact, ef_search=self.pg_ef_search)
+
+    @property
+    def pg_index(self) -> PgIndexSpec:
+        """How the Postgres store builds a new collection's HNSW index (LORAG_PG_PRECISION)."""
+        from app.retrieval.pg_schema import PgIndexSpec
+
+        return PgIndexSpec(precision=self.pg_precision)
 
     @property
     def database(self) -> DatabaseConfig | None:

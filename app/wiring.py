@@ -122,7 +122,13 @@ def open_store(
             raise InvalidInputError("LORAG_STORE=postgres: the store needs the database open")
         from app.retrieval.pg_store import PgStore
 
-        return PgStore.open(database, fingerprint, active=settings.index_name)
+        return PgStore.open(
+            database,
+            fingerprint,
+            active=settings.index_name,
+            search=settings.pg_search,
+            index=settings.pg_index,
+        )
     return IndexCatalog(
         settings.index_dir,
         settings.index_name,
