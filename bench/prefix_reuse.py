@@ -8,11 +8,16 @@ turns from --adapters (default: the base, concise, cited). Two workloads:
   and passages repeat, as in real traffic);
 - unique: --requests distinct questions, nothing repeats (the cache never hits).
 Each runs with the cache on and off, with --clients closed-loop clients and with one client
-(one request at a time), the variants rotating per round. Printed: throughput (requests/s) and
-its ratio to one at a time, time to first token p50/p99, the share of prompt tokens reused;
-last, the cache's ratios on/off.
+(one request at a time; --no-single leaves those out), the variants rotating per round.
+--orders compares concat passage orders (LORAG_CONCAT_ORDER, app/generation/prompts.py): each
+order runs with the cache on, and the cache-off arm once, in the first order (without the
+cache both orders prefill the same tokens). Printed: throughput (requests/s) and its ratio to
+one at a time, time to first token p50/p99, the share of prompt tokens reused; last, the
+cache's ratios on/off and, with two orders, the second's against the first's, cache on.
 
     .venv/bin/python -m bench.prefix_reuse [--requests 48] [--clients 16] [--rounds 2]
+    .venv/bin/python -m bench.prefix_reuse --requests 32 --rounds 1 --no-single \
+        --orders score stable
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from app.contracts import Hit
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.requests import EngineRequest, Observers
-from app.generation.config import DecodingConfig
+from app.generation.config import CONCAT_ORDERS, ConcatOrder, DecodingConfig
 from app.generation.step_batch import StepBatch
 from app.settings import Settings
 from app.wiring import Components, load_components
 from bench.serve_throughput import pct
 
+Variant = tuple[str, ConcatOrder, bool, int]  # workload, concat order, cache on, clients
 PATTERNS = ("What is {}?", "Where is {} found?", "Who is known for {}?", "When did {} begin?")
 
 
@@ -98,8 +104,12 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--adapters", default=",concise,cited", help="names taking turns; '': base")
     ap.add_argument("--cache-mib", type=int, default=256)
+    ap.add_argument("--orders", nargs="+", choices=CONCAT_ORDERS, help="default: the setting's")
+    ap.add_argument("--no-single", action="store_true", help="leave out one at a time")
     args = ap.parse_args()
-    parts = load_components(Settings())
+    settings = Settings()
+    orders: list[ConcatOrder] = args.orders or [settings.concat_order]
+    parts = load_components(settings)
     names = [a or None for a in args.adapters.split(",")]
     for name in {n for n in names if n}:
         if name not in parts.registry:
@@ -121,53 +131,76 @@ def main() -> None:
         ]
 
     reqs = {w: requests(qs) for w, qs in workloads.items()}
-    variants = [(w, on, c) for w in workloads for on in (True, False) for c in (args.clients, 1)]
-    results: dict[tuple[str, bool, int], list[tuple[float, list[float], int, int]]] = {
-        v: [] for v in variants
-    }
+    clients = [args.clients] if args.no_single else [args.clients, 1]
+    variants: list[Variant] = [
+        (w, o, on, c)
+        for w in workloads
+        for o in orders
+        for on in (True, False)
+        if on or o == orders[0]
+        for c in clients
+    ]
+    results: dict[Variant, list[tuple[float, list[float], int, int]]] = {v: [] for v in variants}
     asyncio.run(serve(parts, reqs["unique"][:2], 2, 0))  # warm-up
     for r in range(args.rounds):
-        order = variants[r % len(variants) :] + variants[: r % len(variants)]
-        for w, on, c in order:
+        rotated = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for w, o, on, c in rotated:
+            # the one prompt builder's layout, per arm; each arm has a fresh cache (serve)
+            parts.generator.prompts.order = o
             cache = args.cache_mib * 1024 * 1024 if on else 0
             out = asyncio.run(serve(parts, reqs[w], c, cache))
-            results[(w, on, c)].append(out)
+            results[(w, o, on, c)].append(out)
             wall, firsts, prompt, reused = out
             print(
-                f"round {r + 1} {w:6s} cache {'on ' if on else 'off'} clients {c:2d}: "
-                f"{len(reqs[w]) / wall:.3f} req/s, ttft p50 {pct(firsts, 50):.2f} s "
+                f"round {r + 1} {w:6s} {o:6s} cache {'on ' if on else 'off'} clients {c:2d}: "
+                f"{args.requests / wall:.3f} req/s, ttft p50 {pct(firsts, 50):.2f} s "
                 f"p99 {pct(firsts, 99):.2f} s, reused {reused / max(prompt, 1):.0%}",
                 flush=True,
             )
 
-    def rps(v: tuple[str, bool, int]) -> float:
+    def rps(v: Variant) -> float:
         return statistics.median(args.requests / wall for wall, *_ in results[v])
 
-    def first(v: tuple[str, bool, int], p: float) -> float:
+    def first(v: Variant, p: float) -> float:
         return statistics.median(pct(t, p) for _, t, *_ in results[v])
+
+    def share(v: Variant) -> float:
+        return statistics.median(reused / max(prompt, 1) for *_, prompt, reused in results[v])
 
     print(
         f"requests={args.requests} clients={args.clients} top_k={args.top_k} "
         f"max_new_tokens={args.max_new_tokens} zipf={args.zipf} adapters={args.adapters!r} "
-        f"rounds={args.rounds}"
+        f"rounds={args.rounds} orders={','.join(orders)}"
     )
-    n = args.clients
-    for w in workloads:
-        for on in (True, False):
-            v = (w, on, n)
-            print(
-                f"{w:6s} cache {'on ' if on else 'off'}: {rps(v):.3f} req/s = "
-                f"{rps(v) / rps((w, False, 1)):.2f}x one at a time without the cache "
-                f"({rps(v) / rps((w, on, 1)):.2f}x with it); ttft p50 {first(v, 50):.2f} s "
-                f"p99 {first(v, 99):.2f} s"
-            )
-    for w in workloads:
-        yes, no = (w, True, n), (w, False, n)
-        print(
-            f"{w} on/off: throughput {rps(yes) / rps(no):.2f}x, "
-            f"ttft p50 {first(yes, 50) / first(no, 50):.2f}x, "
-            f"p99 {first(yes, 99) / first(no, 99):.2f}x"
+    n, base = args.clients, orders[0]
+    for v in (v for v in variants if v[3] == n):
+        w, o, on, _ = v
+        single = (
+            ""
+            if args.no_single
+            else f" = {rps(v) / rps((w, base, False, 1)):.2f}x one at a time without the cache "
+            f"({rps(v) / rps((w, o, on, 1)):.2f}x with it)"
         )
+        print(
+            f"{w:6s} {o:6s} cache {'on ' if on else 'off'}: {rps(v):.3f} req/s{single}; "
+            f"ttft p50 {first(v, 50):.2f} s p99 {first(v, 99):.2f} s; reused {share(v):.0%}"
+        )
+    for w in workloads:
+        no = (w, base, False, n)
+        for o in orders:
+            yes = (w, o, True, n)
+            print(
+                f"{w} {o} on/off: throughput {rps(yes) / rps(no):.2f}x, "
+                f"ttft p50 {first(yes, 50) / first(no, 50):.2f}x, "
+                f"p99 {first(yes, 99) / first(no, 99):.2f}x"
+            )
+        for o in orders[1:]:
+            a, b = (w, base, True, n), (w, o, True, n)
+            print(
+                f"{w} {o}/{base}, cache on: throughput {rps(b) / rps(a):.2f}x, "
+                f"ttft p50 {first(b, 50) / first(a, 50):.2f}x, reused {share(b):.0%} against "
+                f"{share(a):.0%}"
+            )
 
 
 if __name__ == "__main__":
