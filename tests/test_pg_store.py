@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 from psycopg import sql
 from pydantic import SecretStr
@@ -401,10 +402,13 @@ def test_another_encoders_index_and_unknown_names_are_refused_by_name(db: Databa
     assert [(i.name, i.encoder) for i in theirs.list()] == [("docs", "encoder-a")]
 
 
-def test_active_collection_and_creation_are_shared_by_replicas(db: Database) -> None:
+def test_collections_are_shared_by_replicas_and_each_store_keeps_its_active_one(
+    db: Database,
+) -> None:
+    # which index a replica serves is the fleet's to say (its ledger: tests/test_fleet.py)
     a = PgStore.open(db, ENCODER.fingerprint, active="one")
-    b = PgStore.open(db, ENCODER.fingerprint, active="ignored")  # the database has one already
-    assert b.active == "one"
+    b = PgStore.open(db, ENCODER.fingerprint, active="two")
+    assert (a.active, b.active) == ("one", "two")
     with pytest.raises(IndexNotFound):
         a.get()  # the active name need not exist yet
     created: list[str] = []
@@ -421,11 +425,56 @@ def test_active_collection_and_creation_are_shared_by_replicas(db: Database) -> 
         t.join()
     assert created == ["two"] * 3
     a.create("one", dim=8)
-    b.activate("two")
-    assert a.active == "two" and a.get().name == "two"
+    assert b.get().name == "two" and a.get().name == "one"  # both see every collection
+    a.activate("two")
+    assert a.active == "two" and b.activate("one").name == "one" and a.active == "two"
     infos = {i.name: i for i in a.list()}
     assert infos["two"].active and not infos["one"].active
     assert infos["two"].kind == "postgres" and infos["two"].passages == 0
+    with pytest.raises(IndexNotFound, match="'nope'"):
+        a.activate("nope")
+    assert a.active == "two"  # a refused activation changes nothing
+    with db.connection() as conn:  # the database holds no active index of the store's (103)
+        assert conn.execute("SELECT to_regclass('lorag_store')").fetchone() == (None,)
+
+
+def test_migration_103_moves_the_stores_active_name_to_the_fleet(pg_url: str) -> None:
+    from app.db.migrations import migrate
+    from app.fleet.pg_ledger import FLEET_MIGRATIONS
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # a database of before 103
+        migrate(conn, [m for m in MIGRATIONS if m.version < 103] + FLEET_MIGRATIONS)
+        conn.execute("INSERT INTO lorag_store (id, active) VALUES (true, 'chosen')")
+        migrate(conn, MIGRATIONS)
+        assert conn.execute("SELECT active_index FROM lorag_fleet").fetchone() == ("chosen",)
+        assert conn.execute("SELECT to_regclass('lorag_store')").fetchone() == (None,)
+
+
+def test_index_gauges_follow_this_stores_changes(store: PgStore) -> None:
+    seen: list[tuple[str, int, bool]] = []
+
+    def observe(name: str, passages: int, pending: int, *, active: bool) -> None:
+        assert pending == 0  # no update log in the database
+        seen.append((name, passages, active))
+
+    docs = store.create("demo", dim=ENCODER.dim)  # the store's active name
+    docs.upsert(_prepare(FACTS[0]))
+    store.watch(observe)
+    assert seen == [("demo", 1, True)]  # at start: what is there
+    docs.upsert(_prepare(*FACTS[1:]))
+    other = store.create("other", dim=ENCODER.dim)
+    other.upsert(_prepare(FACTS[0]))
+    docs.delete([FACTS[0].id])
+    total = sum(len(chunk_document(d.id, d.title, d.text, words=100)) for d in FACTS)
+    first = len(chunk_document(FACTS[0].id, FACTS[0].title, FACTS[0].text, words=100))
+    assert seen[1:] == [
+        ("demo", total, True),
+        ("other", first, False),
+        ("demo", total - first, True),
+    ]
+    store.activate("other")
+    assert seen[-1] == ("other", first, True)
+    assert docs.count()[0] == total - first  # the gauges said what the database holds
 
 
 def test_a_database_that_is_down_is_a_prompt_503_and_the_store_recovers(

@@ -2,7 +2,8 @@
 
     lorag_collections       one row per named index: encoder fingerprint, dim, chunk_words and
                             how its HNSW index is built (precision, m, ef_construction)
-    lorag_store             one row: the active collection's name
+    lorag_store             (101; dropped by 103: which index a replica serves is the fleet's
+                            to say, lorag_fleet.active_index in app/fleet/pg_ledger.py)
     lorag_documents         (collection_id, doc_id) -> title, metadata jsonb (what filters match)
     lorag_passages_<id>     one table per collection: pid (identity), doc_id, ordinal, the
                             Passage's id, title and text, and `embedding vector(dim)`
@@ -36,6 +37,19 @@ from app.errors import InvalidInputError
 Precision = Literal["vector", "halfvec"]
 MAX_HNSW_DIM = {"vector": 2000, "halfvec": 4000}  # pgvector's limits for an HNSW index
 
+# 103: one source of truth for the active index, the fleet's ledger (what replicas follow by
+# LISTEN/NOTIFY); a name the store held and the fleet did not moves there, if the fleet's
+# tables exist yet (its migrations run after the store's)
+_ACTIVE_TO_THE_FLEET = """
+DO $$ BEGIN
+    IF to_regclass('lorag_fleet') IS NOT NULL THEN
+        UPDATE lorag_fleet SET active_index = (SELECT active FROM lorag_store)
+        WHERE active_index IS NULL;
+    END IF;
+END $$;
+DROP TABLE lorag_store;
+"""
+
 # migrations 1xx belong to the store; app.db applies them in order, once, under its lock
 MIGRATIONS = [
     Migration(
@@ -68,6 +82,7 @@ MIGRATIONS = [
             ON lorag_documents USING gin (metadata jsonb_path_ops);
         """,
     ),
+    Migration(103, "the active index is the fleet's: drop lorag_store", sql=_ACTIVE_TO_THE_FLEET),
 ]
 
 

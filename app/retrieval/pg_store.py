@@ -44,12 +44,18 @@ from psycopg.types.json import Jsonb
 
 from app.contracts import Hit, Passage, SearchMode
 from app.db.pool import Database
-from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
+from app.errors import IndexInvalid, IndexNotFound, InvalidInputError, LoragError
 from app.retrieval import pg_search
 from app.retrieval.docstore import StoredDocument
 from app.retrieval.filters import MetadataFilter
 from app.retrieval.indexes import check_name
-from app.retrieval.interface import CollectionInfo, DocumentNotFound, StoreKind, Upserted
+from app.retrieval.interface import (
+    CollectionInfo,
+    DocumentNotFound,
+    IndexObserver,
+    StoreKind,
+    Upserted,
+)
 from app.retrieval.pg_schema import MIGRATIONS, PgIndexSpec, create_passages_ddl, passages_table
 from app.retrieval.pg_search import PgSearchConfig
 from app.retrieval.updates import Prepared
@@ -87,7 +93,12 @@ class PgCollection:
     its (immutable) collections row, so any thread may use it."""
 
     def __init__(
-        self, db: Database, row: _Row, search: PgSearchConfig, is_active: Callable[[str], bool]
+        self,
+        db: Database,
+        row: _Row,
+        search: PgSearchConfig,
+        is_active: Callable[[str], bool],
+        changed: Callable[[PgCollection], None] = lambda _: None,
     ) -> None:
         self.name = row.name
         self.encoder = row.encoder
@@ -99,6 +110,7 @@ class PgCollection:
         self._table = passages_table(row.id)
         self._search = search
         self._is_active = is_active
+        self._changed = changed  # after each change made through it (the metrics gauges)
 
     # search -------------------------------------------------------------------------------
 
@@ -217,6 +229,7 @@ class PgCollection:
                 "changed"
             ) from None
         log.info("index %s: upserted %d documents (%d passages)", self.name, len(ids), len(vectors))
+        self._changed(self)
         return [
             Upserted(doc.id, len(passages), doc.id in replaced)
             for doc, passages in prepared.documents
@@ -255,6 +268,7 @@ class PgCollection:
                     raise DocumentNotFound(doc_id, self.name)
             self._remove(conn, ids)
         log.info("index %s: deleted %d documents", self.name, len(ids))
+        self._changed(self)
 
     def _lock(self, conn: psycopg.Connection) -> None:
         """One writer per collection at a time, whichever replica; released at commit."""
@@ -332,12 +346,27 @@ class PgCollection:
 
 
 class PgStore:
-    """The named collections of one database, and which one is active (shared by replicas)."""
+    """The named collections of one database, and which one this replica serves by default.
+
+    The collections are shared by every replica; the active one is this object's, as in the
+    FAISS store: the fleet decides it (app/fleet: PUT /index writes the ledger's active index,
+    lorag_fleet.active_index, and every replica follows it by LISTEN/NOTIFY, a replica that
+    starts included), so the database holds it once.
+
+    Watched: the metrics gauges get a collection's passage count when watching starts (the
+    active one), after every upsert and delete made through this store, and at activation.
+    Changes another replica makes reach this replica's gauges only at its next change of that
+    collection, or its next activation: there is no polling (a count is a scan)."""
 
     kind: StoreKind = "postgres"
 
     def __init__(
-        self, db: Database, fingerprint: str, search: PgSearchConfig, index: PgIndexSpec
+        self,
+        db: Database,
+        fingerprint: str,
+        search: PgSearchConfig,
+        index: PgIndexSpec,
+        active: str = "demo",
     ) -> None:
         self.fingerprint = fingerprint
         self._db = db
@@ -345,6 +374,8 @@ class PgStore:
         self._index = index
         self._cache: dict[str, PgCollection] = {}  # collections never change once created
         self._guard = threading.Lock()
+        self._active = check_name(active)
+        self._observer: IndexObserver | None = None
 
     @classmethod
     def open(
@@ -356,16 +387,10 @@ class PgStore:
         search: PgSearchConfig | None = None,
         index: PgIndexSpec | None = None,
     ) -> PgStore:
-        """The store on `db`, its migrations applied; `active` is the active collection's name
-        if the database has none yet (it need not exist: get() then names what does)."""
+        """The store on `db`, its migrations applied; `active` is the collection get() serves
+        until activate() (it need not exist: get() then names what does)."""
         db.migrate(MIGRATIONS)
-        with db.connection() as conn:
-            conn.execute(
-                "INSERT INTO lorag_store (id, active) VALUES (true, %s) "
-                "ON CONFLICT (id) DO NOTHING",
-                (check_name(active),),
-            )
-        return cls(db, fingerprint, search or PgSearchConfig(), index or PgIndexSpec())
+        return cls(db, fingerprint, search or PgSearchConfig(), index or PgIndexSpec(), active)
 
     @property
     def where(self) -> str:
@@ -373,10 +398,7 @@ class PgStore:
 
     @property
     def active(self) -> str:
-        with self._db.connection() as conn:
-            row = conn.execute("SELECT active FROM lorag_store").fetchone()
-        assert row is not None
-        return str(row[0])
+        return self._active
 
     def get(self, name: str | None = None) -> PgCollection:
         name = check_name(name) if name is not None else self.active
@@ -405,7 +427,7 @@ class PgStore:
                 f"the server uses encoder {self.fingerprint!r}; rebuild the index with this "
                 "encoder or configure the one it was built with"
             )
-        collection = PgCollection(self._db, row, self._search, self._is_active)
+        collection = PgCollection(self._db, row, self._search, self._is_active, self._changed)
         with self._guard:
             return self._cache.setdefault(name, collection)
 
@@ -440,17 +462,36 @@ class PgStore:
         return self.get(name)
 
     def activate(self, name: str) -> PgCollection:
+        """Serve `name` by default (it must exist, with this encoder); one assignment, so
+        atomic for readers. The caller records it for the fleet (Fleet.activate_index)."""
         collection = self.get(name)
-        with self._db.connection() as conn:
-            row = conn.execute("SELECT active FROM lorag_store FOR UPDATE").fetchone()
-            conn.execute("UPDATE lorag_store SET active = %s", (name,))
-        previous = row[0] if row else None
+        previous, self._active = self._active, name
         if previous != name:
             log.info("active index: %s -> %s", previous, name)
+        self._changed(collection)
         return collection
 
     def _is_active(self, name: str) -> bool:
-        return self.active == name
+        return self._active == name
+
+    def watch(self, observer: IndexObserver) -> None:
+        """Report collection sizes to `observer` (see the class): the active one now."""
+        self._observer = observer
+        try:
+            self._changed(self.get())
+        except LoragError as exc:  # not there (yet), or the database is down: the next change
+            log.warning("no index gauges for %r yet: %s", self._active, exc)
+
+    def _changed(self, collection: PgCollection) -> None:
+        observer = self._observer
+        if observer is None:
+            return
+        try:
+            passages, _ = collection.count()
+        except LoragError as exc:  # the change committed; only its gauge waits for the next
+            log.warning("index gauges of %r not updated: %s", collection.name, exc)
+            return
+        observer(collection.name, passages, 0, active=self._is_active(collection.name))
 
     def list(self) -> list[CollectionInfo]:
         """Every collection, another encoder's too (its info names that encoder)."""
