@@ -49,12 +49,16 @@ class Passage:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A retrieved passage, its retrieval score (inner product of the embeddings) and its
-    document's metadata (what a filter matched against)."""
+    """A retrieved passage, its retrieval score and its document's metadata (what a filter
+    matched against). The score is the embeddings' inner product (dense), BM25's (sparse) or
+    RRF's (hybrid). `dense_best`, set by hybrid search only: the best dense score of the hit's
+    question (the same on every hit of one question), so the abstention gate's cosine threshold
+    still applies when the score itself is RRF's (app/retrieval/fusion.py)."""
 
     passage: Passage
     score: float
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    dense_best: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

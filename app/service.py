@@ -25,7 +25,13 @@ from app.errors import (
     InvalidInputError,
     NotReadyError,
 )
-from app.generation.abstain import ABSTAIN_TEXT, AbstainConfig, refuses, unsupported
+from app.generation.abstain import (
+    ABSTAIN_TEXT,
+    AbstainConfig,
+    refuses,
+    support,
+    unsupported,
+)
 from app.generation.config import PromptConfig
 from app.generation.prompts import prompt_order
 from app.lora.bundle import PreparedTask
@@ -306,10 +312,10 @@ class RagService:
             if params.on_hits is not None:
                 params.on_hits(self._listed(mode, hits))
             grounded = params.retrieval and params.template == "rag"
-            # the retrieval gate's threshold is a cosine: sparse (BM25) and hybrid (RRF) scores
-            # are on other scales, so only the generator's own refusal counts for them
-            gated = grounded and search == "dense"
-            if gated and unsupported(self.abstain, [h.score for h in hits]):
+            # the retrieval gate's threshold is a cosine: dense's scores, hybrid's dense half
+            # (Hit.dense_best); sparse (BM25) has none, only the generator's refusal counts
+            cosines = support(search, hits) if grounded else None
+            if cosines is not None and unsupported(self.abstain, cosines):
                 return self._abstained(params, lease, mode, self._listed(mode, hits), t0, t1)
             result = await self._generate(params, lease, mode, hits, expected, t0, t1)
             if grounded and refuses(self.abstain, result.answer):

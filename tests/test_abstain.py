@@ -10,8 +10,8 @@ ON_TOPIC = "What is Zorblax?"  # Zorblax's passage scores far above the threshol
 OFF_TOPIC = "Who painted the Mona Lisa?"  # nothing in the six facts is about it
 
 
-def _ask(client, question: str) -> dict:
-    r = client.post("/ask", json={"question": question, "top_k": 3})
+def _ask(client, question: str, retrieval: str = "dense") -> dict:
+    r = client.post("/ask", json={"question": question, "top_k": 3, "retrieval": retrieval})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -31,6 +31,21 @@ def test_abstains_below_the_threshold_and_keeps_the_passages(client_factory) -> 
     answered = _ask(plain, OFF_TOPIC)
     assert answered["abstained"] is False and answered["generated_tokens"] > 0
     assert [p["id"] for p in answered["passages"]] == [p["id"] for p in off["passages"]]
+
+
+def test_the_gate_applies_to_hybrid_retrieval_as_to_dense(client_factory) -> None:
+    client = client_factory("llama", abstain=True, abstain_min_score=0.35)
+    for question in (OFF_TOPIC, ON_TOPIC):
+        dense, hybrid = _ask(client, question), _ask(client, question, "hybrid")
+        # the reference: dense's decision, from dense's best cosine; hybrid's scores are RRF's
+        assert hybrid["abstained"] is dense["abstained"] is (question == OFF_TOPIC)
+        assert max(p["score"] for p in hybrid["passages"]) < 0.05
+    off = _ask(client, OFF_TOPIC, "hybrid")
+    assert off["answer"] == ABSTAIN_TEXT and off["generated_tokens"] == 0
+    assert len(off["passages"]) == 3  # what was searched is kept
+    # sparse (BM25) has no cosine: not gated, only the generator's own refusal counts
+    sparse = _ask(client, "Zorblax painted Mona Lisa?", "sparse")
+    assert sparse["passages"] and sparse["generated_tokens"] > 0
 
 
 def test_a_threshold_above_every_score_abstains_on_everything(client_factory) -> None:

@@ -3,9 +3,10 @@ may ask of a store, whatever engine holds the passages (FAISS folders, PostgreSQ
 
 Callers hold a `PassageStore` (the catalog of named indexes) and a `Collection` (one named
 index) and never branch on the engine. Search takes a batch of query vectors and a metadata
-filter (app/retrieval/filters.py, the same semantics in every store); `mode` leaves room for a
-sparse (BM25) and a hybrid search beside the dense one: a store that cannot serve a mode
-refuses it by name (InvalidInputError), it never falls back silently.
+filter (app/retrieval/filters.py, the same semantics in every store) and a `mode`: dense,
+sparse (BM25) or hybrid, which every store answers through fusion.search_by_mode (the same
+checks, depth and RRF fusion); a store that cannot serve a mode refuses it by name
+(InvalidInputError), it never falls back silently.
 
 Optional capabilities: a store or collection may offer more than the contract (FAISS folds its
 update log into snapshots); a caller that wants it asks for the capability (`Compacts`,

@@ -6,7 +6,8 @@
                             to say, lorag_fleet.active_index in app/fleet/pg_ledger.py)
     lorag_documents         (collection_id, doc_id) -> title, metadata jsonb (what filters match)
     lorag_passages_<id>     one table per collection: pid (identity), doc_id, ordinal, the
-                            Passage's id, title and text, and `embedding vector(dim)`
+                            Passage's id, title and text, `embedding vector(dim)`, and (102)
+                            `terms tsvector`, `term_count int`: the sparse search's words
 
 Why a table per collection, not one table with an untyped `vector` column: pgvector's HNSW
 index needs a typed column (or a typed expression: `(embedding::vector(384))`), so one shared
@@ -19,6 +20,16 @@ selectivity is estimated for that corpus), and its deletes and vacuums touch no 
 The price is DDL at `create` (CREATE TABLE and CREATE INDEX, in the same transaction as the
 collections row, so a collection exists whole or not at all).
 
+Sparse search (migration 102; the query: app/retrieval/pg_sparse.py): `terms` is generated from
+title and text with the 'simple' text search configuration (lower case, no stemming, no stop
+words), with a GIN index; `term_count` is the passage's number of terms as the FAISS store's
+BM25 counts them (sparse.tokenize: stop words and one-letter words not counted), written by the
+store; lorag_collections keeps each collection's passage and term totals (BM25's N and average
+length), kept in step by every upsert and delete under the collection's row lock, so a query
+reads them in O(1). Why 'simple' and not 'english': bm25s does not stem either, and the query's
+terms are cut by that same tokenizer, so both stores score the same terms; 'english' would stem
+("capital" and "capitals" one lexeme) and drop its own stop list, a different model.
+
 Precision: the heap always holds float32 `vector(dim)`; `halfvec` builds the HNSW index over
 `(embedding::halfvec(dim))` (half the index bytes, bench/RESULTS.md) while scores are still
 computed on the full vectors, so an exact scan and reported scores do not change with it.
@@ -29,13 +40,69 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import psycopg
 from psycopg import sql
 
+from app.contracts import Passage
 from app.db.migrations import Migration
 from app.errors import InvalidInputError
+from app.retrieval.sparse import indexed_text, tokenize
 
 Precision = Literal["vector", "halfvec"]
 MAX_HNSW_DIM = {"vector": 2000, "halfvec": 4000}  # pgvector's limits for an HNSW index
+
+# a passage's words as the sparse search indexes them (sparse.indexed_text's title, then text);
+# IMMUTABLE (to_tsvector with a named configuration is), so it may generate a stored column
+_TERMS = "to_tsvector('simple'::regconfig, title || E'\\n' || text)"
+
+
+def sparse_ddl(collection_id: int) -> list[sql.Composed]:
+    """The sparse search's columns and index on one collection's passages table. term_count
+    is the store's to write (term_counts below); the rows already there get 0, which
+    migration 102 then counts."""
+    table = passages_table(collection_id)
+    return [
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN terms tsvector GENERATED ALWAYS AS ({}) STORED, "
+            "ADD COLUMN term_count int NOT NULL DEFAULT 0"
+        ).format(table, sql.SQL(_TERMS)),
+        sql.SQL("ALTER TABLE {} ALTER COLUMN term_count DROP DEFAULT").format(table),
+        sql.SQL("CREATE INDEX {} ON {} USING gin (terms)").format(
+            sql.Identifier(f"lorag_passages_{collection_id}_terms"), table
+        ),
+    ]
+
+
+def term_counts(titles_texts: list[tuple[str, str]]) -> list[int]:
+    """term_count of each (title, text): how many terms BM25 reads in it (as bm25s counts)."""
+    texts = [indexed_text(Passage("", "", title, text)) for title, text in titles_texts]
+    return [len(terms) for terms in tokenize(texts)]
+
+
+def _sparse(conn: psycopg.Connection) -> None:
+    """102: the words of every existing collection's passages, and its BM25 totals."""
+    conn.execute(
+        "ALTER TABLE lorag_collections ADD COLUMN passages bigint NOT NULL DEFAULT 0, "
+        "ADD COLUMN terms bigint NOT NULL DEFAULT 0"
+    )
+    for (collection_id,) in conn.execute("SELECT id FROM lorag_collections").fetchall():
+        table = passages_table(collection_id)
+        for ddl in sparse_ddl(collection_id):
+            conn.execute(ddl)
+        rows = conn.execute(sql.SQL("SELECT pid, title, text FROM {}").format(table)).fetchall()
+        counts = term_counts([(title, text) for _, title, text in rows])
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} p SET term_count = u.n "
+                "FROM unnest(%s::bigint[], %s::int[]) AS u(pid, n) WHERE p.pid = u.pid"
+            ).format(table),
+            ([r[0] for r in rows], counts),
+        )
+        conn.execute(
+            "UPDATE lorag_collections SET passages = %s, terms = %s WHERE id = %s",
+            (len(rows), sum(counts), collection_id),
+        )
+
 
 # 103: one source of truth for the active index, the fleet's ledger (what replicas follow by
 # LISTEN/NOTIFY); a name the store held and the fleet did not moves there, if the fleet's
@@ -82,6 +149,7 @@ MIGRATIONS = [
             ON lorag_documents USING gin (metadata jsonb_path_ops);
         """,
     ),
+    Migration(102, "sparse search: passage terms (tsvector, GIN) and BM25 totals", apply=_sparse),
     Migration(103, "the active index is the fleet's: drop lorag_store", sql=_ACTIVE_TO_THE_FLEET),
 ]
 
@@ -163,4 +231,5 @@ def create_passages_ddl(collection_id: int, dim: int, spec: PgIndexSpec) -> list
             sql.Literal(spec.m),
             sql.Literal(spec.ef_construction),
         ),
+        *sparse_ddl(collection_id),
     ]

@@ -19,14 +19,19 @@ graph walk that missed a selective filter's passages, so k come back whenever k 
 `PgSearchConfig(exact=True)` disables index scans: every query is an exact scan (sequential,
 sorted), the reference the HNSW path is measured against.
 
+Sparse search is BM25 in SQL over PostgreSQL's full-text index (app/retrieval/pg_sparse.py: the
+FAISS store's terms and bm25s's formula, so both stores rank alike), and hybrid fuses the two
+lists as every store does (fusion.search_by_mode). Each write keeps BM25's totals (passages,
+terms) on the collection's row, under the same row lock, in the same transaction.
+
 An upsert is one transaction: lock the collection's row (one writer per collection at a time,
 across replicas), delete the replaced documents and their passages, insert the documents, and
 COPY the passages in binary (vectors as pgvector's binary format; bench/RESULTS.md has COPY
 against executemany). Either all of it commits or none: a row the database refuses or a lost
 connection rolls back everything, and a deleted document's text is gone with its rows. (NUL,
 which PostgreSQL's text and jsonb cannot hold, never gets here: updates.validate refuses it for
-every store alike, naming the document and field.) Database errors become DatabaseUnavailable (HTTP 503, the server
-named without its password: app.db.pool).
+every store alike, naming the document and field.) Database errors become DatabaseUnavailable
+(HTTP 503, the server named without its password: app.db.pool).
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ from psycopg.types.json import Jsonb
 from app.contracts import Hit, Passage, SearchMode
 from app.db.pool import Database
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError, LoragError
-from app.retrieval import pg_search
+from app.retrieval import pg_search, pg_sparse
 from app.retrieval.docstore import StoredDocument
 from app.retrieval.filters import MetadataFilter
+from app.retrieval.fusion import DEFAULT_FUSION, Fusion, search_by_mode
 from app.retrieval.indexes import check_name
 from app.retrieval.interface import (
     CollectionInfo,
@@ -56,8 +62,15 @@ from app.retrieval.interface import (
     StoreKind,
     Upserted,
 )
-from app.retrieval.pg_schema import MIGRATIONS, PgIndexSpec, create_passages_ddl, passages_table
+from app.retrieval.pg_schema import (
+    MIGRATIONS,
+    PgIndexSpec,
+    create_passages_ddl,
+    passages_table,
+    term_counts,
+)
 from app.retrieval.pg_search import PgSearchConfig
+from app.retrieval.sparse import tokenize
 from app.retrieval.updates import Prepared
 
 log = logging.getLogger(__name__)
@@ -122,15 +135,43 @@ class PgCollection:
         *,
         mode: SearchMode = "dense",
         texts: Sequence[str] | None = None,
+        fusion: Fusion = DEFAULT_FUSION,
     ) -> list[list[Hit]]:
-        if mode != "dense":
-            raise InvalidInputError(
-                f"search mode {mode!r} is not served by the postgres store (it serves 'dense')"
-            )
-        if queries is None:
-            raise InvalidInputError("dense search needs query vectors")
-        if k < 1:
-            raise InvalidInputError(f"k must be at least 1, got {k}")
+        """Top-k per query: dense by inner product, sparse by BM25 over the full-text index
+        (app/retrieval/pg_sparse.py), hybrid the two fused as every store fuses them
+        (fusion.hybrid: RRF, each list `fusion.depth_for(k)` deep)."""
+        return search_by_mode(
+            queries,
+            k,
+            mode,
+            texts,
+            dense=lambda q, n: self._dense_search(q, n, where),
+            sparse=lambda t, n: self._sparse_search(t, n, where),
+            fusion=fusion,
+        )
+
+    def _sparse_search(
+        self, texts: Sequence[str], k: int, where: MetadataFilter | None
+    ) -> list[list[Hit]]:
+        results: list[list[Hit]] = []
+        with self._db.connection() as conn:
+            for terms in tokenize(texts):
+                if not terms:  # only stop words: no passage shares a term
+                    results.append([])
+                    continue
+                query, params = pg_sparse.statement(self._table, self._id, terms, k, where)
+                rows = conn.execute(query, params)
+                results.append(
+                    [
+                        Hit(Passage(pid, doc_id, title, text), float(score), metadata)
+                        for pid, doc_id, title, text, score, metadata in rows
+                    ]
+                )
+        return results
+
+    def _dense_search(
+        self, queries: np.ndarray, k: int, where: MetadataFilter | None
+    ) -> list[list[Hit]]:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InvalidInputError(
                 f"queries must have shape [n, {self.dim}], got {list(queries.shape)}"
@@ -197,6 +238,9 @@ class PgCollection:
             )
         vectors = self._check_vectors(prepared)  # [total passages, dim]
         ids = [doc.id for doc, _ in prepared.documents]
+        counts = term_counts(  # BM25's document lengths, outside the transaction
+            [(p.title, p.text) for _, passages in prepared.documents for p in passages]
+        )
         try:
             with self._db.connection() as conn:
                 self._lock(conn)
@@ -211,18 +255,27 @@ class PgCollection:
                         ],
                     )
                     copy_sql = sql.SQL(
-                        "COPY {} (doc_id, ordinal, passage_id, title, text, embedding) "
+                        "COPY {} (doc_id, ordinal, passage_id, title, text, embedding, term_count) "
                         "FROM STDIN WITH (FORMAT BINARY)"
                     ).format(self._table)
                     with cur.copy(copy_sql) as copy:
-                        copy.set_types(["text", "int4", "text", "text", "text", "vector"])
+                        copy.set_types(["text", "int4", "text", "text", "text", "vector", "int4"])
                         row = 0
                         for doc, passages in prepared.documents:
                             for ordinal, p in enumerate(passages):
                                 copy.write_row(
-                                    (doc.id, ordinal, p.id, p.title, p.text, vectors[row])
+                                    (
+                                        doc.id,
+                                        ordinal,
+                                        p.id,
+                                        p.title,
+                                        p.text,
+                                        vectors[row],
+                                        counts[row],
+                                    )
                                 )
                                 row += 1
+                self._count_added(conn, ids)
         except psycopg.DataError as exc:  # a value PostgreSQL cannot hold; rolled back
             raise InvalidInputError(
                 f"index {self.name!r} refused the documents ({_first_line(exc)}); nothing was "
@@ -284,9 +337,28 @@ class PgCollection:
         gone = {r[0] for r in cur}
         if gone:
             conn.execute(
-                sql.SQL("DELETE FROM {} WHERE doc_id = ANY(%s)").format(self._table), (list(gone),)
+                sql.SQL(
+                    "WITH gone AS (DELETE FROM {} WHERE doc_id = ANY(%s) RETURNING term_count) "
+                    "UPDATE lorag_collections c SET passages = c.passages - g.n, "
+                    "terms = c.terms - g.words FROM (SELECT count(*) AS n, "
+                    "coalesce(sum(term_count), 0) AS words FROM gone) g WHERE c.id = %s"
+                ).format(self._table),
+                (list(gone), self._id),
             )
         return gone
+
+    def _count_added(self, conn: psycopg.Connection, ids: list[str]) -> None:
+        """The sparse search's totals (BM25's N and average length) take in these documents'
+        passages; under the collection's row lock, as every write."""
+        conn.execute(
+            sql.SQL(
+                "UPDATE lorag_collections c SET passages = c.passages + a.n, "
+                "terms = c.terms + a.words FROM (SELECT count(*) AS n, "
+                "coalesce(sum(term_count), 0) AS words FROM {} WHERE doc_id = ANY(%s)) a "
+                "WHERE c.id = %s"
+            ).format(self._table),
+            (ids, self._id),
+        )
 
     # reads --------------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ class SparseIndex:
     """BM25 over (pid, passage) pairs; thread-safe (its own locks, never the store's)."""
 
     def __init__(self, passages: Sequence[tuple[int, Passage]] = ()) -> None:
-        self._texts: dict[int, str] = {pid: _text(p) for pid, p in passages}
+        self._texts: dict[int, str] = {pid: indexed_text(p) for pid, p in passages}
         self._tokens: dict[int, list[str]] = {}  # filled at a build, each passage once
         self._version = 0  # bumped by every change
         self._built: _Built | None = None
@@ -67,7 +67,7 @@ class SparseIndex:
 
     def add(self, pid: int, passage: Passage) -> None:
         with self._lock:
-            self._texts[pid] = _text(passage)
+            self._texts[pid] = indexed_text(passage)
             self._tokens.pop(pid, None)
             self._version += 1
 
@@ -136,5 +136,6 @@ class SparseIndex:
             return self._built
 
 
-def _text(passage: Passage) -> str:
+def indexed_text(passage: Passage) -> str:
+    """What BM25 reads of a passage (in every store): its document's title, then its text."""
     return f"{passage.title}\n{passage.text}"

@@ -39,13 +39,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from app.contracts import SEARCH_MODES, Hit, Passage, SearchMode
+from app.contracts import Hit, Passage, SearchMode
 from app.errors import IndexInvalid, IndexNotFound, InvalidInputError
 from app.retrieval import ann, atomic, wal
 from app.retrieval.ann import AnnSpec
 from app.retrieval.docstore import DocStore, StoredDocument, group_by_document
 from app.retrieval.filters import MetadataFilter
-from app.retrieval.fusion import DEFAULT_FUSION, Fusion, rrf
+from app.retrieval.fusion import DEFAULT_FUSION, Fusion, search_by_mode
 from app.retrieval.manifest import (
     DATA_FILES,
     DOCUMENTS_FILE,
@@ -163,25 +163,15 @@ class PassageIndex:
         questions' `texts` (n of them), only passages sharing a term with the question (the
         score is BM25's); hybrid: both lists, `fusion.depth_for(k)` deep, fused by reciprocal
         rank (app/retrieval/fusion.py; the score is the RRF score)."""
-        if k < 1:
-            raise InvalidInputError(f"k must be at least 1, got {k}")
-        if mode not in SEARCH_MODES:
-            raise InvalidInputError(f"unknown search mode {mode!r}: one of {list(SEARCH_MODES)}")
-        if mode != "dense" and (texts is None or isinstance(texts, str)):
-            raise InvalidInputError(f"a {mode} search needs the questions' texts")
-        if mode == "sparse":
-            return self._sparse_search(texts or (), k, where)
-        if queries is None:
-            raise InvalidInputError(f"a {mode} search needs the question vectors")
-        if mode == "dense":
-            return self._dense_search(queries, k, where)
-        texts = texts or ()
-        if len(texts) != queries.shape[0]:
-            raise InvalidInputError(f"{len(texts)} question texts for {queries.shape[0]} vectors")
-        depth = fusion.depth_for(k)
-        dense = self._dense_search(queries, depth, where)
-        sparse = self._sparse_search(texts, depth, where)
-        return [rrf([d, s], k, rrf_k=fusion.rrf_k) for d, s in zip(dense, sparse, strict=True)]
+        return search_by_mode(
+            queries,
+            k,
+            mode,
+            texts,
+            dense=lambda q, n: self._dense_search(q, n, where),
+            sparse=lambda t, n: self._sparse_search(t, n, where),
+            fusion=fusion,
+        )
 
     def _sparse_search(
         self, texts: Sequence[str], k: int, where: MetadataFilter | None
