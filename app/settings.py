@@ -137,7 +137,8 @@ class Settings(BaseSettings):
         "dense",
         description="How /ask retrieves when the request does not say: dense (embeddings), "
         "sparse (BM25) or hybrid (both, reciprocal rank fusion). Chosen in bench/RESULTS.md, "
-        "'Hybrid retrieval'. The abstention gate (abstain_min_score) applies to dense only.",
+        "'Hybrid retrieval'. The abstention gate (abstain_min_score) reads dense cosines: "
+        "the hits' under dense, the dense half's best under hybrid; sparse is not gated.",
     )
     concat_order: ConcatOrder = Field(
         "score",
