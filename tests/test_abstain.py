@@ -43,9 +43,13 @@ def test_the_gate_applies_to_hybrid_retrieval_as_to_dense(client_factory) -> Non
     off = _ask(client, OFF_TOPIC, "hybrid")
     assert off["answer"] == ABSTAIN_TEXT and off["generated_tokens"] == 0
     assert len(off["passages"]) == 3  # what was searched is kept
-    # sparse (BM25) has no cosine: not gated, only the generator's own refusal counts
-    sparse = _ask(client, "Zorblax painted Mona Lisa?", "sparse")
-    assert sparse["passages"] and sparse["generated_tokens"] > 0
+    # sparse (BM25) has no cosine: not gated, only the generator's own refusal counts; at a
+    # threshold above every cosine, dense and hybrid abstain and sparse still answers
+    strict = client_factory("llama", abstain=True, abstain_min_score=1.0)
+    assert _ask(strict, ON_TOPIC, "hybrid")["abstained"] is True
+    sparse = _ask(strict, ON_TOPIC, "sparse")
+    assert sparse["passages"][0]["doc_id"] == "zorblax" and sparse["passages"][0]["score"] < 1.0
+    assert sparse["abstained"] is False and sparse["generated_tokens"] > 0
 
 
 def test_a_threshold_above_every_score_abstains_on_everything(client_factory) -> None:
