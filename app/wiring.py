@@ -44,7 +44,7 @@ from app.lora.tasks import TaskBundles
 from app.retrieval.ann import AnnSpec
 from app.retrieval.builder import build_index, build_passage_index
 from app.retrieval.encoders import TextEncoder
-from app.retrieval.index_copy import copy_index
+from app.retrieval.index_copy import fill
 from app.retrieval.indexes import IndexCatalog
 from app.retrieval.interface import PassageStore, Watched
 from app.retrieval.manager import IndexManager
@@ -231,23 +231,29 @@ def prepare(settings: Settings, *, demo_source: Path | None = None) -> None:
 
 
 def _prepare_in_database(settings: Settings, demo_source: Path) -> None:
-    """The demo collection, built the first time. Replicas that start together may both
-    build it: each batch is an upsert of the same documents, so the last one leaves it whole."""
+    """The demo collection, built the first time, whole or not at all. Check, build and fill
+    run under an advisory lock (DEMO_LOCK), so of replicas that start together one builds and
+    the others wait, then find it built; the fill is one upsert (one transaction), so a reader
+    sees the collection empty or whole, never part filled, and a build killed half way leaves
+    it empty, built again by the next start."""
+    from app.db.migrations import DEMO_LOCK
+    from app.db.pool import advisory_lock
+
     encoder = settings.encoder_spec.load()
     with opened_store(settings, encoder.fingerprint) as store:
-        present = {info.name: info for info in store.list()}.get(settings.index_name)
-        if present is not None and present.documents:
-            return
-        if settings.index_name != DEMO_INDEX:
-            raise IndexNotFound(
-                f"no index {settings.index_name!r} in the database: build it with "
-                "`lorag index build --store postgres` or `lorag index copy`"
-            )
-        log.info("building the demo index from %s into the database", demo_source)
-        demo = build_passage_index([demo_source], encoder, spec=AnnSpec("flat"))
-        copy_index(
-            demo, store.create(DEMO_INDEX, dim=demo.dim, chunk_words=demo.manifest.chunk_words)
-        )
+        assert settings.database is not None  # opened_store refused LORAG_STORE=postgres without
+        with advisory_lock(settings.database, DEMO_LOCK):
+            present = {info.name: info for info in store.list()}.get(settings.index_name)
+            if present is not None and present.documents:
+                return
+            if settings.index_name != DEMO_INDEX:
+                raise IndexNotFound(
+                    f"no index {settings.index_name!r} in the database: build it with "
+                    "`lorag index build --store postgres` or `lorag index copy`"
+                )
+            log.info("building the demo index from %s into the database", demo_source)
+            demo = build_passage_index([demo_source], encoder, spec=AnnSpec("flat"))
+            fill(store, DEMO_INDEX, demo, whole=True)
 
 
 # composing -------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ as they were (nothing embedded again); add and delete then go through the same s
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,77 @@ def test_build_into_postgres_then_prepare_the_demo_there_once(
     wiring.prepare(demo, demo_source=source)  # there already: nothing to do
     with pytest.raises(IndexNotFound, match="no index 'other' in the database"):
         wiring.prepare(demo.model_copy(update={"index_name": "other"}), demo_source=source)
+
+
+def test_replicas_preparing_the_demo_at_once_build_it_once_and_nobody_sees_it_part_filled(
+    pg_env: Settings,
+    pg_url: str,
+    tmp_path: Path,
+    tiny_generators: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import psycopg
+
+    import app.wiring as wiring
+    from app.retrieval import index_copy
+    from app.retrieval.builder import build_passage_index
+
+    source = tmp_path / "demo.jsonl"
+    words = " ".join(f"w{j}" for j in range(150))  # two passages a document
+    source.write_text(
+        "".join(
+            json.dumps({"id": f"d{i}", "title": f"D{i}", "text": f"{i} {words}"}) + "\n"
+            for i in range(16)
+        )
+    )
+    builds: list[int] = []
+
+    def counted(*args: object, **kwargs: object) -> PassageIndex:
+        builds.append(1)
+        return build_passage_index(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(wiring, "build_passage_index", counted)
+    monkeypatch.setattr(index_copy, "BATCH", 3)  # a fill in batches would show part filled
+    demo = pg_env.model_copy(update={"index_name": "demo", "generator": str(tiny_generators["t5"])})
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # a reader, as a replica serving the collection would be
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            while not done.is_set():
+                try:
+                    row = conn.execute(
+                        "SELECT count(*) FROM lorag_documents d JOIN lorag_collections c "
+                        "ON c.id = d.collection_id WHERE c.name = 'demo'"
+                    ).fetchone()
+                except psycopg.errors.UndefinedTable:  # the store's migrations not applied yet
+                    row = (0,)
+                seen.add(row[0] if row else 0)
+                time.sleep(0.002)
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def replica() -> None:
+        start.wait()
+        try:
+            wiring.prepare(demo, demo_source=source)
+        except BaseException as exc:
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        replicas = [threading.Thread(target=replica) for _ in range(2)]
+        for t in replicas:
+            t.start()
+        for t in replicas:
+            t.join()
+    finally:
+        done.set()
+        watcher.join()
+    assert not errors, errors
+    assert builds == [1]  # the second replica waited on the lock, then found it built
+    with opened_store(demo, demo.encoder_spec.load().fingerprint) as store:
+        assert store.get("demo").count() == (32, 16)  # every document, each one whole
+    assert seen <= {0, 16} and 16 in seen  # empty, then whole: never part filled

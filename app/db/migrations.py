@@ -22,8 +22,9 @@ import psycopg
 
 log = logging.getLogger(__name__)
 
-# pg_advisory_xact_lock key for migrations ("lorm"); other keys must differ
-MIGRATION_LOCK = 0x6C6F726D
+# advisory lock keys, one per purpose, so no two purposes ever wait on each other
+MIGRATION_LOCK = 0x6C6F726D  # "lorm": applying migrations (pg_advisory_xact_lock)
+DEMO_LOCK = 0x6C6F6465  # "lode": building the demo index in the database (wiring.prepare)
 
 _LEDGER = """
     CREATE TABLE IF NOT EXISTS lorag_schema_migrations (

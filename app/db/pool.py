@@ -56,6 +56,21 @@ def connect(config: DatabaseConfig, *, autocommit: bool = False) -> psycopg.Conn
     return conn
 
 
+@contextmanager
+def advisory_lock(config: DatabaseConfig, key: int) -> Iterator[None]:
+    """Hold the session-level advisory lock `key` for the body, on a connection of its own:
+    whoever holds it, every other caller waits for it (no statement timeout on that wait: the
+    holder may be building for minutes); a holder that dies drops its connection, which frees
+    the lock. The keys are listed in app.db.migrations (MIGRATION_LOCK, DEMO_LOCK)."""
+    with connect(config, autocommit=True) as conn:
+        try:
+            conn.execute("SET statement_timeout = 0")
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        except psycopg.OperationalError as exc:
+            raise unavailable(config, exc) from None
+        yield  # closing the connection releases the lock, whatever the body did
+
+
 def _configure(conn: psycopg.Connection) -> None:
     register_vector(conn)  # vector and halfvec <-> numpy
     conn.commit()  # the type lookup opened a transaction; a pooled connection must be idle

@@ -39,8 +39,12 @@ def prepared_from(source: PassageIndex, documents: list[StoredDocument]) -> Prep
     )
 
 
-def copy_index(source: PassageIndex, target: Collection, *, batch: int = BATCH) -> tuple[int, int]:
-    """Upsert every document of `source` into `target`; (documents, passages) copied."""
+def copy_index(
+    source: PassageIndex, target: Collection, *, batch: int | None = None
+) -> tuple[int, int]:
+    """Upsert every document of `source` into `target`, `batch` documents an upsert (BATCH if
+    None); (documents, passages) copied."""
+    batch = batch or BATCH
     documents = sorted(source.documents(), key=lambda d: d.id)
     passages = 0
     for start in range(0, len(documents), batch):
@@ -50,10 +54,15 @@ def copy_index(source: PassageIndex, target: Collection, *, batch: int = BATCH) 
     return len(documents), passages
 
 
-def fill(store: PassageStore, name: str, source: PassageIndex) -> tuple[int, int]:
+def fill(
+    store: PassageStore, name: str, source: PassageIndex, *, whole: bool = False
+) -> tuple[int, int]:
     """A new index `name` in `store` holding `source` (`lorag index build` into a store that
     is not a folder, the demo index in the database); one that already holds documents is
-    refused by name, since a build replaces and an upsert would only add."""
+    refused by name, since a build replaces and an upsert would only add. whole: every document
+    in one upsert, so readers see the index empty, then whole (for a bounded corpus: it is one
+    transaction, its COPY one statement under the database's statement timeout); else in
+    batches of BATCH documents."""
     target = store.create(name, dim=source.dim, chunk_words=source.manifest.chunk_words)
     passages, documents = target.count()
     if documents:
@@ -61,4 +70,4 @@ def fill(store: PassageStore, name: str, source: PassageIndex) -> tuple[int, int
             f"{store.kind} index {name!r} already holds {documents} documents ({passages} "
             "passages): add or replace documents with `lorag index add`, or build another name"
         )
-    return copy_index(source, target)
+    return copy_index(source, target, batch=max(1, source.document_count) if whole else None)
