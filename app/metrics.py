@@ -78,14 +78,17 @@ class Metrics:
         )
         self.prefix_reused_tokens = Gauge(
             "lorag_prefix_cache_reused_tokens",
-            "Of those, tokens whose keys and values came from the cache (hit rate: the ratio)",
+            "Of those, tokens whose keys and values (encoder-decoders: encoder output) came from "
+            "the cache (hit rate: the ratio)",
             registry=r,
         )
         self.prefix_bytes = Gauge(
             "lorag_prefix_cache_bytes", "Keys and values held by the prefix cache", registry=r
         )
         self.prefix_evictions = Gauge(
-            "lorag_prefix_cache_evictions", "Blocks evicted for the byte budget", registry=r
+            "lorag_prefix_cache_evictions",
+            "Blocks (encoder-decoders: encoder outputs) evicted for the byte budget",
+            registry=r,
         )
         self.adapters_resident = Gauge("lorag_adapters_resident", "Loaded adapters", registry=r)
         self.adapter_bytes = Gauge(

@@ -177,6 +177,134 @@ def test_the_cache_keeps_blocks_exactly_and_evicts_the_least_recent() -> None:
     assert len(cache) == 0 and cache.bytes == 0
 
 
-def test_encoder_decoders_keep_no_prefixes(tmp_path: Path) -> None:
-    gen = load_generator(str(BUILDERS["t5"](tmp_path)), cache_dir=tmp_path)
-    assert StepBatch(gen, ON).prefixes is None
+# ---- encoder-decoders: an identical input's encoder output -----------------------------------
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def seq2seq_world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    return setup(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def seq2seq_workload(a1: str) -> list[GenRow]:
+    """Identical inputs (concat, RAG-Token and RAG-Sequence rows, so per passage too), one
+    under another adapter, and a question over the same passages (another input)."""
+    return [
+        GenRow("Where is Alpha?", [P1, P2], None, 6),
+        GenRow("Where is Alpha?", [P1, P2], None, 6),  # the same input: its encoder output
+        GenRow("Where is Alpha?", [P1, P2], a1, 6),  # the same ids under other weights
+        GenRow("Who founded Beta?", [P1, P2], None, 6),  # another input, same passages
+        GenRow("gamma?", [P3, P1], None, 5, "token", scores=[1.0, 0.5]),
+        GenRow("gamma?", [P3, P1], None, 5, "token", scores=[0.2, 0.9]),  # same inputs
+        GenRow("Lek?", [P1, P2], a1, 5, "sequence", scores=[1.0, 1.0]),
+        GenRow("Lek?", [P1, P2], a1, 5, "sequence", scores=[1.0, 0.3]),
+    ]
+
+
+def test_seq2seq_answers_equal_the_cache_off_and_encoder_outputs_serve(seq2seq_world) -> None:
+    gen, _, a1 = seq2seq_world
+    rows = seq2seq_workload(a1)
+    join_at = [0, 2, 2, 0, 3, 5, 1, 4]
+    want = run(StepBatch(gen), rows, join_at)
+    batch = StepBatch(gen, ON)
+    assert batch.prefixes is not None
+    got = run(batch, rows, join_at)
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    for i in (1, 5, 7):  # a repeat reuses every token of its inputs
+        assert got[i].reused_tokens == got[i].prompt_tokens > 0
+    for i in (0, 2, 3, 4, 6):  # first seen, or another adapter's
+        assert got[i].reused_tokens == 0
+    assert batch.prefixes.stats.reused == sum(a.reused_tokens for a in got.values())
+    again = run(batch, rows, [0] * len(rows))  # one join, every input cached now
+    for i in range(len(rows)):
+        same(again[i], want[i])
+        assert again[i].reused_tokens == again[i].prompt_tokens
+
+
+def test_seq2seq_repeats_within_one_join_encode_once(seq2seq_world, monkeypatch) -> None:
+    gen, _, a1 = seq2seq_world
+    rows = seq2seq_workload(a1)
+    want = run(StepBatch(gen), rows, [0] * len(rows))
+    encoded: list[int] = []
+    real = gen.family.encode
+
+    def encode(model, ids, mask, extra):
+        encoded.append(ids.shape[0])
+        return real(model, ids, mask, extra)
+
+    monkeypatch.setattr(gen.family, "encode", encode)
+    got = run(StepBatch(gen, ON), rows, [0] * len(rows))
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    assert got[1].reused_tokens == got[1].prompt_tokens and got[0].reused_tokens == 0
+    # 8 requests, 12 rows; distinct (adapter, input): 3 concat, 2 token, 2 sequence
+    assert encoded == [7]
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_seq2seq_beams_equal_the_cache_off(kind: str, tmp_path: Path) -> None:
+    gen, _, a1 = setup(kind, tmp_path)
+    rows = [r for r in seq2seq_workload(a1) if r.mode != "concat"]
+    join_at = [0, 1, 0, 2]
+    beams = DecodingConfig(num_beams=2)
+    want = run(StepBatch(gen, beams), rows, join_at)
+    got = run(
+        StepBatch(gen, DecodingConfig(num_beams=2, prefix_cache_bytes=1 << 26)), rows, join_at
+    )
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    assert got[1].reused_tokens == got[1].prompt_tokens and got[3].reused_tokens > 0
+
+
+def test_seq2seq_hot_swap_between_identical_requests(tmp_path: Path) -> None:
+    gen, reg, a1 = setup("t5", tmp_path)
+    row = GenRow("Where is Alpha?", [P1, P2], a1, 8)
+    batch = StepBatch(gen, ON)
+    first = run(batch, [row], [0])[0]
+    assert batch.prefixes is not None and len(batch.prefixes) == 1
+    assert run(batch, [row], [0])[0].reused_tokens == first.prompt_tokens  # it does serve
+    reg.install("a1", reg.prepare("a2"))  # same name, other weights
+    swapped = reg.peft_name("a1")
+    assert swapped is not None
+    new_row = GenRow(row.question, row.passages, swapped, 8)
+    got = run(batch, [new_row], [0])[0]
+    want = run(StepBatch(gen), [new_row], [0])[0]
+    same(got, want)
+    assert got.reused_tokens == 0 and batch.prefixes.stats.clears >= 1
+    assert got.ids != first.ids  # the weights really changed
+
+
+def test_seq2seq_eviction_mid_run_keeps_answers_exact(tmp_path: Path) -> None:
+    gen, _, a1 = setup("bart", tmp_path)
+    rows = seq2seq_workload(a1)
+    join_at = list(range(len(rows)))
+    want = run(StepBatch(gen), rows, join_at)
+    longest = max(len(gen.concat_prompt(r)) for r in rows)
+    one = longest * gen.model.config.d_model * 4  # the largest encoder output's bytes
+    tight = DecodingConfig(prefix_cache_bytes=int(1.5 * one))  # one input at a time
+    batch = StepBatch(gen, tight)
+    got = run(batch, rows, join_at)
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    assert batch.prefixes is not None and batch.prefixes.stats.evictions > 0
+    assert batch.prefixes.bytes <= tight.prefix_cache_bytes
+    assert got[1].reused_tokens == got[1].prompt_tokens  # the entry before it still served
+
+
+def test_the_cache_keeps_encoder_outputs_by_adapter_and_exact_input() -> None:
+    d = 8
+    ids = [5, 6, 7, 8]
+    hidden = torch.randn(len(ids), d)
+    cache = PrefixCache(budget_bytes=2 * hidden.nbytes)
+    cache.keep_encoded(None, ids, hidden)
+    got = cache.encoded(None, ids)
+    assert got is not None and torch.equal(got, hidden)
+    assert cache.encoded("a1", ids) is None  # another adapter
+    assert cache.encoded(None, ids[:-1]) is None  # a prefix is another input
+    assert cache.lookup(None, ids) == []  # an encoder output is no prefix block
+    assert (cache.stats.looked_up, cache.stats.reused) == (15, 4)
+    cache.keep_encoded(None, [1, 2, 3, 4], torch.randn(len(ids), d))
+    cache.encoded(None, ids)  # ids is now the most recent
+    cache.keep_encoded(None, [9, 9, 9, 9], torch.randn(len(ids), d))
+    assert cache.stats.evictions == 1 and cache.encoded(None, [1, 2, 3, 4]) is None
+    assert cache.encoded(None, ids) is not None and cache.bytes == cache.budget

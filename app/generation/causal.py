@@ -27,6 +27,7 @@ class Causal:
     kind: ClassVar[GeneratorKind] = "causal"
     padding_side: ClassVar[Literal["left", "right"]] = "left"
     reuses_prefixes: ClassVar[bool] = True
+    reuses_inputs: ClassVar[bool] = False  # no encoder
 
     def __init__(self, model: Any) -> None:
         params = inspect.signature(core(model).forward).parameters
@@ -52,7 +53,10 @@ class Causal:
         mask: torch.Tensor,
         extra: dict[str, Any],
         past: Past | None = None,
+        states: torch.Tensor | None = None,
     ) -> tuple[State, torch.Tensor]:
+        if states is not None:
+            raise ValueError("a decoder-only prefill takes no encoder output")
         if self._keep_logits:
             extra = {**extra, "logits_to_keep": 1}
         if past is not None:
@@ -74,6 +78,11 @@ class Causal:
             **extra,
         )
         return State(out.past_key_values, mask.long(), mask.new_zeros(0)), out.logits[:, -1]
+
+    def encode(
+        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
+    ) -> torch.Tensor:
+        raise TypeError("a decoder-only model has no encoder")
 
     def decode(self, model: Any, state: State, extra: dict[str, Any]) -> torch.Tensor:
         at = state.mask.sum(1, keepdim=True)  # [B, 1] the row's real tokens so far

@@ -41,7 +41,9 @@ class DecodingConfig:
 
     num_beams: int = 1  # 1: greedy
     min_prior: float | None = None  # drop passages whose prior p(z|x) is below this
-    prefix_cache_bytes: int = 0  # prompt-prefix KV kept for reuse (decoder-only); 0: off
+    # prompt-prefix KV (decoder-only) or identical inputs' encoder outputs (encoder-decoder)
+    # kept for reuse; 0: off
+    prefix_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int):

@@ -27,6 +27,7 @@ class Family(Protocol):
     kind: ClassVar[GeneratorKind]
     padding_side: ClassVar[Literal["left", "right"]]  # how prompts are padded for the model
     reuses_prefixes: ClassVar[bool]  # whether prefill takes a cached prompt prefix (`past`)
+    reuses_inputs: ClassVar[bool]  # whether prefill takes given encoder output (`states`)
 
     def cannot_join(self) -> str | None:
         """None when rows can join a batch that is already decoding, exactly; else why not
@@ -43,10 +44,17 @@ class Family(Protocol):
         mask: torch.Tensor,
         extra: dict[str, Any],
         past: Past | None = None,
+        states: torch.Tensor | None = None,
     ) -> tuple[State, torch.Tensor]:
         """Run prompts ids [J, L] (padded on padding_side; mask [J, L]) once: their state and
         the logits [J, V] of each row's first answer token. With `past`, ids are what follows
-        each row's cached prefix (reuses_prefixes families only)."""
+        each row's cached prefix (reuses_prefixes families only); with `states`, the encoder
+        output of ids [J, L, d], which the prefill then does not compute (reuses_inputs)."""
+
+    def encode(
+        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
+    ) -> torch.Tensor:
+        """The encoder's output [J, L, d] for ids [J, L] (reuses_inputs families only)."""
 
     def decode(self, model: Any, state: State, extra: dict[str, Any]) -> torch.Tensor:
         """Feed state.last (one token per row) and return the next logits [B, V]."""

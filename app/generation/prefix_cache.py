@@ -1,4 +1,5 @@
-"""Prompt-prefix KV reuse across requests (decoder-only rows of the step batch).
+"""Prompt reuse across requests in the step batch: prompt-prefix KV blocks (decoder-only
+rows) and whole inputs' encoder outputs (encoder-decoder rows).
 
 RAG prompts are long and answers short, and on a CPU prefill is compute-bound, so batching
 cannot share it; not computing the same tokens twice can. lorag lays its prompts out so that
@@ -24,6 +25,15 @@ by several clients at once, a passage that several joiners retrieved) would each
 the one prefill of their join; `shared_blocks` finds them, and the step batch prefills such
 followers in a second call after their leaders' blocks are stored (`StepBatch.join_requests`).
 
+Encoder-decoder rows reuse what repeats for them: an identical input's encoder output. The
+encoder reads its input bidirectionally, so no prefix of it has states of its own; a row whose
+exact input ids were encoded before under the same adapter takes the stored encoder output
+[S, d] and skips its encoder pass (`encoded`, `keep_encoded`). Entries are keyed, cleared,
+budgeted and evicted with the blocks, in the same LRU order. Not the cross-attention keys and
+values the decoder's first step projects from that output: per input they take 2 x decoder
+layers times the bytes of the output (24x for T5-base), for about an eighth of the encoder's
+compute (bench/RESULTS.md, "Encoder-decoder reuse").
+
 Threads: the model thread only.
 """
 
@@ -41,13 +51,15 @@ log = logging.getLogger(__name__)
 BLOCK = 16  # tokens per cached block
 
 Key = tuple[str | None, tuple[int, ...]]  # (adapter the row runs under, tokens up to the end)
+InputKey = tuple[str, str | None, tuple[int, ...]]  # ("encoder", adapter, the whole input)
+Blocks = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys [H, n, D], values [H, n, D])
 
 
 @dataclass(slots=True)
 class PrefixStats:
     looked_up: int = 0  # prompt tokens of rows that looked
     reused: int = 0  # of those, tokens whose keys and values came from the cache
-    evictions: int = 0  # blocks dropped for the budget
+    evictions: int = 0  # blocks (and encoder outputs) dropped for the budget
     clears: int = 0  # times the weights changed and every block went
 
 
@@ -56,14 +68,15 @@ class PrefixCache:
         self.budget = budget_bytes
         self.bytes = 0
         self.stats = PrefixStats()
-        # key -> per layer (keys [H, BLOCK, D], values [H, BLOCK, D]); oldest first
-        self._blocks: OrderedDict[Key, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        # a block's key -> per layer (keys [H, BLOCK, D], values [H, BLOCK, D]), an input's
+        # key -> its encoder output [S, d]; least recently used first
+        self._blocks: OrderedDict[Key | InputKey, Blocks | torch.Tensor] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._blocks)
 
     def clear(self) -> None:
-        """Forget every block (the model's weights changed)."""
+        """Forget every block and encoder output (the model's weights changed)."""
         if self._blocks:
             self._blocks.clear()
             self.bytes = 0
@@ -76,10 +89,10 @@ class PrefixCache:
         ([H, n, D] each, n a multiple of BLOCK, at most len(prompt) - 1: the last token is
         always prefilled, for the next token's logits); [] when none is cached."""
         self.stats.looked_up += len(prompt)
-        found: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        found: list[Blocks] = []
         for end in range(BLOCK, len(prompt), BLOCK):
             block = self._blocks.get((adapter, tuple(prompt[:end])))
-            if block is None:
+            if not isinstance(block, list):
                 break
             self._blocks.move_to_end((adapter, tuple(prompt[:end])))
             found.append(block)
@@ -132,15 +145,46 @@ class PrefixCache:
                 (k[:, end - BLOCK : end].clone(), v[:, end - BLOCK : end].clone())
                 for k, v in layers
             ]
-            size = sum(k.nbytes + v.nbytes for k, v in block)
-            if size > self.budget:
+            if not self._add(key, block):
                 return
-            self._blocks[key] = block
-            self.bytes += size
-            while self.bytes > self.budget:
-                _, old = self._blocks.popitem(last=False)
-                self.bytes -= sum(k.nbytes + v.nbytes for k, v in old)
-                self.stats.evictions += 1
+
+    def encoded(self, adapter: str | None, ids: Sequence[int]) -> torch.Tensor | None:
+        """The encoder output [S, d] of exactly input ids under adapter, or None; counted
+        as the blocks are (its S tokens looked up, and reused when found)."""
+        self.stats.looked_up += len(ids)
+        key = ("encoder", adapter, tuple(ids))
+        hidden = self._blocks.get(key)
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        self._blocks.move_to_end(key)
+        self.stats.reused += len(ids)
+        return hidden
+
+    def keep_encoded(self, adapter: str | None, ids: Sequence[int], hidden: torch.Tensor) -> None:
+        """Keep input ids' encoder output hidden [S, d] (S = len(ids)) under adapter."""
+        key = ("encoder", adapter, tuple(ids))
+        if self.budget > 0 and key not in self._blocks:
+            self._add(key, hidden.clone())
+
+    def _add(self, key: Key | InputKey, entry: Blocks | torch.Tensor) -> bool:
+        """Hold entry, evicting the least recently used for the budget; False (and nothing
+        held) when it alone is larger than the budget."""
+        size = _nbytes(entry)
+        if size > self.budget:
+            return False
+        self._blocks[key] = entry
+        self.bytes += size
+        while self.bytes > self.budget:
+            _, old = self._blocks.popitem(last=False)
+            self.bytes -= _nbytes(old)
+            self.stats.evictions += 1
+        return True
+
+
+def _nbytes(entry: Blocks | torch.Tensor) -> int:
+    if isinstance(entry, torch.Tensor):
+        return entry.nbytes
+    return sum(k.nbytes + v.nbytes for k, v in entry)
 
 
 def shared_blocks(adapters: Sequence[str | None], prompts: Sequence[Sequence[int]]) -> list[int]:

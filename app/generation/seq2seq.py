@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
 from app.contracts import GeneratorKind
-from app.generation.family import Past, fill
+from app.generation.family import Past, core, fill
 from app.generation.kv import State
 
 RELATIVE_POSITIONS = frozenset({"t5", "mt5"})  # left padding is exact as it is
@@ -35,8 +35,10 @@ class Seq2Seq:
     kind: ClassVar[GeneratorKind] = "seq2seq"
     padding_side: ClassVar[Literal["left", "right"]] = "right"
     # The encoder reads the whole prompt bidirectionally: no prefix of it has keys and values
-    # of its own, and an identical prompt (the same question and passage) is what would repeat
+    # of its own, and an identical prompt (the same question and passage) is what repeats:
+    # its encoder output is reused instead (`encode`, prefill's `states`; prefix_cache.py)
     reuses_prefixes: ClassVar[bool] = False
+    reuses_inputs: ClassVar[bool] = True
 
     def __init__(self, model: Any) -> None:
         self.config = model.config
@@ -62,12 +64,16 @@ class Seq2Seq:
         mask: torch.Tensor,
         extra: dict[str, Any],
         past: Past | None = None,
+        states: torch.Tensor | None = None,
     ) -> tuple[State, torch.Tensor]:
         if past is not None:
             raise ValueError("an encoder-decoder prefill takes no cached prefix")
         n = ids.shape[0]
+        inputs: dict[str, Any] = {"input_ids": ids}
+        if states is not None:  # the encoder's output, given: the encoder does not run
+            inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=states)}
         out = model(
-            input_ids=ids,
+            **inputs,
             attention_mask=mask,
             decoder_input_ids=ids.new_full((n, 1), self.start),
             use_cache=True,
@@ -81,6 +87,17 @@ class Seq2Seq:
             mask.long(),
         )
         return state, out.logits[:, -1]
+
+    def encode(
+        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
+    ) -> torch.Tensor:
+        """The encoder alone on ids [J, S] (mask [J, S]): its output [J, S, d]. PEFT's
+        per-row adapter_names, when given, hook the LoRA layers as its forward() would."""
+        hooks = getattr(model, "_enable_peft_forward_hooks", None)
+        with hooks(**extra) if callable(hooks) and extra else nullcontext():
+            out = core(model).get_encoder()(input_ids=ids, attention_mask=mask)
+        hidden: torch.Tensor = out.last_hidden_state
+        return hidden
 
     def decode(self, model: Any, state: State, extra: dict[str, Any]) -> torch.Tensor:
         assert state.enc_hidden is not None

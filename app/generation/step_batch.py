@@ -115,10 +115,10 @@ class StepBatch:
         self._state: kv.State | None = None
         self._plan: tuple[tuple[str | None, ...], Any, RowPlan] | None = None
         self.concat_whole = host.cannot_step()  # why concat rows use generate(), or None
-        reuse = (
-            decoding.prefix_cache_bytes > 0
-            and host.family.reuses_prefixes
-            and host.family.cannot_join() is None  # plain caches: compact() after a reuse
+        family = host.family
+        reuse = decoding.prefix_cache_bytes > 0 and (
+            family.reuses_inputs  # encoder outputs of identical inputs
+            or (family.reuses_prefixes and family.cannot_join() is None)  # compact() after
         )
         self.prefixes = PrefixCache(decoding.prefix_cache_bytes) if reuse else None
         self._epoch = host.weights_epoch
@@ -324,6 +324,8 @@ class StepBatch:
         h = self.host
         ids = [p for r in requests for p in r.prompts]
         names = _row_names(requests)
+        if self.prefixes is not None and h.family.reuses_inputs:
+            return self._prefill_encoded(requests, names, ids)
         ctx, extra = self._adapters(names, keep=False)
         found = self._cached(names, ids)
         cached = [layers[0][0].shape[1] if layers else 0 for layers in found]
@@ -343,6 +345,61 @@ class StepBatch:
             r.reused = n
         return state, logits
 
+    def _prefill_encoded(
+        self, requests: Sequence[Request], names: Sequence[str | None], ids: Sequence[list[int]]
+    ) -> tuple[kv.State, torch.Tensor]:
+        """_prefill for encoder-decoder rows with the cache: the encoder runs only on the
+        inputs not cached under their adapter (each once, however many rows hold it), and
+        the decoder's first step on every row's encoder output."""
+        h = self.host
+        states, reused = self._encoder_states(names, ids)
+        tokens, mask = pad(ids, h.pad_id, left=h.family.padding_side == "left", device=h.device)
+        ctx, extra = self._adapters(names, keep=False)
+        with torch.inference_mode(), ctx:
+            state, logits = h.family.prefill(h.model, tokens, mask, extra, states=states)
+        kv.check_filled(state)
+        for r, n in zip(requests, _per_request(requests, reused), strict=True):
+            r.reused = n
+        return state, logits
+
+    def _encoder_states(
+        self, names: Sequence[str | None], ids: Sequence[list[int]]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Every row's encoder output [rows, S, d] (S the longest input; zeros after a row's
+        input, where its mask is 0), and the tokens each row reused: a row whose exact input
+        is cached under its adapter, or is an earlier row's of this call, takes that output;
+        the others are encoded in one call and kept."""
+        h = self.host
+        cache = self._live_cache()
+        assert cache is not None
+        found = [cache.encoded(n, p) for n, p in zip(names, ids, strict=True)]
+        todo: dict[tuple[str | None, tuple[int, ...]], int] = {}  # input -> row of the call
+        reused = []
+        for n, p, hit in zip(names, ids, found, strict=True):
+            key = (n, tuple(p))
+            if hit is None and key in todo:  # a repeat within this call: encoded once
+                cache.stats.reused += len(p)
+            reused.append(len(p) if hit is not None or key in todo else 0)
+            if hit is None:
+                todo.setdefault(key, len(todo))
+        new = None
+        if todo:
+            inputs = list(todo)
+            tokens, mask = pad([list(x) for _, x in inputs], h.pad_id, left=False, device=h.device)
+            ctx, extra = self._adapters([n for n, _ in inputs], keep=False)
+            with torch.inference_mode(), ctx:
+                new = h.family.encode(h.model, tokens, mask, extra)
+            for (n, x), i in todo.items():
+                cache.keep_encoded(n, x, new[i, : len(x)])
+        like = new[0] if new is not None else next(x for x in found if x is not None)
+        states = like.new_zeros(len(ids), max(len(p) for p in ids), like.shape[-1])
+        for i, (n, p, hit) in enumerate(zip(names, ids, found, strict=True)):
+            if hit is None:
+                assert new is not None
+                hit = new[todo[(n, tuple(p))], : len(p)]
+            states[i, : len(p)] = hit
+        return states, reused
+
     def _by_length(self, requests: Sequence[Request]) -> list[list[Request]]:
         """The requests in prefill calls of similar lengths to compute (prompt tokens after
         the cached prefix), longest first. A call pads every row to its longest, and on a CPU
@@ -350,7 +407,7 @@ class StepBatch:
         beside one that reuses nothing would save nothing; without the cache the groups are
         the whole join (one call), as before."""
         cache = self.prefixes
-        if cache is None or len(requests) < 2:
+        if cache is None or not self.host.family.reuses_prefixes or len(requests) < 2:
             return [list(requests)] if requests else []
 
         # each request's longest row, in tokens after its cached prefix (a lookup walks the
@@ -372,7 +429,7 @@ class StepBatch:
         FOLLOW_MIN_TOKENS prompt tokens, not cached yet, that an earlier joiner's prompt
         starts with too. Below that, a second model call costs more than it saves."""
         cache = self.prefixes
-        if cache is None or len(requests) < 2:
+        if cache is None or not self.host.family.reuses_prefixes or len(requests) < 2:
             return set()
         ids = [p for r in requests for p in r.prompts]
         names = _row_names(requests)
@@ -436,13 +493,19 @@ class StepBatch:
         self, names: Sequence[str | None], ids: Sequence[list[int]]
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each row's longest cached prompt prefix (keys and values per layer), or []."""
-        cache = self.prefixes
+        cache = self._live_cache()
         if cache is None:
             return [[] for _ in ids]
-        if self.host.weights_epoch != self._epoch:  # an adapter came, went, merged...
+        return [cache.lookup(n, p) for n, p in zip(names, ids, strict=True)]
+
+    def _live_cache(self) -> PrefixCache | None:
+        """The cache, emptied first when the model's weights changed since it last served (an
+        adapter came, went, was swapped, merged...): nothing computed before serves after."""
+        cache = self.prefixes
+        if cache is not None and self.host.weights_epoch != self._epoch:
             cache.clear()
             self._epoch = self.host.weights_epoch
-        return [cache.lookup(n, p) for n, p in zip(names, ids, strict=True)]
+        return cache
 
     def _keep_prefixes(
         self,
