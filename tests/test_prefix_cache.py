@@ -308,3 +308,20 @@ def test_the_cache_keeps_encoder_outputs_by_adapter_and_exact_input() -> None:
     cache.keep_encoded(None, [9, 9, 9, 9], torch.randn(len(ids), d))
     assert cache.stats.evictions == 1 and cache.encoded(None, [1, 2, 3, 4]) is None
     assert cache.encoded(None, ids) is not None and cache.bytes == cache.budget
+
+
+def test_seq2seq_reuse_under_pefts_own_adapter_names(tmp_path: Path) -> None:
+    """Without the stacked per-row LoRA, rows get their adapters by PEFT's adapter_names, and
+    the encoder run alone is hooked as PEFT's forward would be."""
+    gen, _, a1 = setup("t5", tmp_path)
+    assert gen.batched is not None
+    gen.batched.close()
+    gen.batched = None
+    rows = seq2seq_workload(a1)
+    join_at = [0, 1, 1, 0, 2, 3, 2, 3]
+    want = run(StepBatch(gen), rows, join_at)
+    got = run(StepBatch(gen, ON), rows, join_at)
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    assert got[1].reused_tokens == got[1].prompt_tokens and got[2].reused_tokens == 0
+    assert want[2].ids != want[0].ids  # the adapter changes the answer: the hook applied it
