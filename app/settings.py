@@ -195,9 +195,11 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(
         256 * 1024 * 1024,
         ge=0,
-        description="Decoder-only generators: bytes of prompt-prefix keys and values kept for "
-        "reuse across requests (a joining row prefills only what follows its longest cached "
-        "prefix; least recently used blocks go first; app/generation/prefix_cache.py). 0: off.",
+        description="Bytes kept for reuse across requests, least recently used first out "
+        "(app/generation/prefix_cache.py): decoder-only generators keep prompt-prefix keys and "
+        "values (a joining row prefills only what follows its longest cached prefix), "
+        "encoder-decoders an identical input's encoder output (a joining row whose input is "
+        "cached skips the encoder). 0: off.",
     )
 
     # security
