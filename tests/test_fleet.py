@@ -4,18 +4,22 @@ is refused by the other within 2 s; a replica whose copy of a folder differs fro
 version never serves it; a database restart under load gives 503s to what needs the database
 and /ready says why (never the password), then everything recovers with no restart. The
 passages are in the database too (the facts index copied there by `lorag index copy`): a
-document added on one replica is retrieved on the other."""
+document added on one replica is retrieved on the other. The active index is the fleet's: PUT
+/index on one switches the other within 2 s, and a replica that (re)starts comes up on it, not
+on its own setting. A replica killed with kill -9 in the middle of POST /documents leaves the
+documents wholly absent, and a fresh one serves them whole."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,8 @@ class Replicas:
     db: Any  # the session's server (tests/pg.py): stop() and start()
     adapters: Path  # the shared root
     b_adapters: Path  # B's root: the same files, but its copy of drift/ differs
+    env: dict[str, str]  # a replica's settings (LORAG_INDEX_NAME=facts), adapters root: shared
+    url: str  # the fleet's database
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -124,7 +130,9 @@ def replicas(
         )
         wait_ready(a, pa)
         wait_ready(b, pb)
-        yield Replicas(a, b, [pa, pb], db, shared, b_root)
+        yield Replicas(
+            a, b, [pa, pb], db, shared, b_root, {**env, "LORAG_ADAPTERS_DIR": str(shared)}, url
+        )
         for proc in (pa, pb):
             proc.terminate()
         for proc in (pa, pb):
@@ -268,3 +276,166 @@ def test_a_database_restart_under_load_gives_503s_then_recovers(replicas: Replic
     until(lambda: adapter_version(a, "during") == put.json()["version"], FOLLOW_S)
     for name in ("live", "during"):
         assert httpx.delete(f"{a}/adapters/{name}", timeout=30).status_code == 204
+
+
+def active_index(url: str) -> str:
+    return str(httpx.get(f"{url}/index", timeout=10).json()["active"])
+
+
+def gauge(url: str, series: str) -> float:
+    """One series' value in the replica's /metrics."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {series} in {url}/metrics")
+
+
+def copy_facts(url: str, index_root: Path, name: str, *, leave_out: str) -> None:
+    """The facts folder's documents but one, as the database's index `name` (their vectors)."""
+    from pydantic import SecretStr
+
+    from app.db.config import DatabaseConfig
+    from app.db.pool import Database
+    from app.retrieval.index_copy import prepared_from
+    from app.retrieval.pg_store import PgStore
+    from app.retrieval.store import PassageIndex
+
+    folder = PassageIndex.load(index_root / "facts")
+    db = Database.open(DatabaseConfig(SecretStr(url)))
+    try:
+        store = PgStore.open(db, folder.manifest.encoder)
+        target = store.create(name, dim=folder.dim, chunk_words=folder.manifest.chunk_words)
+        target.upsert(prepared_from(folder, [d for d in folder.documents() if d.id != leave_out]))
+    finally:
+        db.close()
+
+
+@contextmanager
+def one_slow_row(admin_url: str, index: str, passage_id: str) -> Iterator[None]:
+    """A trigger of the test's that holds the COPY of index's passages at `passage_id` for a
+    few seconds: the upsert's transaction is in flight, earlier rows written, while it waits."""
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        row = conn.execute("SELECT id FROM lorag_collections WHERE name = %s", (index,)).fetchone()
+        assert row is not None
+        conn.execute(
+            "CREATE FUNCTION test_slow_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.passage_id = '{passage_id}' THEN PERFORM pg_sleep(2); END IF; "
+            "RETURN NEW; END $$"
+        )
+        conn.execute(
+            f"CREATE TRIGGER test_slow_row BEFORE INSERT ON lorag_passages_{row[0]} "
+            "FOR EACH ROW EXECUTE FUNCTION test_slow_row()"
+        )
+        try:
+            yield
+        finally:
+            conn.execute(f"DROP TRIGGER test_slow_row ON lorag_passages_{row[0]}")
+            conn.execute("DROP FUNCTION test_slow_row()")
+
+
+def stored(admin_url: str, index: str, ids: list[str]) -> dict[str, tuple[bool, int]]:
+    """doc id -> (its documents row exists, its passages) in the database's index."""
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        row = conn.execute("SELECT id FROM lorag_collections WHERE name = %s", (index,)).fetchone()
+        assert row is not None
+        cid = row[0]
+        docs = {
+            r[0]
+            for r in conn.execute(
+                "SELECT doc_id FROM lorag_documents WHERE collection_id = %s AND doc_id = ANY(%s)",
+                (cid, ids),
+            )
+        }
+        passages = dict(
+            conn.execute(
+                f"SELECT doc_id, count(*) FROM lorag_passages_{cid} WHERE doc_id = ANY(%s) "
+                "GROUP BY doc_id",
+                (ids,),
+            ).fetchall()
+        )
+    return {d: (d in docs, passages.get(d, 0)) for d in ids}
+
+
+def test_the_active_index_is_the_fleets_and_kill_9_mid_post_leaves_documents_whole_or_absent(
+    replicas: Replicas, index_root: Path
+) -> None:
+    import psycopg
+
+    from app.retrieval.chunking import chunk_document
+
+    a, b, admin = replicas.a, replicas.b, replicas.db.url("fleet")
+    copy_facts(replicas.url, index_root, "facts2", leave_out="oskar")
+    assert ask(b).json()["passages"][0]["doc_id"] == "oskar"  # facts: the tidal clock's home
+    assert httpx.put(f"{a}/index", json={"name": "facts2"}, timeout=30).status_code == 200
+    took = until(lambda: active_index(b) == "facts2", FOLLOW_S)
+    assert "oskar" not in {p["doc_id"] for p in ask(b).json()["passages"]}
+
+    words = " ".join(f"w{j}" for j in range(250))  # three passages a document (100 words each)
+    docs = [{"id": f"kill-{i}", "title": f"K{i}", "text": f"{i} {words}"} for i in range(4)]
+    ids = [d["id"] for d in docs]
+    whole = {d["id"]: len(chunk_document(d["id"], d["title"], d["text"], words=100)) for d in docs}
+    assert set(whole.values()) == {3}
+    with serve(replicas.env) as (c, pc):  # LORAG_INDEX_NAME=facts, but the fleet says facts2
+        assert active_index(c) == "facts2"
+        outcome: list[object] = []
+
+        def post() -> None:
+            try:
+                outcome.append(
+                    httpx.post(f"{c}/documents?index=facts", json={"documents": docs}, timeout=120)
+                )
+            except httpx.TransportError as exc:
+                outcome.append(exc)
+
+        with (
+            one_slow_row(admin, "facts", "kill-2#1"),
+            psycopg.connect(admin, autocommit=True) as watch,
+        ):
+            poster = threading.Thread(target=post)
+            poster.start()
+
+            def copying() -> int | None:  # the upsert's backend, held inside its COPY
+                row = watch.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = 'fleet' "
+                    "AND wait_event = 'PgSleep' AND query LIKE 'COPY %'"
+                ).fetchone()
+                return row[0] if row else None
+
+            until(lambda: copying() is not None, 60)
+            backend = copying()
+            pc.send_signal(signal.SIGKILL)
+            assert pc.wait(timeout=10) == -signal.SIGKILL
+            poster.join(timeout=30)
+            assert outcome and isinstance(outcome[0], httpx.TransportError), outcome
+            until(  # the server saw its client go and rolled the transaction back
+                lambda: (
+                    watch.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)
+                    ).fetchone()
+                    is None
+                ),
+                15,
+            )
+        assert stored(admin, "facts", ids) == {i: (False, 0) for i in ids}  # wholly absent
+
+    with serve(replicas.env) as (fresh, _):  # a restart: the fleet's index, serving normally
+        assert active_index(fresh) == "facts2"
+        assert ask(fresh).status_code == 200
+        sizes = {i["name"]: i["passages"] for i in httpx.get(f"{fresh}/index").json()["indexes"]}
+        assert gauge(fresh, "lorag_index_passages") == sizes["facts2"]  # Postgres has gauges too
+        added = httpx.post(f"{fresh}/documents?index=facts", json={"documents": docs}, timeout=120)
+        assert added.status_code == 200, added.text
+        series = 'lorag_named_index_passages{index="facts"}'
+        assert gauge(fresh, series) == sizes["facts"] + 3 * len(docs)  # after this change
+        assert stored(admin, "facts", ids) == {i: (True, n) for i, n in whole.items()}  # whole
+        for doc_id in ids:
+            deleted = httpx.delete(f"{fresh}/documents/{doc_id}?index=facts", timeout=30)
+            assert deleted.status_code == 204
+        assert httpx.put(f"{fresh}/index", json={"name": "facts"}, timeout=30).status_code == 200
+        for url in (a, b):
+            until(lambda url=url: active_index(url) == "facts", FOLLOW_S)
+    print(f"B followed PUT /index in {took:.2f} s")
