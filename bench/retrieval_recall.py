@@ -9,6 +9,11 @@ default encoder, the demo index through the FAISS store, Retriever.retrieve); no
 The rebuild figures: bm25s has no incremental add or delete, so the first sparse search after a
 change rebuilds the index (app/retrieval/sparse.py); timed over the demo's passages and over
 ten copies of them, cold (every passage tokenized) and after one added passage (tokens cached).
+
+With LORAG_STORE=postgres (and LORAG_DATABASE_URL: a database holding the demo collection, e.g.
+`lorag index copy index/demo`) the same table is the Postgres store's (BM25 in SQL,
+app/retrieval/pg_sparse.py), followed by the baseline it was chosen over: PostgreSQL's own
+ts_rank_cd over the same OR query (no IDF).
 """
 
 from __future__ import annotations
@@ -86,19 +91,55 @@ def rebuild_times(passages: Sequence[Passage], copies: Sequence[int] = (1, 10)) 
     return lines
 
 
+def ts_rank_table(collection: Any, sets: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Sparse recall@k on the Postgres store ranked by ts_rank_cd instead of BM25: the same
+    candidates (the question's terms OR'd), the same filter-free search."""
+    from psycopg import sql
+
+    from app.retrieval.pg_sparse import or_query
+    from app.retrieval.sparse import tokenize
+
+    query = sql.SQL(
+        "SELECT passage_id FROM {} WHERE terms @@ %s::tsquery "
+        "ORDER BY ts_rank_cd(terms, %s::tsquery) DESC, pid LIMIT %s"
+    ).format(collection._table)
+    lines = ["set       rank        n    " + " ".join(f"R@{k:<3d}" for k in KS)]
+    with collection._db.connection() as conn:
+        for name, questions in sets.items():
+            ids = []
+            for terms in tokenize([q["question"] for q in questions]):
+                tsq = or_query(terms)
+                rows = conn.execute(query, (tsq, tsq, max(KS))).fetchall() if terms else []
+                ids.append([r[0] for r in rows])
+            recall = [
+                sum(q["passage_id"] in row[:k] for q, row in zip(questions, ids, strict=True))
+                / len(questions)
+                for k in KS
+            ]
+            lines.append(
+                f"{name:9s} ts_rank_cd {len(questions):4d} " + " ".join(f"{r:5.3f}" for r in recall)
+            )
+    return lines
+
+
 def run(settings: Any) -> None:
     from app.retrieval.retriever import Retriever
     from app.retrieval.store import PassageIndex
-    from app.wiring import open_store
+    from app.wiring import opened_store
 
     encoder = settings.encoder_spec.load()
-    retriever = Retriever(encoder, open_store(settings, encoder.fingerprint))
     sets = {
         "heldout": read("answerable_heldout.jsonl"),
         "train": read("answerable_train.jsonl"),
     }
     sets["all"] = sets["heldout"] + sets["train"]
-    print("\n".join(recall_table(retriever, sets)), flush=True)
+    with opened_store(settings, encoder.fingerprint) as store:
+        print(f"store: {store.kind}", flush=True)
+        retriever = Retriever(encoder, store)
+        print("\n".join(recall_table(retriever, sets)), flush=True)
+        if store.kind == "postgres":
+            print("\n".join(ts_rank_table(store.get(), sets)), flush=True)
+            return
     passages = list(PassageIndex.load(settings.index_path).passages)
     print(f"BM25 rebuild (app/retrieval/sparse.py), demo corpus of {len(passages)} passages:")
     print("\n".join(rebuild_times(passages)), flush=True)
