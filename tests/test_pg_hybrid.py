@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from app.contracts import Hit, Passage
 from app.db.config import DatabaseConfig
 from app.db.pool import Database
+from app.retrieval import pg_schema
 from app.retrieval.filters import parse
 from app.retrieval.fusion import rrf
 from app.retrieval.pg_schema import MIGRATIONS, PgIndexSpec, create_passages_ddl, passages_table
@@ -141,7 +142,10 @@ def test_the_filter_applies_inside_the_sparse_search(db: Database) -> None:
     assert _search(pg, question, 6, "sparse", where=parse({"year": 1999})) == []
 
 
-def test_migration_102_indexes_a_collection_that_existed_before_it(pg_url: str) -> None:
+def test_migration_102_indexes_a_collection_that_existed_before_it(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_schema, "_COUNT_BATCH", 3)  # its 7 passages counted in 3 batches
     config = DatabaseConfig(SecretStr(pg_url), connect_timeout_s=2)
     old = Database.open(config, MIGRATIONS[:1])  # a database at 101, with a collection
     prepared = _prepared(FILLER)

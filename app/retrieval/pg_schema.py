@@ -79,6 +79,9 @@ def term_counts(titles_texts: list[tuple[str, str]]) -> list[int]:
     return [len(terms) for terms in tokenize(texts)]
 
 
+_COUNT_BATCH = 5000  # passages tokenized per round trip by migration 102
+
+
 def _sparse(conn: psycopg.Connection) -> None:
     """102: the words of every existing collection's passages, and its BM25 totals."""
     conn.execute(
@@ -89,18 +92,23 @@ def _sparse(conn: psycopg.Connection) -> None:
         table = passages_table(collection_id)
         for ddl in sparse_ddl(collection_id):
             conn.execute(ddl)
-        rows = conn.execute(sql.SQL("SELECT pid, title, text FROM {}").format(table)).fetchall()
-        counts = term_counts([(title, text) for _, title, text in rows])
-        conn.execute(
-            sql.SQL(
-                "UPDATE {} p SET term_count = u.n "
-                "FROM unnest(%s::bigint[], %s::int[]) AS u(pid, n) WHERE p.pid = u.pid"
-            ).format(table),
-            ([r[0] for r in rows], counts),
-        )
+        passages = terms = 0
+        # in batches from a server-side cursor: a large collection is never in memory whole
+        with conn.cursor(name=f"lorag_terms_{collection_id}") as rows:
+            rows.execute(sql.SQL("SELECT pid, title, text FROM {} ORDER BY pid").format(table))
+            while batch := rows.fetchmany(_COUNT_BATCH):
+                counts = term_counts([(title, text) for _, title, text in batch])
+                conn.execute(
+                    sql.SQL(
+                        "UPDATE {} p SET term_count = u.n "
+                        "FROM unnest(%s::bigint[], %s::int[]) AS u(pid, n) WHERE p.pid = u.pid"
+                    ).format(table),
+                    ([r[0] for r in batch], counts),
+                )
+                passages, terms = passages + len(batch), terms + sum(counts)
         conn.execute(
             "UPDATE lorag_collections SET passages = %s, terms = %s WHERE id = %s",
-            (len(rows), sum(counts), collection_id),
+            (passages, terms, collection_id),
         )
 
 
