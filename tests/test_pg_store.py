@@ -161,6 +161,39 @@ def test_exact_scan_matches_faiss_flat_and_hnsw_keeps_recall(db: Database, corpu
             assert all(where.matches(h.metadata) for hits in approx for h in hits)
 
 
+def test_a_bulk_load_builds_its_index_after_the_copy_and_is_all_or_nothing(
+    db: Database, corpus: Corpus
+) -> None:
+    store = PgStore.open(db, corpus.fingerprint)
+    docs, fp = corpus.documents, corpus.fingerprint
+    half = len(docs) // 2
+    cut = sum(len(ps) for _, ps in docs[:half])  # passages in the first batch
+    first = Prepared(fp, docs[:half], corpus.vectors[:cut])
+    rest = Prepared(fp, docs[half:], corpus.vectors[cut:])
+
+    # a batch the database refuses rolls all of it back, the dropped index included
+    failed = store.create("failed", dim=corpus.vectors.shape[1])
+    nul = Document("nul", "a\x00title", "text", {})
+    bad = Prepared(fp, [(nul, [Passage("nul#0", "nul", "a\x00title", "text")])], rest.vectors[:1])
+    with pytest.raises(InvalidInputError, match="'failed' refused the documents"):
+        failed.load(iter([first, bad]))
+    assert failed.count() == (0, 0)
+    assert failed.index_bytes() > 0  # its HNSW index is there again
+
+    loaded = store.create("loaded", dim=corpus.vectors.shape[1])
+    assert loaded.load(iter([first, rest])) == len(corpus.passages)
+    assert loaded.count() == (len(corpus.passages), len(docs))
+    # the index built after the COPY (the planner may still scan 1227 rows rather than use it)
+    assert loaded.index_bytes() > 0.5 * _loaded(db, corpus, "upserted").index_bytes()
+    exact = PgStore.open(db, fp, search=PgSearchConfig(exact=True)).get("loaded")
+    want = corpus.faiss_flat().search(corpus.queries, K)
+    got = exact.search(corpus.queries, K)
+    assert [_ids(h) for h in got] == [_ids(h) for h in want]
+    assert _recall(loaded.search(corpus.queries, K), got) >= 0.95
+    with pytest.raises(InvalidInputError, match=f"'loaded' holds {len(docs)} documents"):
+        loaded.load(iter([first]))
+
+
 def test_halfvec_index_keeps_recall_and_full_precision_scores(db: Database, corpus: Corpus) -> None:
     half = _loaded(db, corpus, "half", precision="halfvec")
     exact = PgStore.open(db, corpus.fingerprint, search=PgSearchConfig(exact=True)).get("half")

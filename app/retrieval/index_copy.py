@@ -5,7 +5,10 @@ exactly), so nothing is embedded again and the copy searches as the folder does:
 passages (ids, titles, texts, the document's metadata) under the same encoder fingerprint,
 which the target store checks as for any upsert. Documents go over in batches of whole
 documents, each batch one upsert (all or none); a copy that stops part way is resumed by
-running it again, since an upsert of a document already there replaces it.
+running it again, since an upsert of a document already there replaces it. Into an empty
+collection that `LoadsInBulk` (PostgreSQL) the batches go in one load instead: one
+transaction, the HNSW index built after the COPY rather than row by row, so a copy that stops
+leaves the collection empty, and a reader sees it empty or whole.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 
 from app.errors import InvalidInputError
 from app.retrieval.docstore import StoredDocument
-from app.retrieval.interface import Collection, PassageStore
+from app.retrieval.interface import Collection, LoadsInBulk, PassageStore
 from app.retrieval.store import PassageIndex
 from app.retrieval.updates import Document, Prepared
 
@@ -42,15 +45,20 @@ def prepared_from(source: PassageIndex, documents: list[StoredDocument]) -> Prep
 def copy_index(
     source: PassageIndex, target: Collection, *, batch: int | None = None
 ) -> tuple[int, int]:
-    """Upsert every document of `source` into `target`, `batch` documents an upsert (BATCH if
-    None); (documents, passages) copied."""
+    """Every document of `source` into `target`, `batch` documents an upsert (BATCH if None),
+    or one bulk load into an empty target that offers it; (documents, passages) copied."""
     batch = batch or BATCH
     documents = sorted(source.documents(), key=lambda d: d.id)
-    passages = 0
-    for start in range(0, len(documents), batch):
-        chunk = documents[start : start + batch]
+    chunks = [documents[start : start + batch] for start in range(0, len(documents), batch)]
+    if isinstance(target, LoadsInBulk) and documents and target.count()[1] == 0:
+        loaded = target.load(prepared_from(source, chunk) for chunk in chunks)  # one by one
+        log.info("loaded %d documents in one transaction", len(documents))
+        return len(documents), loaded
+    passages = copied = 0
+    for chunk in chunks:
         passages += sum(u.passages for u in target.upsert(prepared_from(source, chunk)))
-        log.info("copied %d of %d documents", min(start + batch, len(documents)), len(documents))
+        copied += len(chunk)
+        log.info("copied %d of %d documents", copied, len(documents))
     return len(documents), passages
 
 

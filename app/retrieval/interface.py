@@ -10,7 +10,7 @@ checks, depth and RRF fusion); a store that cannot serve a mode refuses it by na
 
 Optional capabilities: a store or collection may offer more than the contract (FAISS folds its
 update log into snapshots); a caller that wants it asks for the capability (`Compacts`,
-`Watched` below, runtime-checkable protocols), never for a kind of store.
+`LoadsInBulk`, `Watched` below, runtime-checkable protocols), never for a kind of store.
 
 Status: the FAISS store implements it (IndexCatalog is its PassageStore, LiveIndex its
 Collection; app/retrieval/memory_store.py wraps one in-memory PassageIndex), and the retriever,
@@ -20,7 +20,7 @@ store (app/retrieval/pg_store.py) is being written behind it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -149,6 +149,19 @@ class Compacts(Protocol):
 
     def compact(self) -> bool:
         """Fold the log into a snapshot; False if there was nothing to fold."""
+        ...
+
+
+@runtime_checkable
+class LoadsInBulk(Protocol):
+    """Optional, of a Collection: a first load into an empty collection, all or none, faster
+    than upserts (PostgreSQL: COPY with no index to keep up, then the HNSW index built once).
+    `lorag index copy`, `lorag index build --store` and the demo's preparation use it
+    (app/retrieval/index_copy.py)."""
+
+    def load(self, batches: Iterable[Prepared]) -> int:
+        """Every batch's documents, in one transaction; the passages loaded. InvalidInputError
+        if the collection holds documents already."""
         ...
 
 

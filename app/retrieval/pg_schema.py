@@ -229,15 +229,24 @@ def create_passages_ddl(collection_id: int, dim: int, spec: PgIndexSpec) -> list
         # vectors inline in the heap, never compressed or moved out (they do not compress, and
         # detoasting each row would slow every exact scan); texts may still be toasted
         sql.SQL("ALTER TABLE {} ALTER COLUMN embedding SET STORAGE PLAIN").format(table),
-        sql.SQL(
-            "CREATE INDEX {} ON {} USING hnsw ({} {}) WITH (m = {}, ef_construction = {})"
-        ).format(
-            sql.Identifier(f"lorag_passages_{collection_id}_hnsw"),
-            table,
-            indexed_expr(spec.precision, dim),
-            sql.SQL(spec.opclass),
-            sql.Literal(spec.m),
-            sql.Literal(spec.ef_construction),
-        ),
+        hnsw_ddl(collection_id, dim, spec),
         *sparse_ddl(collection_id),
     ]
+
+
+def hnsw_name(collection_id: int) -> str:
+    return f"lorag_passages_{collection_id}_hnsw"
+
+
+def hnsw_ddl(collection_id: int, dim: int, spec: PgIndexSpec) -> sql.Composed:
+    """CREATE INDEX of one collection's HNSW index (at create, and after a bulk load)."""
+    return sql.SQL(
+        "CREATE INDEX {} ON {} USING hnsw ({} {}) WITH (m = {}, ef_construction = {})"
+    ).format(
+        sql.Identifier(hnsw_name(collection_id)),
+        passages_table(collection_id),
+        indexed_expr(spec.precision, dim),
+        sql.SQL(spec.opclass),
+        sql.Literal(spec.m),
+        sql.Literal(spec.ef_construction),
+    )
