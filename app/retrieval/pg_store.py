@@ -446,6 +446,16 @@ class PgCollection:
         assert row is not None
         return int(row[0]), int(row[1])
 
+    def passages(self) -> int:
+        """The passage total kept on the collection's row by every write (BM25's N): O(1),
+        where count() scans the passages table (the gauges read this after each change)."""
+        with self._db.connection() as conn:
+            row = conn.execute(
+                "SELECT passages FROM lorag_collections WHERE id = %s", (self._id,)
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
     def describe(self) -> CollectionInfo:
         passages, documents = self.count()
         return CollectionInfo(
@@ -481,7 +491,7 @@ class PgStore:
     Watched: the metrics gauges get a collection's passage count when watching starts (the
     active one), after every upsert and delete made through this store, and at activation.
     Changes another replica makes reach this replica's gauges only at its next change of that
-    collection, or its next activation: there is no polling (a count is a scan)."""
+    collection, or its next activation: there is no polling."""
 
     kind: StoreKind = "postgres"
 
@@ -612,7 +622,7 @@ class PgStore:
         if observer is None:
             return
         try:
-            passages, _ = collection.count()
+            passages = collection.passages()
         except LoragError as exc:  # the change committed; only its gauge waits for the next
             log.warning("index gauges of %r not updated: %s", collection.name, exc)
             return
