@@ -483,7 +483,9 @@ def test_migration_103_moves_the_stores_active_name_to_the_fleet(pg_url: str) ->
         assert conn.execute("SELECT to_regclass('lorag_store')").fetchone() == (None,)
 
 
-def test_index_gauges_follow_this_stores_changes(store: PgStore) -> None:
+def test_index_gauges_follow_changes_here_and_refresh_for_other_replicas(
+    db: Database, store: PgStore
+) -> None:
     seen: list[tuple[str, int, bool]] = []
 
     def observe(name: str, passages: int, pending: int, *, active: bool) -> None:
@@ -508,6 +510,13 @@ def test_index_gauges_follow_this_stores_changes(store: PgStore) -> None:
     store.activate("other")
     assert seen[-1] == ("other", first, True)
     assert docs.count()[0] == total - first  # the gauges said what the database holds
+
+    # another replica's change reaches these gauges at the fleet's re-check (refresh)
+    elsewhere = PgStore.open(db, ENCODER.fingerprint)
+    elsewhere.get("demo").upsert(_prepare(FACTS[0]))
+    before = len(seen)
+    store.refresh()
+    assert sorted(seen[before:]) == [("demo", total, False), ("other", first, True)]
 
 
 def test_a_database_that_is_down_is_a_prompt_503_and_the_store_recovers(

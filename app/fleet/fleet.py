@@ -13,7 +13,8 @@ Every replica runs the same loop over the same ledger (app/fleet/ledger.py):
   installed before is unloaded, and the error is logged and retried at each re-check, as the
   shared volume may still be catching up). Names no longer registered are unloaded.
 - Unloads and swaps keep today's leases: requests already admitted finish on their version.
-- The active index follows the same way.
+- The active index follows the same way. Each sync also refreshes the index size gauges
+  (documents other replicas added or deleted: IndexManager.refresh).
 
 One asyncio lock serializes this replica's own writes with `sync`, so a sync never sees a
 registration whose local install is still running. With the LocalLedger nobody else writes,
@@ -152,6 +153,8 @@ class Fleet:
             for name in [n for n in self.failures if n not in snapshot.adapters]:
                 del self.failures[name]
             await self._follow_index(snapshot.active_index)
+            if self._indexes is not None:  # documents other replicas added or deleted
+                await self._indexes.refresh()
             self.syncs += 1
 
     async def _apply(self, reg: Registration) -> None:

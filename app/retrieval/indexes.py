@@ -178,6 +178,11 @@ class IndexCatalog:
         for live in self.loaded().values():
             self.changed(live)
 
+    def refresh(self) -> None:
+        """The loaded indexes' sizes again (only this process changes them: nothing new)."""
+        for live in self.loaded().values():
+            self.changed(live)
+
     def changed(self, live: LiveIndex) -> None:
         if self.on_change is not None:
             index = live.index

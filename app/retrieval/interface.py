@@ -170,3 +170,7 @@ class Watched(Protocol):
     """Optional, of a PassageStore: reports every collection's size as it changes."""
 
     def watch(self, observer: IndexObserver) -> None: ...
+
+    def refresh(self) -> None:
+        """Report the sizes again, for changes another process made (the fleet's re-check)."""
+        ...

@@ -25,7 +25,14 @@ from typing import Protocol, TypeVar
 from app.errors import LoragError
 from app.retrieval.docstore import StoredDocument
 from app.retrieval.encoders import TextEncoder
-from app.retrieval.interface import Collection, CollectionInfo, Compacts, PassageStore, Upserted
+from app.retrieval.interface import (
+    Collection,
+    CollectionInfo,
+    Compacts,
+    PassageStore,
+    Upserted,
+    Watched,
+)
 from app.retrieval.updates import Document, UpdateLimits, prepare, validate
 
 logger = logging.getLogger(__name__)
@@ -100,6 +107,12 @@ class IndexManager:
 
     async def activate(self, name: str) -> Collection:
         return await asyncio.to_thread(self.store.activate, name)
+
+    async def refresh(self) -> None:
+        """The store's size gauges again, if it reports them (Watched): what another replica
+        changed (the fleet's re-check calls it)."""
+        if isinstance(self.store, Watched):
+            await asyncio.to_thread(self.store.refresh)
 
     async def list(self) -> list[CollectionInfo]:
         return await asyncio.to_thread(self.store.list)

@@ -490,8 +490,9 @@ class PgStore:
 
     Watched: the metrics gauges get a collection's passage count when watching starts (the
     active one), after every upsert and delete made through this store, and at activation.
-    Changes another replica makes reach this replica's gauges only at its next change of that
-    collection, or its next activation: there is no polling."""
+    Changes another replica makes reach this replica's gauges at refresh(), which the fleet
+    calls at each sync (every LORAG_FLEET_RECHECK_S, 5 s, and on each notification), or
+    sooner at this replica's next change of that collection."""
 
     kind: StoreKind = "postgres"
 
@@ -616,6 +617,16 @@ class PgStore:
             self._changed(self.get())
         except LoragError as exc:  # not there (yet), or the database is down: the next change
             log.warning("no index gauges for %r yet: %s", self._active, exc)
+
+    def refresh(self) -> None:
+        """The sizes again of the collections this replica has opened (one row read each):
+        what other replicas changed reaches the gauges here (the fleet's re-check)."""
+        if self._observer is None:
+            return
+        with self._guard:
+            opened = list(self._cache.values())
+        for collection in opened:
+            self._changed(collection)
 
     def _changed(self, collection: PgCollection) -> None:
         observer = self._observer
