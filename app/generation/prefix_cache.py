@@ -31,8 +31,8 @@ exact input ids were encoded before under the same adapter takes the stored enco
 [S, d] and skips its encoder pass (`encoded`, `keep_encoded`). Entries are keyed, cleared,
 budgeted and evicted with the blocks, in the same LRU order. Not the cross-attention keys and
 values the decoder's first step projects from that output: per input they take 2 x decoder
-layers times the bytes of the output (24x for T5-base), for about an eighth of the encoder's
-compute (bench/RESULTS.md, "Encoder-decoder reuse").
+layers times the bytes of the output (24x for T5-base), for 15 % of the encoder's FLOPs
+(bench/RESULTS.md, "Encoder-decoder reuse").
 
 Threads: the model thread only.
 """
