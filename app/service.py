@@ -12,8 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-import numpy as np
-
 from app.contracts import GREEDY, Decoding, Hit, Mode, Sampling, SearchMode, Template, Turn
 from app.engine.coalesce import Coalescer
 from app.engine.engine import Engine, Expected
@@ -38,6 +36,7 @@ from app.lora.bundle import PreparedTask
 from app.lora.registry import AdapterInfo, AdapterRegistry, Lease, PreparedAdapter
 from app.lora.tasks import TaskBundles
 from app.retrieval.filters import MetadataFilter
+from app.retrieval.interface import Collection
 
 T = TypeVar("T")
 
@@ -55,25 +54,13 @@ class Retrieves(Protocol):
         mode: SearchMode = "dense",
     ) -> list[list[Hit]]: ...
 
-    def resolve(self, name: str | None) -> SearchesVectors: ...
+    def resolve(self, name: str | None) -> Collection: ...
 
 
 class ScoresPrompts(Protocol):
     def prompt_logprobs(
         self, text: str, adapter: str | None, top: int = 0
     ) -> list[tuple[int, float | None, list[tuple[int, float]]]]: ...
-
-
-class SearchesVectors(Protocol):
-    def search(
-        self,
-        queries: np.ndarray | None,
-        k: int,
-        where: MetadataFilter | None = None,
-        *,
-        mode: SearchMode = "dense",
-        texts: Sequence[str] | None = None,
-    ) -> list[list[Hit]]: ...
 
 
 class AdapterSource(Protocol):
