@@ -30,6 +30,7 @@ from transformers import (
 from app.errors import InvalidInputError
 from app.generation.config import PromptConfig
 from app.generation.generator import Generator
+from app.model_loads import MODEL_LOADS
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,16 @@ def prepare_default_generator(cache_dir: Path) -> Path:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF and save it as a plain float32 safetensors folder."""
     folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # save_pretrained refuses a model that remembers it came from a GGUF: rebuild it from a
-    # config without the quantization entry and copy the dequantized weights over.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = DEFAULT_MODEL_ID
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with MODEL_LOADS:  # from_config swaps the same process-wide state as from_pretrained
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # save_pretrained refuses a model that remembers it came from a GGUF: rebuild it from
+        # a config without the quantization entry and copy the dequantized weights over.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.name_or_path = DEFAULT_MODEL_ID
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out)
@@ -115,10 +117,11 @@ def load_generator(
         model_id = str(Path(spec).resolve()) if Path(spec).exists() else spec
     started = time.perf_counter()
     try:
-        config = AutoConfig.from_pretrained(source)
-        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model: PreTrainedModel = cls.from_pretrained(source, dtype=DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        with MODEL_LOADS:
+            config = AutoConfig.from_pretrained(source)
+            cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model: PreTrainedModel = cls.from_pretrained(source, dtype=DTYPES[dtype])
+            tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:  # no such folder or hub id, no network, no weights
         raise InvalidInputError(f"cannot load generator {spec!r}: {e}") from e
     torch_device = torch.device(device)

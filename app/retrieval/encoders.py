@@ -31,6 +31,7 @@ import torch
 
 from app.contracts import Passage
 from app.errors import InvalidInputError
+from app.model_loads import MODEL_LOADS
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -146,7 +147,8 @@ class SentenceTransformerEncoder:
         path = str(default_encoder_path()) if spec == DEFAULT_SPEC else spec
         name = DEFAULT_NAME if spec == DEFAULT_SPEC else _display_name(spec)
         try:
-            model = SentenceTransformer(path, device=device)
+            with MODEL_LOADS:
+                model = SentenceTransformer(path, device=device)
         except (OSError, ValueError, RuntimeError) as exc:
             message = f"cannot load sentence-transformers encoder {spec!r}: {exc}"
             raise EncoderLoadError(message) from exc
@@ -233,10 +235,11 @@ class DPREncoder:
         from transformers import AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder
 
         try:
-            q_model = DPRQuestionEncoder.from_pretrained(spec)
-            q_tok = AutoTokenizer.from_pretrained(spec)
-            c_model = DPRContextEncoder.from_pretrained(context_spec)
-            c_tok = AutoTokenizer.from_pretrained(context_spec)
+            with MODEL_LOADS:
+                q_model = DPRQuestionEncoder.from_pretrained(spec)
+                q_tok = AutoTokenizer.from_pretrained(spec)
+                c_model = DPRContextEncoder.from_pretrained(context_spec)
+                c_tok = AutoTokenizer.from_pretrained(context_spec)
         except (OSError, ValueError, RuntimeError) as exc:
             raise EncoderLoadError(
                 f"cannot load DPR encoders {spec!r} (questions) and {context_spec!r} "

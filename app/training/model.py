@@ -27,6 +27,7 @@ from app.generation.loading import (
     prepare_default_generator,
 )
 from app.lora.validate import TASK_TYPES
+from app.model_loads import MODEL_LOADS
 from app.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def load_base(opts: TrainOptions, cache_dir: Path) -> Generator:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    model = cls.from_pretrained(source, quantization_config=quant, device_map={"": "cpu"})
+    with MODEL_LOADS:
+        model = cls.from_pretrained(source, quantization_config=quant, device_map={"": "cpu"})
     # casts norms/embeddings to fp32 and lets gradients reach the first LoRA layer's input;
     # checkpointing off: on a CPU, memory is not what limits a 135M model, compute is
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
