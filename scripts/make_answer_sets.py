@@ -2,9 +2,13 @@
 
 Deterministic (no model, no hub): rerun it and the files come out byte for byte the same.
 
-- answerable: definitional sentences "X is a Y ..." of the corpus (scripts/make_demo_tasks.py's
-  extraction) give "What is X?" -> "a Y", with the document and the 100-word passage (the
-  index's chunking, so ids match index/demo) that hold the answer;
+- answerable, two shapes from the corpus's definitional sentences "X is a Y ..."
+  (scripts/make_demo_tasks.py's extraction), each with the document and the 100-word passage
+  (the index's chunking, so ids match index/demo) that hold the answer:
+  - forward: "What is X?" -> "a Y";
+  - reverse, from "X is the Y ...": "What is the Y ...?" -> "X", a name, as "What is the capital
+    of Alaska?" wants (the forward shape alone taught the adapters to answer every "What is
+    ...?" with a noun phrase, "the capital of Alaska");
 - unanswerable: questions on topics the corpus lacks, each kept only if none of its key terms
   occurs anywhere in the corpus text (word match, any case): checked by search, not assumed.
 
@@ -13,15 +17,22 @@ held out, so no held-out question, answer or passage appears in the adapters' tr
 Unanswerable questions alternate between train and held-out.
 
 With --tasks-dir it also writes the demo adapters' training data (`lorag adapter train`'s
-format, passages given) from the train splits only:
-- concise.jsonl: the short answer, over the passage holding it and one from another article;
-- cited.jsonl: "X is Y [n]." with n the position of the passage holding it;
+format, passages given) from the train splits only. Each question's passages are what the
+server would show it: the default encoder's top 5 over index/demo in score order, of train
+articles only (so no held-out passage is in the data either). A question whose passage holding
+the answer is not among them is left out (its answer is not there to learn to read, and a
+forced place would teach a citation the server never shows):
+- concise.jsonl: the short answer;
+- cited.jsonl: "X is Y [n]." with n the position of the passage holding it, each question twice:
+  in score order and shuffled;
 - grounded.jsonl: the short answer as concise; and for every third train question, the same
-  question over two passages of other articles, and each unanswerable train question over two
-  random passages, answered with the service's abstention text.
+  question over the top 5 of other articles (the passages a search finds when the corpus lacks
+  the answer), and each unanswerable train question over its own top 5, answered with the
+  service's abstention text.
 
     .venv/bin/python -m scripts.make_answer_sets --tasks-dir /tmp/lorag-demo-tasks
-    # bench/data/{answerable,unanswerable}_{train,heldout}.jsonl (+ the three task files)
+    # bench/data/{answerable,unanswerable}_{train,heldout}.jsonl (+ the three task files; these
+    # load the default encoder and index/demo: run `lorag prepare` first)
 """
 
 from __future__ import annotations
@@ -31,19 +42,37 @@ import json
 import logging
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.contracts import Passage
 from app.generation.abstain import ABSTAIN_TEXT
 from app.retrieval.chunking import chunk_document
 from app.retrieval.sources import read_sources
-from scripts.make_demo_tasks import Fact, facts_of, question
+from scripts.make_demo_tasks import CUT, DANGLING, DEFINITION, PRONOUNS, VAGUE, facts_of, question
 
 log = logging.getLogger("make_answer_sets")
 
 HELDOUT_EVERY = 5  # every fifth article is held out
-PER_ARTICLE = {"train": 12, "heldout": 3}
+PER_ARTICLE = {"train": 12, "heldout": 3}  # forward questions; reverse ones: REVERSE_PER_ARTICLE
+REVERSE_PER_ARTICLE = {"train": 6, "heldout": 2}
+TOP_K = 5  # the passages each training question is shown: the server's default top_k
+MAX_RELATION_WORDS = 10
+# words that end a reverse question's relation ("the highest mountain in North America")
+RELATION_CUT = (CUT - {"in", "of", "on", "at", "for", "to", "from", "by", "with"}) | {
+    "because",
+    "including",
+}
+# a relation must end in a noun: not a superlative or adjective left without one ("the Earth's
+# largest", "the 30th-most extensive"), nor a sentence split inside an abbreviation ("the U")
+NOT_A_NOUN = re.compile(r"(?:est|most|extensive|populous|famous)$|^[A-Z]$")
+NOT_NAMES = {"examples", "example", "others", "many", "some", "several", "each"}
+PERSON_NOUNS = {"son", "daughter", "child", "wife", "husband", "niece", "nephew", "grandson",
+                "granddaughter", "father", "mother", "brother", "sister", "bishop", "king",
+                "queen", "president", "founder", "head", "leader", "author", "protagonist",
+                "hero", "heroine", "player", "poet", "writer", "composer", "member", "man",
+                "woman", "person", "philosopher", "scientist", "general"}  # fmt: skip
 
 # (question, key terms: none may occur in the corpus)
 OFF_CORPUS: list[tuple[str, list[str]]] = [
@@ -145,14 +174,69 @@ def absent(terms: Iterable[str], texts: list[str]) -> bool:
     return not any(p.search(text) for p in patterns for text in texts)
 
 
-def _record(f: Fact, passage_id: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answer: str
+    sentence: str  # the answer as a sentence ("X is Y"): the cited task's answer, before "[n]"
+    passage: Passage
+
+
+def forward(p: Passage) -> Iterator[Question]:
+    for f in facts_of(p):
+        if len(f.subject) < 3:  # the subject must be a name, not a stray word
+            continue
+        sentence = f"{f.subject} {f.verb} {f.answer}"
+        yield Question(question(f), f.answer, sentence, p)
+
+
+def _relation(obj: str) -> str | None:
+    """ "the Y ..." up to the first clause word or MAX_RELATION_WORDS, at least 3 words."""
+    words = obj.split()
+    kept = words[:1]
+    for w in words[1:]:
+        if w.lower() in RELATION_CUT or len(kept) == MAX_RELATION_WORDS:
+            break
+        if "—" in w:  # a dash opens an aside
+            break
+        kept.append(w)
+    while kept and kept[-1].lower() in DANGLING:
+        kept.pop()
+    if len(kept) < 3 or any(NOT_A_NOUN.search(w) for w in kept[-1:]) or "U" in kept:
+        return None
+    return " ".join(kept)
+
+
+def reverse(p: Passage) -> Iterator[Question]:
+    """ "X is the Y ..." -> "What is the Y ...?" -> "X", where X is a name (capitalized words)."""
+    for m in DEFINITION.finditer(p.text):
+        subj, verb, obj = m["subj"], m["verb"], m["obj"]
+        words = subj.split()
+        lowered = {w.lower() for w in words}
+        if not obj.startswith("the ") or (VAGUE | NOT_NAMES).intersection(lowered):
+            continue
+        if (
+            words[0].lower() in PRONOUNS
+            or words[0] == "The"
+            or not all(w[0].isupper() for w in words)
+        ):
+            continue
+        relation = _relation(obj)
+        if relation is None or subj.lower() in relation.lower():
+            continue
+        wh = "Who" if PERSON_NOUNS.intersection(relation.lower().split()) else "What"
+        yield Question(f"{wh} {verb} {relation}?", subj, f"{subj} {verb} {relation}", p)
+
+
+def _record(q: Question) -> dict[str, str]:
     return {
-        "question": question(f),
-        "answer": f.answer,
-        "doc_id": f.passage.doc_id,
-        "passage_id": passage_id,
-        "passage": f.passage.text,
-        "title": f.title,
+        "question": q.question,
+        "answer": q.answer,
+        "sentence": q.sentence,
+        "doc_id": q.passage.doc_id,
+        "passage_id": q.passage.id,
+        "passage": q.passage.text,
+        "title": q.passage.title,
     }
 
 
@@ -161,16 +245,16 @@ def answerable(source: Path) -> dict[str, list[dict[str, str]]]:
     for n, doc in enumerate(read_sources([source])):
         split = "heldout" if n % HELDOUT_EVERY == 0 else "train"
         seen: set[str] = set()
-        taken = 0
-        for p in chunk_document(doc.id, doc.title, doc.text, words=100):
-            for f in facts_of(p):
-                q = question(f)
-                # one answer per question, and the subject must be a name, not a stray word
-                if q in seen or taken == PER_ARTICLE[split] or len(f.subject) < 3:
-                    continue
-                seen.add(q)
-                sets[split].append(_record(f, p.id))
-                taken += 1
+        for shape, limit in ((forward, PER_ARTICLE), (reverse, REVERSE_PER_ARTICLE)):
+            taken = 0
+            for p in chunk_document(doc.id, doc.title, doc.text, words=100):
+                for q in shape(p):
+                    # one answer per question
+                    if q.question in seen or taken == limit[split] or len(q.answer) < 3:
+                        continue
+                    seen.add(q.question)
+                    sets[split].append(_record(q))
+                    taken += 1
     return sets
 
 
@@ -195,47 +279,78 @@ def write(path: Path, rows: Iterable[dict[str, object]] | Iterable[dict[str, str
     return n
 
 
+Shown = list[dict[str, str]]
+
+
 def tasks(
-    train: list[dict[str, str]], negatives: list[dict[str, object]], pool: list[Passage], seed: int
+    train: list[dict[str, str]],
+    negatives: list[dict[str, object]],
+    top: Callable[[str, str | None], list[Passage]],
+    seed: int,
 ) -> dict[str, list[dict[str, object]]]:
-    """The three demo tasks over the train split; pool: passages of train articles only."""
+    """The three demo tasks over the train split. top(question, without_doc): the TOP_K
+    passages a search shows the question, best first, of train articles (and not of
+    without_doc's article)."""
     rng = random.Random(seed)
     out: dict[str, list[dict[str, object]]] = {"concise": [], "cited": [], "grounded": []}
 
-    def other(doc_id: str) -> dict[str, str]:
-        while True:
-            p = rng.choice(pool)
-            if p.doc_id != doc_id:
-                return {"title": p.title, "text": p.text}
+    def shown(passages: list[Passage]) -> Shown:
+        return [{"title": p.title, "text": p.text} for p in passages]
 
     for n, q in enumerate(train):
-        gold = rng.randrange(2)
-        shown = [other(q["doc_id"]), other(q["doc_id"])]
-        shown[gold] = {"title": q["title"], "text": q["passage"]}
-        subject = re.sub(
-            r"^(?:In the article on [^,]+, )?\w+ (is|was|are|were) ", "", q["question"]
+        hits = top(q["question"], None)
+        ids = [p.id for p in hits]
+        if q["passage_id"] not in ids:  # the search misses the answer: nothing to learn from
+            continue
+        gold = ids.index(q["passage_id"])
+        ps = shown(hits)
+        sentence = q["sentence"][0].upper() + q["sentence"][1:] + f" [{gold + 1}]."
+        out["concise"].append({"question": q["question"], "answer": q["answer"], "passages": ps})
+        out["cited"].append({"question": q["question"], "answer": sentence, "passages": ps})
+        # and the same passages shuffled: in score order the answer's passage is first 2 times
+        # in 3, so "[1]" alone would score 0.65; shuffled, only reading finds the passage
+        order = rng.sample(range(len(ps)), len(ps))
+        moved = f"{q['sentence'][0].upper()}{q['sentence'][1:]} [{order.index(gold) + 1}]."
+        out["cited"].append(
+            {"question": q["question"], "answer": moved, "passages": [ps[i] for i in order]}
         )
-        verb = q["question"].split()[1] if not q["question"].startswith("In the") else "is"
-        sentence = f"{subject.rstrip('?')} {verb} {q['answer']} [{gold + 1}]."
-        sentence = sentence[0].upper() + sentence[1:]
-        out["concise"].append({"question": q["question"], "answer": q["answer"], "passages": shown})
-        out["cited"].append({"question": q["question"], "answer": sentence, "passages": shown})
-        out["grounded"].append(
-            {"question": q["question"], "answer": q["answer"], "passages": shown}
-        )
+        out["grounded"].append({"question": q["question"], "answer": q["answer"], "passages": ps})
         if n % 3 == 0:
-            lacking = [other(q["doc_id"]), other(q["doc_id"])]
+            lacking = shown(top(q["question"], q["doc_id"]))
             out["grounded"].append(
                 {"question": q["question"], "answer": ABSTAIN_TEXT, "passages": lacking}
             )
     for u in negatives:
-        lacking = [other(""), other("")]
+        question_text = str(u["question"])
         out["grounded"].append(
-            {"question": u["question"], "answer": ABSTAIN_TEXT, "passages": lacking}
+            {
+                "question": question_text,
+                "answer": ABSTAIN_TEXT,
+                "passages": shown(top(question_text, None)),
+            }
         )
     for rows in out.values():
         rng.shuffle(rows)
     return out
+
+
+def searcher(index: Path, held: set[str]) -> Callable[[str, str | None], list[Passage]]:
+    """top(question, without_doc) over the built index with the default encoder."""
+    from app.retrieval.encoders import load_encoder
+    from app.retrieval.store import PassageIndex
+
+    encoder = load_encoder("default", "sentence-transformers")
+    passages = PassageIndex.load(index)
+
+    def top(text: str, without: str | None) -> list[Passage]:
+        depth = 512  # deep enough that TOP_K of train articles (not `without`) remain
+        hits = passages.search(encoder.encode_questions([text]), depth)[0]
+        kept = [h.passage for h in hits if h.passage.doc_id not in held | {without}]
+        if len(kept) < TOP_K:
+            raise AssertionError(f"fewer than {TOP_K} train passages in the top {depth}: {text}")
+        return kept[:TOP_K]
+
+    return top
 
 
 def main() -> None:
@@ -243,6 +358,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=Path("index/sources/demo.jsonl"))
     parser.add_argument("--out-dir", type=Path, default=Path("bench/data"))
     parser.add_argument("--tasks-dir", type=Path, default=None)
+    parser.add_argument("--index", type=Path, default=Path("index/demo"), help="for --tasks-dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -256,15 +372,10 @@ def main() -> None:
         n = write(args.out_dir / f"unanswerable_{split}.jsonl", urows)
         log.info("unanswerable %s: %d", split, n)
     if args.tasks_dir is not None:
-        held = {q["doc_id"] for q in asets["heldout"]}
-        pool = [
-            p
-            for d in read_sources([args.source])
-            if d.id not in held
-            for p in chunk_document(d.id, d.title, d.text, words=100)
-        ]
+        held = {d.id for n, d in enumerate(read_sources([args.source])) if n % HELDOUT_EVERY == 0}
+        top = searcher(args.index, held)
         args.tasks_dir.mkdir(parents=True, exist_ok=True)
-        for task, trows in tasks(asets["train"], usets["train"], pool, args.seed).items():
+        for task, trows in tasks(asets["train"], usets["train"], top, args.seed).items():
             n = write(args.tasks_dir / f"{task}.jsonl", trows)
             log.info("task %s: %d examples", task, n)
 
