@@ -13,6 +13,8 @@ Per adapter and mode it prints:
   is measured by); an abstained answerable question scores 0 on all three;
 - cite: the answer cites "[n]" for the passage holding the answer, among answerable questions
   whose passage was retrieved;
+- EM, F1, hit and cite again per question shape (forward "What is X?" -> "a Y", reverse
+  "What is the Y?" -> "X");
 - abstention precision and recall: `abstained` over all questions, unanswerable as positives;
 - for the retrieval gate, what each threshold on the best passage's score would give (the gate
   runs before generation, so this is what the server would answer at that threshold).
@@ -210,6 +212,14 @@ def main() -> None:
                 + f" ({took:.0f} s)",
                 flush=True,
             )
+            for shape in sorted({q.get("shape", "forward") for q in answerable}):
+                rows = [i for i, q in enumerate(answerable) if q.get("shape", "forward") == shape]
+                part = score([answerable[i] for i in rows], [], [a_out[i] for i in rows], [])
+                print(
+                    f"    {shape} questions (n={len(rows)}): "
+                    + " ".join(f"{k}={part[k]:.3f}" for k in ("em", "f1", "hit", "cite")),
+                    flush=True,
+                )
             cosines = retrieval in (None, "dense")  # the gate's scale (not BM25's or RRF's)
             if args.gate and cosines and not any(o.get("abstained") for o in out):
                 print("\n".join(gate_table(answerable, a_out, u_out, args.gate)), flush=True)

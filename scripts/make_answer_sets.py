@@ -180,6 +180,7 @@ class Question:
     answer: str
     sentence: str  # the answer as a sentence ("X is Y"): the cited task's answer, before "[n]"
     passage: Passage
+    shape: str  # "forward" or "reverse"
 
 
 def forward(p: Passage) -> Iterator[Question]:
@@ -187,7 +188,7 @@ def forward(p: Passage) -> Iterator[Question]:
         if len(f.subject) < 3:  # the subject must be a name, not a stray word
             continue
         sentence = f"{f.subject} {f.verb} {f.answer}"
-        yield Question(question(f), f.answer, sentence, p)
+        yield Question(question(f), f.answer, sentence, p, "forward")
 
 
 def _relation(obj: str) -> str | None:
@@ -225,7 +226,7 @@ def reverse(p: Passage) -> Iterator[Question]:
         if relation is None or subj.lower() in relation.lower():
             continue
         wh = "Who" if PERSON_NOUNS.intersection(relation.lower().split()) else "What"
-        yield Question(f"{wh} {verb} {relation}?", subj, f"{subj} {verb} {relation}", p)
+        yield Question(f"{wh} {verb} {relation}?", subj, f"{subj} {verb} {relation}", p, "reverse")
 
 
 def _record(q: Question) -> dict[str, str]:
@@ -233,6 +234,7 @@ def _record(q: Question) -> dict[str, str]:
         "question": q.question,
         "answer": q.answer,
         "sentence": q.sentence,
+        "shape": q.shape,
         "doc_id": q.passage.doc_id,
         "passage_id": q.passage.id,
         "passage": q.passage.text,
