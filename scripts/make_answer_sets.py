@@ -50,7 +50,15 @@ from app.contracts import Passage
 from app.generation.abstain import ABSTAIN_TEXT
 from app.retrieval.chunking import chunk_document
 from app.retrieval.sources import read_sources
-from scripts.make_demo_tasks import CUT, DANGLING, DEFINITION, PRONOUNS, VAGUE, facts_of, question
+from scripts.make_demo_tasks import (
+    CUT,
+    DEFINITION,
+    PRONOUNS,
+    VAGUE,
+    facts_of,
+    question,
+    short_phrase,
+)
 
 log = logging.getLogger("make_answer_sets")
 
@@ -192,20 +200,12 @@ def forward(p: Passage) -> Iterator[Question]:
 
 
 def _relation(obj: str) -> str | None:
-    """ "the Y ..." up to the first clause word or MAX_RELATION_WORDS, at least 3 words."""
-    words = obj.split()
-    kept = words[:1]
-    for w in words[1:]:
-        if w.lower() in RELATION_CUT or len(kept) == MAX_RELATION_WORDS:
-            break
-        if "—" in w:  # a dash opens an aside
-            break
-        kept.append(w)
-    while kept and kept[-1].lower() in DANGLING:
-        kept.pop()
-    if len(kept) < 3 or any(NOT_A_NOUN.search(w) for w in kept[-1:]) or "U" in kept:
+    """ "the Y ..." up to the first clause word, at most MAX_RELATION_WORDS and at least 3 words,
+    ending in a noun."""
+    kept = short_phrase(obj, cut=RELATION_CUT, most=MAX_RELATION_WORDS, least=3)
+    if kept is None or NOT_A_NOUN.search(kept.split()[-1]) or "U" in kept.split():
         return None
-    return " ".join(kept)
+    return kept
 
 
 def reverse(p: Passage) -> Iterator[Question]:

@@ -58,17 +58,20 @@ class Fact:
     passage: Passage
 
 
-def short_phrase(obj: str) -> str | None:
-    """The noun phrase's head: cut at the first relative or prepositional word, <= 5 words."""
+def short_phrase(
+    obj: str, *, cut: frozenset[str] | set[str] = CUT, most: int = MAX_ANSWER_WORDS, least: int = 2
+) -> str | None:
+    """The noun phrase's head: cut at the first word in `cut` (relative or prepositional) or
+    a dash (an aside), at most `most` words, without a dangling last word; None under `least`."""
     words = obj.split()
     kept = words[:1]
     for w in words[1:]:
-        if w.lower() in CUT or len(kept) == MAX_ANSWER_WORDS:
+        if w.lower() in cut or len(kept) == most or "—" in w:
             break
         kept.append(w)
     while kept and kept[-1].lower() in DANGLING:
         kept.pop()
-    return " ".join(kept) if len(kept) >= 2 else None
+    return " ".join(kept) if len(kept) >= least else None
 
 
 def facts_of(passage: Passage) -> Iterator[Fact]:
