@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.contracts import Mode, SearchMode
@@ -281,6 +281,22 @@ class Settings(BaseSettings):
         "(float32) or halfvec (float16, about half the index bytes); scores are computed on the "
         "float32 vectors either way. An existing collection keeps the precision it was built with.",
     )
+    pg_hnsw_m: int = Field(
+        16,
+        ge=2,
+        le=100,
+        description="LORAG_STORE=postgres: a new collection's HNSW graph degree (pgvector's m); "
+        "higher: better recall at a given ef_search, a bigger and slower-built index.",
+    )
+    pg_ef_construction: int = Field(
+        64,
+        ge=4,
+        le=1000,
+        description="LORAG_STORE=postgres: a new collection's HNSW build candidate list "
+        "(pgvector's ef_construction, at least 2 * LORAG_PG_HNSW_M); the default graph caps "
+        "recall@10 near 0.91 on the 1M benchmark (bench/RESULTS.md); higher: a slower build. "
+        "An existing collection keeps the graph it was built with.",
+    )
     pg_exact: bool = Field(
         False,
         description="LORAG_STORE=postgres: answer every query by an exact scan (no HNSW index "
@@ -304,6 +320,15 @@ class Settings(BaseSettings):
         description="While exactly one adapter is loaded and every request asks for it, merge "
         "it into the base weights (no LoRA latency); unmerged for any other row.",
     )
+
+    @model_validator(mode="after")
+    def _hnsw_build_fits(self) -> Settings:
+        if self.pg_ef_construction < 2 * self.pg_hnsw_m:  # pgvector refuses the index otherwise
+            raise ValueError(
+                f"LORAG_PG_EF_CONSTRUCTION ({self.pg_ef_construction}) must be at least "
+                f"2 * LORAG_PG_HNSW_M ({2 * self.pg_hnsw_m})"
+            )
+        return self
 
     # the components' configs ------------------------------------------------------------
 
@@ -373,10 +398,13 @@ class Settings(BaseSettings):
 
     @property
     def pg_index(self) -> PgIndexSpec:
-        """How the Postgres store builds a new collection's HNSW index (LORAG_PG_PRECISION)."""
+        """How the Postgres store builds a new collection's HNSW index (LORAG_PG_PRECISION,
+        LORAG_PG_HNSW_M, LORAG_PG_EF_CONSTRUCTION)."""
         from app.retrieval.pg_schema import PgIndexSpec
 
-        return PgIndexSpec(precision=self.pg_precision)
+        return PgIndexSpec(
+            precision=self.pg_precision, m=self.pg_hnsw_m, ef_construction=self.pg_ef_construction
+        )
 
     @property
     def database(self) -> DatabaseConfig | None:

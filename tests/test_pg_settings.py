@@ -1,8 +1,9 @@
-"""LORAG_PG_EF_SEARCH, LORAG_PG_PRECISION and LORAG_PG_EXACT reach the Postgres store through
-app/wiring.py's open_store (the one place every caller opens it), against the session's real
-PostgreSQL: the transaction a search runs in has the configured hnsw.ef_search, a new
-collection's HNSW index has the configured precision, and an exact store scans (no HNSW index
-in its plan) and returns numpy's exact top k."""
+"""LORAG_PG_EF_SEARCH, LORAG_PG_PRECISION, LORAG_PG_HNSW_M, LORAG_PG_EF_CONSTRUCTION and
+LORAG_PG_EXACT reach the Postgres store through app/wiring.py's open_store (the one place every
+caller opens it), against the session's real PostgreSQL: the transaction a search runs in has
+the configured hnsw.ef_search, a new collection's HNSW index has the configured precision and
+graph (m, ef_construction), and an exact store scans (no HNSW index in its plan) and returns
+numpy's exact top k. A graph pgvector would refuse is refused when the settings load."""
 
 from __future__ import annotations
 
@@ -40,11 +41,22 @@ def test_the_defaults_are_the_stores_own() -> None:
     assert settings.pg_index == PgIndexSpec()
 
 
+def test_an_hnsw_build_pgvector_would_refuse_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LORAG_PG_HNSW_M", "48")
+    monkeypatch.setenv("LORAG_PG_EF_CONSTRUCTION", "64")
+    with pytest.raises(ValueError, match=r"LORAG_PG_EF_CONSTRUCTION \(64\) must be at least"):
+        Settings()
+
+
 def test_pg_settings_reach_the_store(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAG_STORE", "postgres")
     monkeypatch.setenv("LORAG_DATABASE_URL", pg_url)
     monkeypatch.setenv("LORAG_PG_EF_SEARCH", "37")
     monkeypatch.setenv("LORAG_PG_PRECISION", "halfvec")
+    monkeypatch.setenv("LORAG_PG_HNSW_M", "24")
+    monkeypatch.setenv("LORAG_PG_EF_CONSTRUCTION", "96")
 
     seen: list[tuple[str, str]] = []  # (hnsw.ef_search, enable_indexscan) inside each search
     configure = pg_search.configure
@@ -65,6 +77,11 @@ def test_pg_settings_reach_the_store(pg_url: str, monkeypatch: pytest.MonkeyPatc
         notes = store.create("notes", dim=DIM)
         notes.upsert(corpus)
         assert notes.describe().index_type.startswith("hnsw halfvec_ip_ops")
+        with psycopg.connect(pg_url) as conn:  # the index as PostgreSQL holds it
+            row = conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE indexname LIKE 'lorag_passages_%_hnsw'"
+            ).fetchone()
+        assert row is not None and "m='24'" in row[0] and "ef_construction='96'" in row[0]
         notes.search(queries[:1], K)
         assert seen[-1] == ("37", "on")
         assert "lorag_passages_1_hnsw" in notes.plan(queries[0], K)
