@@ -73,8 +73,8 @@ RELATION_CUT = (CUT - {"in", "of", "on", "at", "for", "to", "from", "by", "with"
     "including",
 }
 # a relation must end in a noun: not a superlative or adjective left without one ("the Earth's
-# largest", "the 30th-most extensive"), nor a sentence split inside an abbreviation ("the U")
-NOT_A_NOUN = re.compile(r"(?:est|most|extensive|populous|famous)$|^[A-Z]$")
+# largest", "the 30th-most extensive")
+NOT_A_NOUN = re.compile(r"(?:est|most|extensive|populous|famous)$")
 NOT_NAMES = {"examples", "example", "others", "many", "some", "several", "each"}
 PERSON_NOUNS = {"son", "daughter", "child", "wife", "husband", "niece", "nephew", "grandson",
                 "granddaughter", "father", "mother", "brother", "sister", "bishop", "king",
@@ -203,7 +203,7 @@ def _relation(obj: str) -> str | None:
     """ "the Y ..." up to the first clause word, at most MAX_RELATION_WORDS and at least 3 words,
     ending in a noun."""
     kept = short_phrase(obj, cut=RELATION_CUT, most=MAX_RELATION_WORDS, least=3)
-    if kept is None or NOT_A_NOUN.search(kept.split()[-1]) or "U" in kept.split():
+    if kept is None or NOT_A_NOUN.search(kept.split()[-1]):
         return None
     return kept
 

@@ -43,7 +43,8 @@ VAGUE = {"it", "this", "these", "that", "there", "they", "its", "most", "first",
          "if", "when", "while", "although", "because", "after", "before", "since", "in", "on",
          "at", "for", "as", "however", "then", "thus", "today"}  # fmt: skip
 CUT = {"that", "which", "who", "whose", "where", "when", "and", "in", "by", "for", "after",
-       "to", "with", "from", "on", "at", "as", "based", "since", "during", "than"}  # fmt: skip
+       "to", "with", "from", "on", "at", "as", "based", "since", "during", "than",
+       "because"}  # fmt: skip
 DANGLING = {"of", "or", "a", "an", "the", "and", "its", "their", "his", "her"}
 MAX_ANSWER_WORDS = 5
 
@@ -71,6 +72,8 @@ def short_phrase(
         kept.append(w)
     while kept and kept[-1].lower() in DANGLING:
         kept.pop()
+    if any(len(w) == 1 and w.isupper() and w != "A" for w in kept[1:]):
+        return None  # a sentence split inside an abbreviation ("a U" of "a U.S. state")
     return " ".join(kept) if len(kept) >= least else None
 
 
