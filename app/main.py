@@ -88,7 +88,6 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
     components = None
     try:
         components = await asyncio.to_thread(wiring.load_components, settings)
-        ledger = await asyncio.to_thread(wiring.build_ledger, settings, components.database)
     except Exception as exc:
         if components is not None:
             await asyncio.to_thread(components.close)
@@ -104,7 +103,7 @@ async def _load(state: AppState, on_failure: Callable[[str], None] | None) -> No
     state.components = components
     state.service = service
     state.indexes = wiring.build_indexes(settings, components, service, state.metrics)
-    fleet = wiring.build_fleet(service, state.indexes, ledger)
+    fleet = wiring.build_fleet(service, state.indexes, components.ledger)
     await fleet.start()  # what the fleet registered is applied here before /ready says yes
     state.fleet = fleet
     if state.status == "loading":

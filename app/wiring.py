@@ -74,6 +74,7 @@ class Components:
     registry: AdapterRegistry
     load_seconds: dict[str, float]
     store: PassageStore  # the named indexes the retriever searches and /documents changes
+    ledger: Ledger  # adapter registrations and the active index (the fleet's, with postgres)
     database: Database | None = None  # the pool the store and the fleet share (postgres)
 
     def close(self) -> None:
@@ -154,7 +155,10 @@ def opened_store(settings: Settings, fingerprint: str) -> Iterator[PassageStore]
 
 
 def load_components(settings: Settings) -> Components:
-    """Load encoder, index and generator; refuse an index built with another encoder."""
+    """Load encoder, index and generator; refuse an index built with another encoder. The
+    index loaded first is the fleet's active one where the ledger names one that the store
+    holds (a replica restarted after `PUT /index` starts on what the fleet serves, even if its
+    LORAG_INDEX_NAME was since deleted), else LORAG_INDEX_NAME."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     times: dict[str, float] = {}
@@ -164,7 +168,9 @@ def load_components(settings: Settings) -> Components:
     t = time.perf_counter()
     database = open_database(settings)
     try:
+        ledger = build_ledger(settings, database)
         store = open_store(settings, encoder.fingerprint, database)
+        _start_on_the_fleets_index(store, ledger)
         retriever = Retriever(encoder, store)
         passages, _ = retriever.resolve(None).count()  # the active index loads now, or fails
     except BaseException:
@@ -193,7 +199,20 @@ def load_components(settings: Settings) -> Components:
         generator.model_id,
         {k: round(v, 2) for k, v in times.items()},
     )
-    return Components(encoder, retriever, generator, registry, times, store, database)
+    return Components(encoder, retriever, generator, registry, times, store, ledger, database)
+
+
+def _start_on_the_fleets_index(store: PassageStore, ledger: Ledger) -> None:
+    chosen = ledger.snapshot().active_index
+    if chosen is None or chosen == store.active:
+        return
+    if chosen not in {info.name for info in store.list()}:
+        log.error(
+            "the fleet's active index %r is not in the store: starting on %r", chosen, store.active
+        )
+        return
+    log.info("starting on the fleet's active index %r (LORAG_INDEX_NAME: %r)", chosen, store.active)
+    store.activate(chosen)
 
 
 def _warm_up(retriever: Retriever, generator: Generator, search: SearchMode = "dense") -> None:

@@ -422,7 +422,9 @@ def test_the_active_index_is_the_fleets_and_kill_9_mid_post_leaves_documents_who
             )
         assert stored(admin, "facts", ids) == {i: (False, 0) for i in ids}  # wholly absent
 
-    with serve(replicas.env) as (fresh, _):  # a restart: the fleet's index, serving normally
+    # a restart: the fleet's index, serving normally, even where LORAG_INDEX_NAME names an
+    # index that is no longer there (it is only where a replica starts when nobody chose one)
+    with serve({**replicas.env, "LORAG_INDEX_NAME": "retired"}) as (fresh, _):
         assert active_index(fresh) == "facts2"
         assert ask(fresh).status_code == 200
         sizes = {i["name"]: i["passages"] for i in httpx.get(f"{fresh}/index").json()["indexes"]}
