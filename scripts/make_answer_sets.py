@@ -361,6 +361,9 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("bench/data"))
     parser.add_argument("--tasks-dir", type=Path, default=None)
     parser.add_argument("--index", type=Path, default=Path("index/demo"), help="for --tasks-dir")
+    parser.add_argument(
+        "--reverse-copies", type=int, default=1, help="each reverse question this many times"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -377,7 +380,9 @@ def main() -> None:
         held = {d.id for n, d in enumerate(read_sources([args.source])) if n % HELDOUT_EVERY == 0}
         top = searcher(args.index, held)
         args.tasks_dir.mkdir(parents=True, exist_ok=True)
-        for task, trows in tasks(asets["train"], usets["train"], top, args.seed).items():
+        reverse = [q for q in asets["train"] if q["shape"] == "reverse"]
+        train = asets["train"] + reverse * (args.reverse_copies - 1)
+        for task, trows in tasks(train, usets["train"], top, args.seed).items():
             n = write(args.tasks_dir / f"{task}.jsonl", trows)
             log.info("task %s: %d examples", task, n)
 
