@@ -306,13 +306,14 @@ def tasks(
             continue
         gold = ids.index(q["passage_id"])
         ps = shown(hits)
-        sentence = q["sentence"][0].upper() + q["sentence"][1:] + f" [{gold + 1}]."
+        said = q["sentence"][0].upper() + q["sentence"][1:]
+        sentence = f"{said} [{gold + 1}]."
         out["concise"].append({"question": q["question"], "answer": q["answer"], "passages": ps})
         out["cited"].append({"question": q["question"], "answer": sentence, "passages": ps})
         # and the same passages shuffled: in score order the answer's passage is first 2 times
         # in 3, so "[1]" alone would score 0.65; shuffled, only reading finds the passage
         order = rng.sample(range(len(ps)), len(ps))
-        moved = f"{q['sentence'][0].upper()}{q['sentence'][1:]} [{order.index(gold) + 1}]."
+        moved = f"{said} [{order.index(gold) + 1}]."
         out["cited"].append(
             {"question": q["question"], "answer": moved, "passages": [ps[i] for i in order]}
         )
@@ -347,7 +348,8 @@ def searcher(index: Path, held: set[str]) -> Callable[[str, str | None], list[Pa
     def top(text: str, without: str | None) -> list[Passage]:
         depth = 512  # deep enough that TOP_K of train articles (not `without`) remain
         hits = passages.search(encoder.encode_questions([text]), depth)[0]
-        kept = [h.passage for h in hits if h.passage.doc_id not in held | {without}]
+        leave_out = held | {without}
+        kept = [h.passage for h in hits if h.passage.doc_id not in leave_out]
         if len(kept) < TOP_K:
             raise AssertionError(f"fewer than {TOP_K} train passages in the top {depth}: {text}")
         return kept[:TOP_K]
