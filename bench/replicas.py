@@ -12,6 +12,9 @@ divided by the replicas) so that the arms use the same CPU, and read the ratio a
 replica adds on the same hardware, not on a second machine.
 
     .venv/bin/python -m bench.replicas [--clients 16] [--seconds 60] [--max-new-tokens 16]
+        [--rounds 2]
+
+The arms run interleaved, one, two, one, two (`--rounds`), and the ratio is of the medians.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per replica (0: cores/N)")
     ap.add_argument("--database-url", default="", help="default: a fresh embedded PostgreSQL")
+    ap.add_argument("--rounds", type=int, default=2, help="one, two, one, two, ...")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lorag-bench-pg-") as tmp:
@@ -146,18 +150,21 @@ def main() -> None:
                 cwd=ROOT,
                 check=True,
             )
-            one = arm(1, args, db_url)
-            two = arm(2, args, db_url)
+            rows = [arm(n, args, db_url) for _ in range(args.rounds) for n in (1, 2)]
         finally:
             if server is not None:
                 server.cleanup()
-    for row in (one, two):
+    for row in rows:
         print(
             f"{row['replicas']} replica(s) x {row['threads_each']} thread(s): "
             f"{row['req_s']:.2f} req/s ({row['requests']} in {args.seconds:.0f} s, "
-            f"{row['errors']} errors), p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s"
+            f"{row['errors']} errors), p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s",
+            flush=True,
         )
-    print(f"ratio two/one: {two['req_s'] / one['req_s']:.2f}x")
+    one = statistics.median(r["req_s"] for r in rows if r["replicas"] == 1)
+    two = statistics.median(r["req_s"] for r in rows if r["replicas"] == 2)
+    print(f"medians: one {one:.2f} req/s, two {two:.2f} req/s")
+    print(f"ratio two/one: {two / one:.2f}x")
 
 
 if __name__ == "__main__":
