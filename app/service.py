@@ -26,8 +26,9 @@ from app.errors import (
 from app.generation.abstain import (
     ABSTAIN_TEXT,
     AbstainConfig,
+    gate_cosines,
     refuses,
-    support,
+    ungrounded,
     unsupported,
 )
 from app.generation.config import PromptConfig
@@ -301,11 +302,14 @@ class RagService:
             grounded = params.retrieval and params.template == "rag"
             # the retrieval gate's threshold is a cosine: dense's scores, hybrid's dense half
             # (Hit.dense_best); sparse (BM25) has none, only the generator's refusal counts
-            cosines = support(search, hits) if grounded else None
+            cosines = gate_cosines(search, hits) if grounded else None
             if cosines is not None and unsupported(self.abstain, cosines):
                 return self._abstained(params, lease, mode, self._listed(mode, hits), t0, t1)
             result = await self._generate(params, lease, mode, hits, expected, t0, t1)
-            if grounded and refuses(self.abstain, result.answer):
+            if grounded and (
+                refuses(self.abstain, result.answer)
+                or ungrounded(self.abstain, result.answer, [h.passage for h in hits])
+            ):
                 return dataclasses.replace(result, answer=ABSTAIN_TEXT, abstained=True)
             return result
 

@@ -164,6 +164,14 @@ class Settings(BaseSettings):
         description="Abstain when the best passage's retrieval score is below this (cosine for "
         "the default encoder; chosen in bench/RESULTS.md, 'Answer quality').",
     )
+    abstain_min_support: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Abstain, after generation, when less than this share of the answer's "
+        "content words (stemmed, function words out) occurs in the retrieved passages; 0 turns "
+        "this check off (chosen in bench/RESULTS.md, 'Abstention: signals tried').",
+    )
 
     # engine
     max_batch_size: int = Field(
@@ -377,7 +385,11 @@ class Settings(BaseSettings):
 
     @property
     def abstention(self) -> AbstainConfig:
-        return AbstainConfig(enabled=self.abstain, min_score=self.abstain_min_score)
+        return AbstainConfig(
+            enabled=self.abstain,
+            min_score=self.abstain_min_score,
+            min_support=self.abstain_min_support,
+        )
 
     @property
     def engine(self) -> EngineConfig:
