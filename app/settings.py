@@ -198,7 +198,8 @@ class Settings(BaseSettings):
         description="Step-level batching: most prompt tokens prefilled between two decoding steps "
         "while rows are decoding (more joiners wait for the next step boundary), which bounds "
         "the pause a burst of arrivals puts between two tokens of a running answer; at least "
-        "one request joins at each boundary. 0: no limit.",
+        "one request joins at each boundary. A joiner counts the tokens its prefill computes: "
+        "its prompt less the prefix the prefix cache holds for it. 0: no limit.",
     )
     prefix_cache_bytes: int = Field(
         256 * 1024 * 1024,

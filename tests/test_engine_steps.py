@@ -237,6 +237,71 @@ def test_the_prefill_budget_puts_decoding_steps_between_joiners(client_factory, 
         assert max(sizes) >= 2  # the burst joined together
 
 
+def test_the_prefill_budget_counts_only_what_the_prefix_cache_does_not_hold(
+    client_factory, tiny_generators, adapters_root
+) -> None:
+    """A burst of joiners whose prompts the prefix cache holds (under their adapter) costs
+    the budget only the tokens their prefill computes: at a budget that their whole prompts
+    would split into one joiner per step, they join together, with the same answers."""
+    from app.contracts import GenRow, Passage
+
+    save_lora_adapter(tiny_generators["llama"], adapters_root / "task", seed=1)
+    burst = [body(i, tokens=3, adapter="task") for i in range(1, 5)]
+    probe = client_factory("llama", batch_wait_ms=1, expect_wait_ms=0)
+    probe.put("/adapters/task", json={"path": "task"})
+
+    def row(client: Any, b: dict, passages: list[dict]) -> GenRow:
+        registry = client.app.state.lorag.service.registry
+        return GenRow(
+            b["question"],
+            [Passage(p["id"], p["doc_id"], p["title"], p["text"]) for p in passages],
+            registry.peft_name_of(registry.acquire("task")),
+            b["max_new_tokens"],
+        )
+
+    listed = [probe.post("/ask", json=b).json()["passages"] for b in burst]
+    cold = probe.app.state.lorag.service.engine._stepper
+    cold.prefixes = None  # counts whole prompts
+    full = [cold.prompt_tokens(row(probe, b, ps)) for b, ps in zip(burst, listed, strict=True)]
+    budget = max(full) + 1
+    assert 2 * min(full) > budget  # whole prompts: one joiner per step boundary
+
+    client = client_factory(
+        "llama",
+        prefill_tokens_per_step=budget,
+        max_batch_size=8,
+        batch_wait_ms=1,
+        expect_wait_ms=0,
+    )
+    client.put("/adapters/task", json={"path": "task"})
+    engine = slow_steps(client)
+    stepper = engine._stepper
+    alone = [client.post("/ask", json=b).json()["answer"] for b in burst]  # caches them
+    rest = [stepper.prompt_tokens(row(client, b, ps)) for b, ps in zip(burst, listed, strict=True)]
+    assert sum(rest) <= budget  # what their prefill computes now fits one boundary
+    log: list[object] = []
+    join, step = stepper.join, stepper.step
+
+    def logged_join(rows, keys):
+        log.append(len(rows))
+        return join(rows, keys)
+
+    def logged_step():
+        log.append("step")
+        return step()
+
+    stepper.join, stepper.step = logged_join, logged_step
+    done = client.portal.call(
+        post_all,
+        client,
+        [(0.0, body(0, tokens=40, adapter="task"))] + [(0.2, b) for b in burst],
+    )
+    assert [r.json()["answer"] for _, r in done[1:]] == alone
+    sizes = [e for e in log if e != "step"][1:]  # after the long row's own
+    # two or more joined at one boundary: whole prompts could not (the budget's assert above)
+    assert sum(sizes) == 4 and max(sizes) >= 2
+
+
 def test_first_token_and_token_gap_metrics(client_factory) -> None:
     """/metrics: each step-batched request's time to its first token, and the gaps between
     two tokens of running answers (at least the slowed step each)."""

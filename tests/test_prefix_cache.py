@@ -325,3 +325,26 @@ def test_seq2seq_reuse_under_pefts_own_adapter_names(tmp_path: Path) -> None:
         same(got[i], want[i])
     assert got[1].reused_tokens == got[1].prompt_tokens and got[2].reused_tokens == 0
     assert want[2].ids != want[0].ids  # the adapter changes the answer: the hook applied it
+
+
+def test_prompt_tokens_counts_what_a_join_computes_after_the_cache(world) -> None:
+    """StepBatch.prompt_tokens, what the engine's prefill budget counts: a request's prompt
+    tokens, less the prefix the cache holds for it under its adapter, once served."""
+    gen, _, a1 = world
+    rows = workload(a1)
+    cold, warm = StepBatch(gen), StepBatch(gen, ON)
+    full = [cold.prompt_tokens(r) for r in rows]
+    assert [warm.prompt_tokens(r) for r in rows] == full  # nothing cached yet
+    done = run(warm, rows, [0] * len(rows))
+    after = [warm.prompt_tokens(r) for r in rows]
+    assert [cold.prompt_tokens(r) for r in rows] == full  # the cache off: always the whole
+    for i, row in enumerate(rows):
+        if row.mode == "concat":  # served whole: every full block but the last token's
+            prompt = done[i].prompt_tokens
+            assert full[i] == prompt
+            assert after[i] == prompt - (prompt - 1) // BLOCK * BLOCK
+        else:  # a row per passage, padded to the longest uncached rest
+            assert 0 < after[i] < full[i]
+    # under an adapter that never ran, the same prompt's blocks are not its own
+    other = GenRow(rows[2].question, rows[2].passages, "never-served", rows[2].max_new_tokens)
+    assert warm.prompt_tokens(other) == full[2] != after[2]

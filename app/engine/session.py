@@ -3,8 +3,9 @@ decode a step, answer the requests that finished, until nothing runs and nothing
 
 At each step boundary: take what the dispatcher handed over (the inbox); admit it in queue
 order (requests join the batch while it has room, up to max_batch_size rows, and up to
-prefill_tokens_per_step prompt tokens while rows decode; an adapter operation runs after the
-requests before it are admitted); drop requests whose clients left; decode one step. Without
+prefill_tokens_per_step prompt tokens to compute while rows decode, what the prefix cache
+holds not counted; an adapter operation runs after the requests before it are admitted);
+drop requests whose clients left; decode one step. Without
 joins (LORAG_STEP_BATCHING=false, or a model the step batch cannot pad per row) requests are
 admitted only into an empty batch: every batch starts whole and shrinks as its rows end.
 """
@@ -170,8 +171,8 @@ class Session:
                 need = self.stepper.rows_for(req.mode, len(req.passages))
                 if width + need > self.config.max_batch_size and (self.running or joiners):
                     break  # full: it waits for rows to leave, and so does what follows
-                if budget:
-                    cost = self.stepper.prompt_tokens(req.row(None))
+                if budget:  # what its prefill computes: less what the prefix cache holds
+                    cost = self.stepper.prompt_tokens(req.row(self._name_now(req)))
                     if joiners and tokens + cost > budget:
                         break  # the running rows decode a step before the next joiners
                     tokens += cost
@@ -197,13 +198,13 @@ class Session:
         rows, keys, versions = [], [], []
         for it in joiners:
             try:  # the registry may have changed while it waited: resolve the lease now
-                lease = it.request.lease
-                name = self.adapters.peft_name_of(lease) if lease is not None else None
+                name = self._peft_name(it.request)
             except LoragError as exc:
                 self._settle(it, exc)
                 continue
             rows.append(it.request.row(name))
             keys.append(id(it))
+            lease = it.request.lease
             versions.append(lease.version if lease is not None else None)
         if not rows:
             return
@@ -226,6 +227,19 @@ class Session:
         self.loop.call_soon_threadsafe(self._count_batch, len(rows), now - started, was_running)
         self._finish(finished)
         self._stream()
+
+    def _peft_name(self, req: EngineRequest) -> str | None:
+        """The model's name for the adapter version the request leased (None: the base, or
+        merged); AdapterNotFound if its lease was returned before its row ran."""
+        return self.adapters.peft_name_of(req.lease) if req.lease is not None else None
+
+    def _name_now(self, req: EngineRequest) -> str | None:
+        """As _peft_name, for an estimate: None where the lease no longer resolves (_start
+        answers that request with the error)."""
+        try:
+            return self._peft_name(req)
+        except LoragError:
+            return None
 
     def _step(self) -> None:
         rows = len(self.stepper)

@@ -149,14 +149,21 @@ class StepBatch:
         return 1 if mode == "concat" else max(1, passages) * self.num_beams
 
     def prompt_tokens(self, row: GenRow) -> int:
-        """The tokens join() would prefill for such a request: its prompt (concat), or its
-        passages' prompts padded to the longest (the RAG modes; pruning not counted)."""
+        """The tokens join() would compute now for such a request: its prompt (concat), or its
+        passages' prompts padded to the longest (the RAG modes; pruning not counted), each
+        less the prefix the cache holds for it under row.adapter (decoder-only rows). The
+        engine's prefill budget counts these, as vLLM's scheduler counts a request's tokens
+        after its prefix-cache hits: a joiner whose prompt is cached costs what it computes."""
         if row.mode == "concat":
-            return len(self.host.concat_prompt(row))
-        if not row.passages:
+            prompts = [self.host.concat_prompt(row)]
+        elif row.passages:
+            prompts = self.host.passage_prompts(row.question, row.passages, row.max_new_tokens)
+        else:
             return 0
-        prompts = self.host.passage_prompts(row.question, row.passages, row.max_new_tokens)
-        return len(prompts) * max(len(p) for p in prompts)
+        cache = self._live_cache() if self.host.family.reuses_prefixes else None
+        if cache is None:
+            return len(prompts) * max(len(p) for p in prompts)
+        return len(prompts) * max(len(p) - cache.covered(row.adapter, p) for p in prompts)
 
     def text_of(self, key: Hashable) -> str | None:
         """The answer so far of a running request, as its final answer will begin; None for
