@@ -198,16 +198,8 @@ def test_a_rag_request_wider_than_the_batch_runs_alone(client_factory) -> None:
     assert max(widths) == 3 and 2 not in widths[widths.index(3) :]  # alone, after the first
 
 
-@pytest.mark.parametrize("budget", [0, 1])
-def test_the_prefill_budget_puts_decoding_steps_between_joiners(client_factory, budget) -> None:
-    """LORAG_PREFILL_TOKENS_PER_STEP: while a row decodes, a burst of arrivals joins a budget's
-    worth of prompt tokens at a time (at least one request) with a decoding step between, not
-    all in one prefill; without a limit (0) the burst joins together."""
-    client = client_factory(
-        "t5", prefill_tokens_per_step=budget, max_batch_size=8, batch_wait_ms=1, expect_wait_ms=0
-    )
-    engine = slow_steps(client)
-    stepper = engine._stepper
+def log_joins_and_steps(stepper: Any) -> list[object]:
+    """Record the step batch's calls in order: each join's row count, "step" for each step."""
     log: list[object] = []
     join, step = stepper.join, stepper.step
 
@@ -220,6 +212,20 @@ def test_the_prefill_budget_puts_decoding_steps_between_joiners(client_factory, 
         return step()
 
     stepper.join, stepper.step = logged_join, logged_step
+    return log
+
+
+@pytest.mark.parametrize("budget", [0, 1])
+def test_the_prefill_budget_puts_decoding_steps_between_joiners(client_factory, budget) -> None:
+    """LORAG_PREFILL_TOKENS_PER_STEP: while a row decodes, a burst of arrivals joins a budget's
+    worth of prompt tokens at a time (at least one request) with a decoding step between, not
+    all in one prefill; without a limit (0) the burst joins together."""
+    client = client_factory(
+        "t5", prefill_tokens_per_step=budget, max_batch_size=8, batch_wait_ms=1, expect_wait_ms=0
+    )
+    engine = slow_steps(client)
+    stepper = engine._stepper
+    log = log_joins_and_steps(stepper)
     burst = [body(i, tokens=3) for i in range(1, 5)]
     alone = [client.post("/ask", json=b).json()["answer"] for b in burst]
     log.clear()
@@ -279,18 +285,7 @@ def test_the_prefill_budget_counts_only_what_the_prefix_cache_does_not_hold(
     alone = [client.post("/ask", json=b).json()["answer"] for b in burst]  # caches them
     rest = [stepper.prompt_tokens(row(client, b, ps)) for b, ps in zip(burst, listed, strict=True)]
     assert sum(rest) <= budget  # what their prefill computes now fits one boundary
-    log: list[object] = []
-    join, step = stepper.join, stepper.step
-
-    def logged_join(rows, keys):
-        log.append(len(rows))
-        return join(rows, keys)
-
-    def logged_step():
-        log.append("step")
-        return step()
-
-    stepper.join, stepper.step = logged_join, logged_step
+    log = log_joins_and_steps(stepper)
     done = client.portal.call(
         post_all,
         client,
