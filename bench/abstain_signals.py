@@ -38,15 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from app.contracts import Passage
-from app.generation.abstain import answer_support, content_words
+from app.generation.abstain import AbstainConfig, answer_support, content_words
 from bench.answer_quality import README_QUESTIONS, ask_all, normalize, read
 
 SENTENCES = re.compile(r"(?<=[.!?])\s+")
 SIGNALS = ("cosine", "support", "anchor", "lp_with", "lp_without", "pmi")
-GATE = 0.45  # LORAG_ABSTAIN_MIN_SCORE's default
-
-
-words = content_words
+GATE = AbstainConfig().min_score  # LORAG_ABSTAIN_MIN_SCORE's default
 
 
 def support(answer: str, passages: list[dict[str, Any]]) -> float:
@@ -62,15 +59,15 @@ def anchor(question: str, answer: str, passages: list[dict[str, Any]]) -> float:
     passage's title. An answer copied from a sentence about something else ("Who wrote
     Hamlet?" -> a philosopher named in a sentence without Hamlet) scores low; 0 where the
     answer adds nothing or is found nowhere."""
-    asked = set(words(question))
-    new = set(words(answer)) - asked
+    asked = set(content_words(question))
+    new = set(content_words(answer)) - asked
     if not asked or not new:
         return 0.0
     best = 0.0
     for p in passages:
-        title = set(words(p["title"]))
+        title = set(content_words(p["title"]))
         for sentence in SENTENCES.split(p["text"]):
-            there = set(words(sentence))
+            there = set(content_words(sentence))
             if len(new & there) * 2 >= len(new):
                 best = max(best, len(asked & (there | title)) / len(asked))
     return best

@@ -261,7 +261,7 @@ def test_the_prefill_budget_counts_only_what_the_prefix_cache_does_not_hold(
         return GenRow(
             b["question"],
             [Passage(p["id"], p["doc_id"], p["title"], p["text"]) for p in passages],
-            registry.peft_name_of(registry.acquire("task")),
+            registry.peft_name("task"),
             b["max_new_tokens"],
         )
 
