@@ -287,6 +287,26 @@ def test_decoding_steps_append_to_the_cache_in_place(world: World) -> None:
     assert layer.keys is not None and layer.keys.shape[-2] == width + 5
 
 
+def test_rows_leaving_keep_the_cache_buffer(world: World) -> None:
+    """A leave moves the remaining rows inside the buffer and narrows it: no copy of the
+    cache; the answers are checked against alone by the leave tests above."""
+    gen = world.gen
+    batch = StepBatch(gen)
+    rows = [GenRow("Where is Alpha?", [P1, P2], None, n) for n in (2, 12, 12)]
+    assert batch.join(rows, ["short", "a", "b"]) == [] and len(batch) == 3
+    state = batch._state
+    assert state is not None
+    layer = state.self_layers()[0]
+    storage = layer._k.untyped_storage().data_ptr()  # type: ignore[attr-defined]
+    while len(batch) == 3:
+        batch.step()
+    state = batch._state
+    assert state is not None and len(batch) == 2
+    layer = state.self_layers()[0]
+    assert layer.keys is not None and layer.keys.shape[0] == 2
+    assert layer._k.untyped_storage().data_ptr() == storage  # type: ignore[attr-defined]
+
+
 def test_transformers_concatenating_caches_give_the_same_answers(world: World) -> None:
     """The benchmark's comparison variant (in_place_cache=False) decodes the same tokens."""
     gen = world.gen

@@ -15,6 +15,7 @@ step). Layers of other kinds (sliding windows) are left as they are: they suppor
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +70,29 @@ class GrowingLayer(DynamicLayer):
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, spare: int = SPARE) -> None:
         """Hold these keys and values [B, H, T, D], with room for `spare` more columns."""
-        b, h, t, d = keys.shape
-        self._k = keys.new_empty(b, h, t + spare, d)
-        self._v = values.new_empty(b, h, t + spare, values.shape[-1])
-        self._k[:, :, :t] = keys
-        self._v[:, :, :t] = values
-        self._n = t
-        self.keys, self.values = self._k[:, :, :t], self._v[:, :, :t]
+        self.stack([(keys, values)], keys.shape[-2], spare)
+
+    def stack(
+        self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int = SPARE
+    ) -> None:
+        """Hold the parts' rows one after another, each left padded (zeros) to width columns,
+        with room for `spare` more: one copy of each part into a new buffer (a join's merge,
+        which padding, concatenating and adopting would copy three times)."""
+        keys, values = parts[0]
+        rows = sum(k.shape[0] for k, _ in parts)
+        h, d, dv = keys.shape[1], keys.shape[-1], values.shape[-1]
+        self._k = keys.new_empty(rows, h, width + spare, d)
+        self._v = values.new_empty(rows, h, width + spare, dv)
+        at = 0
+        for k, v in parts:
+            b, gap = k.shape[0], width - k.shape[-2]
+            self._k[at : at + b, :, :gap].zero_()  # padding the mask hides, kept finite
+            self._v[at : at + b, :, :gap].zero_()
+            self._k[at : at + b, :, gap:width] = k
+            self._v[at : at + b, :, gap:width] = v
+            at += b
+        self._n = width
+        self.keys, self.values = self._k[:, :, :width], self._v[:, :, :width]
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -95,6 +112,34 @@ class GrowingLayer(DynamicLayer):
         """Rows dst become copies of rows src, spare columns included."""
         self._k[dst] = self._k[src]
         self._v[dst] = self._v[src]
+
+    def keep(self, rows: list[int], first: int) -> None:
+        """Rows `rows` of the layer, without its first `first` columns, in place: the rows
+        that move are copied into the leading rows, and the buffer is narrowed to a view (a
+        leave, which would otherwise copy every remaining row twice). The spare columns
+        stay. More rows than it holds (beams fanning out after a prefill) take a new buffer."""
+        if len(rows) > self._k.shape[0]:
+            idx = torch.tensor(rows, dtype=torch.long, device=self._k.device)
+            filled = (t[:, :, first : self._n].index_select(0, idx) for t in (self._k, self._v))
+            keys, values = filled
+            self.adopt(keys, values)
+            return
+        moved = [(i, j) for i, j in enumerate(rows) if i != j]
+        if all(a < b for a, b in itertools.pairwise(rows)):
+            # rows leaving: each kept row moves up, read before any write reaches it
+            for i, j in moved:
+                self._k[i].copy_(self._k[j])
+                self._v[i].copy_(self._v[j])
+        elif moved:  # beams reordered too: through a gathered copy
+            device = self._k.device
+            self.copy_rows(
+                torch.tensor([i for i, _ in moved], dtype=torch.long, device=device),
+                torch.tensor([j for _, j in moved], dtype=torch.long, device=device),
+            )
+        self._k = self._k[: len(rows), :, first:]
+        self._v = self._v[: len(rows), :, first:]
+        self._n -= first
+        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
 
 
 def grow_in_place(state: State) -> None:
@@ -143,7 +188,10 @@ def select(state: State, keep: list[int]) -> State:
     first = int(real.nonzero()[0]) if cut and bool(real.any()) else 0  # all-padding columns
     state.mask = mask[:, first:]
     for layer in state.self_layers():
-        _set(layer, *(t.index_select(0, idx)[:, :, first:] for t in _kv(layer)))
+        if isinstance(layer, GrowingLayer):
+            layer.keep(keep, first)
+        else:
+            _set(layer, *(t.index_select(0, idx)[:, :, first:] for t in _kv(layer)))
     if state.last.numel():  # (a fresh prefill's state has no next tokens yet)
         state.last = state.last.index_select(0, idx)
     if state.enc_hidden is not None and state.enc_mask is not None:
@@ -220,7 +268,10 @@ def _set(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
 def _merge_layer(a: Any, b: Any, size: int, *, left: bool) -> None:
     """Layer a's keys and values followed by b's (new rows), both padded to size columns."""
     (ak, av), (bk, bv) = _kv(a), _kv(b)
-    _set(a, _cat_padded(ak, bk, size, left=left), _cat_padded(av, bv, size, left=left))
+    if isinstance(a, GrowingLayer) and left:
+        a.stack([(ak, av), (bk, bv)], size)
+    else:
+        _set(a, _cat_padded(ak, bk, size, left=left), _cat_padded(av, bv, size, left=left))
 
 
 def _cat_padded(
