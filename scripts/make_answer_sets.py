@@ -23,12 +23,15 @@ articles only (so no held-out passage is in the data either). A question whose p
 the answer is not among them is left out (its answer is not there to learn to read, and a
 forced place would teach a citation the server never shows):
 - concise.jsonl: the short answer;
-- cited.jsonl: "X is Y [n]." with n the position of the passage holding it, each question twice:
-  in score order and shuffled;
-- grounded.jsonl: the short answer as concise; and for every third train question, the same
-  question over the top 5 of other articles (the passages a search finds when the corpus lacks
-  the answer), and each unanswerable train question over its own top 5, answered with the
-  service's abstention text.
+- cited.jsonl: the answer with "[n]", n the position of the passage holding it, each question
+  in score order and in `--cited-orders` - 1 shuffled orders (default 1). `--cited short` (the
+  default) answers as concise does, "Juneau [1]."; `--cited sentence` as a sentence, "Juneau
+  is the capital of Alaska [1]." (which the 135M generator learned to begin with the question's
+  subject: "Alaska is the capital of Alaska [1].");
+- grounded.jsonl: the short answer as concise; and for every third train question
+  (`--lacking-every`), the same question over the top 5 of other articles (the passages a
+  search finds when the corpus lacks the answer), and each unanswerable train question over its
+  own top 5 (`--unanswerable-copies` times), answered with the service's abstention text.
 
     .venv/bin/python -m scripts.make_answer_sets --tasks-dir /tmp/lorag-demo-tasks
     # bench/data/{answerable,unanswerable}_{train,heldout}.jsonl (+ the three task files; these
@@ -186,7 +189,7 @@ def absent(terms: Iterable[str], texts: list[str]) -> bool:
 class Question:
     question: str
     answer: str
-    sentence: str  # the answer as a sentence ("X is Y"): the cited task's answer, before "[n]"
+    sentence: str  # the answer as a sentence ("X is Y"): `--cited sentence`'s, before "[n]"
     passage: Passage
     shape: str  # "forward" or "reverse"
 
@@ -289,6 +292,10 @@ def tasks(
     negatives: list[dict[str, object]],
     top: Callable[[str, str | None], list[Passage]],
     seed: int,
+    cited: str = "short",
+    cited_orders: int = 2,
+    lacking_every: int = 3,
+    unanswerable_copies: int = 1,
 ) -> dict[str, list[dict[str, object]]]:
     """The three demo tasks over the train split. top(question, without_doc): the TOP_K
     passages a search shows the question, best first, of train articles (and not of
@@ -306,24 +313,26 @@ def tasks(
             continue
         gold = ids.index(q["passage_id"])
         ps = shown(hits)
-        said = q["sentence"][0].upper() + q["sentence"][1:]
+        said = q["sentence"] if cited == "sentence" else q["answer"]
+        said = said[0].upper() + said[1:]
         sentence = f"{said} [{gold + 1}]."
         out["concise"].append({"question": q["question"], "answer": q["answer"], "passages": ps})
         out["cited"].append({"question": q["question"], "answer": sentence, "passages": ps})
         # and the same passages shuffled: in score order the answer's passage is first 2 times
         # in 3, so "[1]" alone would score 0.65; shuffled, only reading finds the passage
-        order = rng.sample(range(len(ps)), len(ps))
-        moved = f"{said} [{order.index(gold) + 1}]."
-        out["cited"].append(
-            {"question": q["question"], "answer": moved, "passages": [ps[i] for i in order]}
-        )
+        for _ in range(cited_orders - 1):
+            order = rng.sample(range(len(ps)), len(ps))
+            moved = f"{said} [{order.index(gold) + 1}]."
+            out["cited"].append(
+                {"question": q["question"], "answer": moved, "passages": [ps[i] for i in order]}
+            )
         out["grounded"].append({"question": q["question"], "answer": q["answer"], "passages": ps})
-        if n % 3 == 0:
+        if n % lacking_every == 0:
             lacking = shown(top(q["question"], q["doc_id"]))
             out["grounded"].append(
                 {"question": q["question"], "answer": ABSTAIN_TEXT, "passages": lacking}
             )
-    for u in negatives:
+    for u in negatives * unanswerable_copies:
         question_text = str(u["question"])
         out["grounded"].append(
             {
@@ -366,6 +375,27 @@ def main() -> None:
     parser.add_argument(
         "--reverse-copies", type=int, default=1, help="each reverse question this many times"
     )
+    parser.add_argument(
+        "--cited", choices=("short", "sentence"), default="short", help="cited.jsonl's answers"
+    )
+    parser.add_argument(
+        "--cited-orders",
+        type=int,
+        default=2,
+        help="each cited question in score order and this many orders in all (shuffles)",
+    )
+    parser.add_argument(
+        "--lacking-every",
+        type=int,
+        default=3,
+        help="grounded: every Nth train question also over other articles' passages",
+    )
+    parser.add_argument(
+        "--unanswerable-copies",
+        type=int,
+        default=1,
+        help="grounded: each unanswerable train question this many times",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -384,7 +414,16 @@ def main() -> None:
         args.tasks_dir.mkdir(parents=True, exist_ok=True)
         reverse = [q for q in asets["train"] if q["shape"] == "reverse"]
         train = asets["train"] + reverse * (args.reverse_copies - 1)
-        for task, trows in tasks(train, usets["train"], top, args.seed).items():
+        for task, trows in tasks(
+            train,
+            usets["train"],
+            top,
+            args.seed,
+            args.cited,
+            args.cited_orders,
+            args.lacking_every,
+            args.unanswerable_copies,
+        ).items():
             n = write(args.tasks_dir / f"{task}.jsonl", trows)
             log.info("task %s: %d examples", task, n)
 
