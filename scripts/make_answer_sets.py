@@ -419,10 +419,10 @@ def main() -> None:
             usets["train"],
             top,
             args.seed,
-            args.cited,
-            args.cited_orders,
-            args.lacking_every,
-            args.unanswerable_copies,
+            cited=args.cited,
+            cited_orders=args.cited_orders,
+            lacking_every=args.lacking_every,
+            unanswerable_copies=args.unanswerable_copies,
         ).items():
             n = write(args.tasks_dir / f"{task}.jsonl", trows)
             log.info("task %s: %d examples", task, n)
