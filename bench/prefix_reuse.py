@@ -20,6 +20,11 @@ cache's ratios on/off and, with two orders, the second's against the first's, ca
         --orders score stable
     .venv/bin/python -m bench.prefix_reuse --requests 48 --rounds 1 --warm 200
 
+--one-call adds a cache-on arm at --clients on the Zipf traffic whose joiners at a step
+boundary prefill in one call, as before the engine prefilled prefix-cache hits first
+(app/engine/session.cheap_first): what that ordering does to time to first token.
+--workloads runs some of the two only.
+
 --warm N serves N other draws of the same traffic first, untimed, on each cache-on arm's engine:
 the steady state of a server that has been answering it (a fresh cache per arm otherwise sees
 only the repeats inside --requests, 21% of prompt tokens at 32 requests against 56% counted
@@ -39,6 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from app.contracts import Hit
+from app.engine import session
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.requests import EngineRequest, Observers
@@ -48,7 +54,8 @@ from app.settings import Settings
 from app.wiring import Components, load_components
 from bench.serve_throughput import pct
 
-Variant = tuple[str, ConcatOrder, bool, int]  # workload, concat order, cache on, clients
+# workload, concat order, cache on, clients, hits first (session.cheap_first; False: --one-call)
+Variant = tuple[str, ConcatOrder, bool, int, bool]
 WARM_CLIENTS = 16
 PATTERNS = ("What is {}?", "Where is {} found?", "Who is known for {}?", "When did {} begin?")
 
@@ -72,10 +79,28 @@ async def serve(
     clients: int,
     cache_bytes: int,
     warm: list[tuple[EngineRequest, str | None]] | None = None,
+    hits_first: bool = True,
 ) -> tuple[float, list[float], int, int]:
     """(seconds for all requests, time to first token each, prompt tokens, reused tokens).
     `warm`: requests served first, untimed and uncounted, on the same engine and cache (a
-    server that has been answering this traffic for a while)."""
+    server that has been answering this traffic for a while). hits_first False: each step
+    boundary's joiners prefill in one call (the engine before session.cheap_first)."""
+    ordering = session.cheap_first
+    if not hits_first:
+        session.cheap_first = lambda joiners, costs: [joiners] if joiners else []
+    try:
+        return await _serve(parts, reqs, clients, cache_bytes, warm)
+    finally:
+        session.cheap_first = ordering
+
+
+async def _serve(
+    parts: Components,
+    reqs: list[tuple[EngineRequest, str | None]],
+    clients: int,
+    cache_bytes: int,
+    warm: list[tuple[EngineRequest, str | None]] | None,
+) -> tuple[float, list[float], int, int]:
     ttft: list[float] = []
     stepper = StepBatch(parts.generator, DecodingConfig(prefix_cache_bytes=cache_bytes))
     config = EngineConfig(max_batch_size=16, batch_wait_ms=5, prefill_tokens_per_step=1024)
@@ -123,6 +148,10 @@ def main() -> None:
     ap.add_argument("--orders", nargs="+", choices=CONCAT_ORDERS, help="default: the setting's")
     ap.add_argument("--no-single", action="store_true", help="leave out one at a time")
     ap.add_argument(
+        "--workloads", nargs="+", choices=("zipf", "unique"), default=["zipf", "unique"]
+    )
+    ap.add_argument("--one-call", action="store_true", help="add a Zipf arm without hits first")
+    ap.add_argument(
         "--warm",
         type=int,
         default=0,
@@ -141,6 +170,7 @@ def main() -> None:
         "zipf": draws(questions, args.requests, args.zipf, seed=0),
         "unique": random.Random(1).sample(questions, args.requests),
     }
+    workloads = {w: qs for w, qs in workloads.items() if w in args.workloads}
 
     def requests(qs: list[str]) -> list[tuple[EngineRequest, str | None]]:
         hits: list[list[Hit]] = parts.retriever.retrieve(qs, args.top_k)
@@ -157,28 +187,33 @@ def main() -> None:
     # Not the unique workload: nothing in it repeats, and what a warm cache would hold for it
     # (the system prompt) the timed run caches at its first request
     warm = {"zipf": requests(draws(questions, args.warm, args.zipf, seed=2)), "unique": []}
+    n, base = args.clients, orders[0]
     clients = [args.clients] if args.no_single else [args.clients, 1]
     variants: list[Variant] = [
-        (w, o, on, c)
+        (w, o, on, c, True)
         for w in workloads
         for o in orders
         for on in (True, False)
         if on or o == orders[0]
         for c in clients
     ]
+    one_call: Variant = ("zipf", base, True, n, False)
+    if args.one_call and "zipf" in workloads:
+        variants.append(one_call)
     results: dict[Variant, list[tuple[float, list[float], int, int]]] = {v: [] for v in variants}
     asyncio.run(serve(parts, reqs["unique"][:2], 2, 0))  # warm-up
     for r in range(args.rounds):
         rotated = variants[r % len(variants) :] + variants[: r % len(variants)]
-        for w, o, on, c in rotated:
+        for v in rotated:
+            w, o, on, c, first_hits = v
             # the one prompt builder's layout, per arm; each arm has a fresh cache (serve)
             parts.generator.prompts.order = o
             cache = args.cache_mib * 1024 * 1024 if on else 0
-            out = asyncio.run(serve(parts, reqs[w], c, cache, warm[w] if on else None))
-            results[(w, o, on, c)].append(out)
+            out = asyncio.run(serve(parts, reqs[w], c, cache, warm[w] if on else None, first_hits))
+            results[v].append(out)
             wall, firsts, prompt, reused = out
             print(
-                f"round {r + 1} {w:6s} {o:6s} cache {'on ' if on else 'off'} clients {c:2d}: "
+                f"round {r + 1} {w:6s} {o:6s} {label(v)} clients {c:2d}: "
                 f"{args.requests / wall:.3f} req/s, ttft p50 {pct(firsts, 50):.2f} s "
                 f"p99 {pct(firsts, 99):.2f} s, reused {reused / max(prompt, 1):.0%}",
                 flush=True,
@@ -198,35 +233,47 @@ def main() -> None:
         f"max_new_tokens={args.max_new_tokens} zipf={args.zipf} adapters={args.adapters!r} "
         f"rounds={args.rounds} orders={','.join(orders)} warm={args.warm}"
     )
-    n, base = args.clients, orders[0]
     for v in (v for v in variants if v[3] == n):
-        w, o, on, _ = v
+        w, o, on, _, _ = v
         single = (
             ""
             if args.no_single
-            else f" = {rps(v) / rps((w, base, False, 1)):.2f}x one at a time without the cache "
-            f"({rps(v) / rps((w, o, on, 1)):.2f}x with it)"
+            else f" = {rps(v) / rps((w, base, False, 1, True)):.2f}x one at a time without the "
+            f"cache ({rps(v) / rps((w, o, on, 1, True)):.2f}x with it)"
         )
         print(
-            f"{w:6s} {o:6s} cache {'on ' if on else 'off'}: {rps(v):.3f} req/s{single}; "
+            f"{w:6s} {o:6s} {label(v)}: {rps(v):.3f} req/s{single}; "
             f"ttft p50 {first(v, 50):.2f} s p99 {first(v, 99):.2f} s; reused {share(v):.0%}"
         )
+    if one_call in results:
+        a, b = ("zipf", base, True, n, True), one_call
+        print(
+            f"zipf hits first / one call, cache on: throughput {rps(a) / rps(b):.2f}x, "
+            f"ttft p50 {first(a, 50) / first(b, 50):.2f}x, p99 {first(a, 99) / first(b, 99):.2f}x"
+        )
     for w in workloads:
-        no = (w, base, False, n)
+        no = (w, base, False, n, True)
         for o in orders:
-            yes = (w, o, True, n)
+            yes = (w, o, True, n, True)
             print(
                 f"{w} {o} on/off: throughput {rps(yes) / rps(no):.2f}x, "
                 f"ttft p50 {first(yes, 50) / first(no, 50):.2f}x, "
                 f"p99 {first(yes, 99) / first(no, 99):.2f}x"
             )
         for o in orders[1:]:
-            a, b = (w, base, True, n), (w, o, True, n)
+            a, b = (w, base, True, n, True), (w, o, True, n, True)
             print(
                 f"{w} {o}/{base}, cache on: throughput {rps(b) / rps(a):.2f}x, "
                 f"ttft p50 {first(b, 50) / first(a, 50):.2f}x, reused {share(b):.0%} against "
                 f"{share(a):.0%}"
             )
+
+
+def label(v: Variant) -> str:
+    """'cache on', 'cache off', or 'one call' (cache on, joiners in one call)."""
+    if not v[4]:
+        return "one call "
+    return "cache on " if v[2] else "cache off"
 
 
 if __name__ == "__main__":

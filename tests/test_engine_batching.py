@@ -29,6 +29,7 @@ class EchoDecoder:
 
     cannot_join = None
     width = 0
+    prefixes = None  # no prefix cache: joiners are not priced without a prefill budget
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []

@@ -313,3 +313,61 @@ def test_first_token_and_token_gap_metrics(client_factory) -> None:
     gaps = sample("lorag_token_gap_seconds_count")
     assert gaps >= 8  # about one per step of the 10-token answer
     assert sample('lorag_token_gap_seconds_bucket{le="0.01"}') == 0  # no step under 20 ms
+
+
+def test_prefix_cache_hits_prefill_before_cold_prompts_admitted_beside_them(
+    client_factory, tiny_generators, adapters_root
+) -> None:
+    """Joiners whose prompts the prefix cache holds prefill in a call of their own, before the
+    cold joiners admitted at the same step boundary, so their first token does not wait for
+    the cold prompts' prefill; every answer as alone."""
+    from app.generation.step_batch import FOLLOW_MIN_TOKENS
+
+    save_lora_adapter(tiny_generators["llama"], adapters_root / "task", seed=1)
+    hot = [body(i, tokens=3) for i in (1, 2)]
+    cold = [body(i, tokens=3, adapter="task") for i in (3, 4)]  # nothing cached under it
+    probe = client_factory("llama", batch_wait_ms=1, expect_wait_ms=0)
+    probe.put("/adapters/task", json={"path": "task"})
+    alone = {b["question"]: probe.post("/ask", json=b).json()["answer"] for b in hot + cold}
+
+    client = client_factory("llama", max_batch_size=8, batch_wait_ms=1, expect_wait_ms=0)
+    client.put("/adapters/task", json={"path": "task"})
+    engine = client.app.state.lorag.service.engine
+    stepper = engine._stepper
+    for b in hot:  # their prompts are cached now
+        assert client.post("/ask", json=b).json()["answer"] == alone[b["question"]]
+    calls: list[object] = []  # each join's questions, "step" for each step
+    join, step = stepper.join, stepper.step
+
+    def logged_join(rows, keys):
+        calls.append([r.question for r in rows])
+        for r in rows:
+            calls.append(("cost", r.question, stepper.prompt_tokens(r)))
+        return join(rows, keys)
+
+    def held_step():  # the long row's first step waits until the burst is queued
+        if calls.count("step") == 0:
+            deadline = time.monotonic() + 10
+            while engine.queue_depth < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        calls.append("step")
+        return step()
+
+    stepper.join, stepper.step = logged_join, held_step
+    burst = [cold[0], hot[0], cold[1], hot[1]]  # queue order: cold first
+    done = client.portal.call(
+        post_all, client, [(0.0, body(0, tokens=6))] + [(0.1, b) for b in burst]
+    )
+    assert [r.json()["answer"] for _, r in done[1:]] == [alone[b["question"]] for b in burst]
+    joins = [c for c in calls if isinstance(c, list)]
+    costs = {q: n for c in calls if isinstance(c, tuple) for _, q, n in [c]}
+    assert all(costs[b["question"]] < FOLLOW_MIN_TOKENS for b in hot)
+    assert all(costs[b["question"]] >= FOLLOW_MIN_TOKENS for b in cold)
+    # the long row's join, then the hits together, then the cold prompts: one boundary
+    assert [sorted(j) for j in joins[1:]] == [
+        [b["question"] for b in hot],
+        [b["question"] for b in cold],
+    ]
+    steps = [i for i, c in enumerate(calls) if c == "step"]
+    hits, colds = calls.index(joins[1]), calls.index(joins[2])
+    assert steps[0] < hits < colds < steps[1]  # both at the boundary after the first step

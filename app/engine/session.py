@@ -5,7 +5,8 @@ At each step boundary: take what the dispatcher handed over (the inbox); admit i
 order (requests join the batch while it has room, up to max_batch_size rows, and up to
 prefill_tokens_per_step prompt tokens to compute while rows decode, what the prefix cache
 holds not counted; an adapter operation runs after the requests before it are admitted);
-drop requests whose clients left; decode one step. Without
+prefill the admitted joiners, those the prefix cache holds first, in a call of their own
+(`cheap_first`); drop requests whose clients left; decode one step. Without
 joins (LORAG_STEP_BATCHING=false, or a model the step batch cannot pad per row) requests are
 admitted only into an empty batch: every batch starts whole and shrinks as its rows end.
 """
@@ -25,6 +26,7 @@ from app.engine.config import EngineConfig
 from app.engine.requests import AdapterResolver, EngineRequest, EngineResult, Observers, Stepper
 from app.errors import LoragError
 from app.generation.modes.base import Answer
+from app.generation.step_batch import FOLLOW_MIN_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +161,11 @@ class Session:
             if self.running and not self.joins:
                 return  # a whole batch: the next one starts when it has ended
             joiners: list[GenItem] = []
+            costs: list[int] = []  # each joiner's prompt tokens to compute, where counted
             width = self.stepper.width  # batch rows, running and joining
             tokens = 0  # prompt tokens of the joiners, against the budget while rows decode
             budget = self.config.prefill_tokens_per_step if self.running else 0
+            priced = bool(budget) or self.stepper.prefixes is not None
             while backlog and isinstance(backlog[0], GenItem):
                 item = backlog[0]
                 if item.future.done():  # cancelled while it waited
@@ -171,16 +175,17 @@ class Session:
                 need = self.stepper.rows_for(req.mode, len(req.passages))
                 if width + need > self.config.max_batch_size and (self.running or joiners):
                     break  # full: it waits for rows to leave, and so does what follows
-                if budget:  # what its prefill computes: less what the prefix cache holds
+                if priced:  # what its prefill computes: less what the prefix cache holds
                     cost = self.stepper.prompt_tokens(req.row(self._name_now(req)))
-                    if joiners and tokens + cost > budget:
+                    if budget and joiners and tokens + cost > budget:
                         break  # the running rows decode a step before the next joiners
                     tokens += cost
+                    costs.append(cost)
                 joiners.append(item)
                 width += need
                 backlog.popleft()
-            if joiners:
-                self._start(joiners)
+            for group in cheap_first(joiners, costs):
+                self._start(group)
             if not backlog or isinstance(backlog[0], GenItem):
                 return  # the batch is full, or all is admitted
             op = backlog.popleft()
@@ -300,6 +305,19 @@ class Session:
 
     def _count_step(self) -> None:
         self.stats.steps += 1
+
+
+def cheap_first(joiners: list[GenItem], costs: list[int]) -> list[list[GenItem]]:
+    """The joiners of one step boundary in the prefill calls to make, in order: those with
+    fewer than FOLLOW_MIN_TOKENS prompt tokens to compute (a prefix-cache hit: about a
+    decoding step's cost) first, then the others. Each call's joiners get their first token
+    when it returns, so a hit does not wait for a cold prompt's prefill admitted beside it;
+    the cold ones wait for one small call. Without costs (no budget, no cache), one call."""
+    if not costs:
+        return [joiners] if joiners else []
+    cheap = [j for j, c in zip(joiners, costs, strict=True) if c < FOLLOW_MIN_TOKENS]
+    rest = [j for j, c in zip(joiners, costs, strict=True) if c >= FOLLOW_MIN_TOKENS]
+    return [g for g in (cheap, rest) if g]
 
 
 def count_batch(

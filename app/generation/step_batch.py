@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 
 # A joiner is prefilled in a second call after the others when it would reuse at least this
 # many of their prompt tokens: a model call's fixed cost on a CPU is about what prefilling a
-# few dozen tokens costs (bench/RESULTS.md, "Prefix cache").
+# few dozen tokens costs (bench/RESULTS.md, "Prefix cache"). The engine prefills joiners with
+# fewer tokens than this to compute (prefix-cache hits) before the others, for the same reason
+# (app/engine/session.cheap_first).
 FOLLOW_MIN_TOKENS = 64
 
 Finished = tuple[Hashable, Answer]  # a request's key and its answer
