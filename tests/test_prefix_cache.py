@@ -31,11 +31,11 @@ P3 = Passage("c#0", "c", "", "An untitled passage about gamma rays and their lon
 ON = DecodingConfig(prefix_cache_bytes=64 * 1024 * 1024)
 
 
-def setup(kind: str, tmp: Path) -> tuple[Generator, AdapterRegistry, str]:
+def setup(kind: str, tmp: Path, dtype: str = "float32") -> tuple[Generator, AdapterRegistry, str]:
     model_dir = BUILDERS[kind](tmp)
     save_lora_adapter(model_dir, tmp / "adapters" / "a1", seed=1)
     save_lora_adapter(model_dir, tmp / "adapters" / "a2", seed=2)
-    gen = load_generator(str(model_dir), cache_dir=tmp)
+    gen = load_generator(str(model_dir), cache_dir=tmp, dtype=dtype)
     reg = AdapterRegistry(gen, tmp / "adapters", on_change=lambda m: sync_batched_lora(gen, m))
     reg.install("a1", reg.prepare("a1"))
     peft = reg.peft_name("a1")
@@ -100,6 +100,27 @@ def test_answers_equal_the_cache_off_and_the_cache_serves(world) -> None:
     for i in range(len(rows)):
         same(again[i], want[i])
         assert again[i].reused_tokens > 0
+
+
+def test_answers_equal_the_cache_off_in_bfloat16(tmp_path: Path) -> None:
+    """LORAG_DTYPE=bfloat16 (prefill several times faster on CPUs with AVX512-BF16:
+    bench/RESULTS.md, "bfloat16"): the cache keeps keys and values in the model's dtype, and
+    answers stay those of the cache off, rows joining at different steps and all at once."""
+    gen, _, a1 = setup("llama", tmp_path, "bfloat16")
+    assert next(gen.model.parameters()).dtype == torch.bfloat16
+    rows = workload(a1)
+    join_at = [0, 2, 2, 3, 5, 6, 6]
+    want = run(StepBatch(gen), rows, join_at)
+    batch = StepBatch(gen, ON)
+    assert batch.prefixes is not None
+    got = run(batch, rows, join_at)
+    again = run(batch, rows, [0] * len(rows))
+    for i in range(len(rows)):
+        same(got[i], want[i])
+        same(again[i], want[i])
+        assert again[i].reused_tokens > 0
+    held = batch.prefixes.lookup(None, gen.concat_prompt(rows[0]))
+    assert held and held[0][0].dtype == torch.bfloat16
 
 
 def test_joiners_that_share_a_prefix_compute_it_once(world, monkeypatch) -> None:
