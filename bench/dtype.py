@@ -104,16 +104,11 @@ def main() -> None:
     same = sum(a.text == b.text for a, b in zip(*answers.values(), strict=True))
     print(f"bfloat16 answers equal to float32's: {same}/{args.requests}")
     print(f"prompt {len(prompt)} tokens, {args.rounds} rounds, medians:")
-    for d in DTYPES:
-        pre = statistics.median(x for x, _ in times[d])
-        dec = statistics.median(y for _, y in times[d])
+    medians = {d: [statistics.median(t[i] for t in times[d]) for i in (0, 1)] for d in DTYPES}
+    for d, (pre, dec) in medians.items():
         print(f"{d:8s}: prefill {pre * 1000:.0f} ms, decoding step (16 rows) {dec * 1000:.1f} ms")
-    ratio = [statistics.median(x[i] for x in times["bfloat16"]) for i in (0, 1)]
-    base = [statistics.median(x[i] for x in times["float32"]) for i in (0, 1)]
-    print(
-        f"bfloat16/float32: prefill {ratio[0] / base[0]:.2f}x, "
-        f"decoding step {ratio[1] / base[1]:.2f}x"
-    )
+    (pre16, dec16), (pre32, dec32) = medians["bfloat16"], medians["float32"]
+    print(f"bfloat16/float32: prefill {pre16 / pre32:.2f}x, decoding step {dec16 / dec32:.2f}x")
 
 
 if __name__ == "__main__":

@@ -321,7 +321,7 @@ def test_prefix_cache_hits_prefill_before_cold_prompts_admitted_beside_them(
     """Joiners whose prompts the prefix cache holds prefill in a call of their own, before the
     cold joiners admitted at the same step boundary, so their first token does not wait for
     the cold prompts' prefill; every answer as alone."""
-    from app.generation.step_batch import FOLLOW_MIN_TOKENS
+    from app.generation.step_batch import CALL_COST_TOKENS
 
     save_lora_adapter(tiny_generators["llama"], adapters_root / "task", seed=1)
     hot = [body(i, tokens=3) for i in (1, 2)]
@@ -361,8 +361,8 @@ def test_prefix_cache_hits_prefill_before_cold_prompts_admitted_beside_them(
     assert [r.json()["answer"] for _, r in done[1:]] == [alone[b["question"]] for b in burst]
     joins = [c for c in calls if isinstance(c, list)]
     costs = {q: n for c in calls if isinstance(c, tuple) for _, q, n in [c]}
-    assert all(costs[b["question"]] < FOLLOW_MIN_TOKENS for b in hot)
-    assert all(costs[b["question"]] >= FOLLOW_MIN_TOKENS for b in cold)
+    assert all(costs[b["question"]] < CALL_COST_TOKENS for b in hot)
+    assert all(costs[b["question"]] >= CALL_COST_TOKENS for b in cold)
     # the long row's join, then the hits together, then the cold prompts: one boundary
     assert [sorted(j) for j in joins[1:]] == [
         [b["question"] for b in hot],

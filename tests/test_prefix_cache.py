@@ -115,7 +115,7 @@ def test_joiners_that_share_a_prefix_compute_it_once(world, monkeypatch) -> None
     gen, _, a1 = world
     rows = workload(a1)
     want = run(StepBatch(gen), rows, [0] * len(rows))
-    monkeypatch.setattr("app.generation.step_batch.FOLLOW_MIN_TOKENS", BLOCK)
+    monkeypatch.setattr("app.generation.step_batch.CALL_COST_TOKENS", BLOCK)
     batch = StepBatch(gen, ON)  # a cold cache: nothing is cached before this one join
     got = run(batch, rows, [0] * len(rows))
     for i in range(len(rows)):

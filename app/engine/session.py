@@ -26,7 +26,7 @@ from app.engine.config import EngineConfig
 from app.engine.requests import AdapterResolver, EngineRequest, EngineResult, Observers, Stepper
 from app.errors import LoragError
 from app.generation.modes.base import Answer
-from app.generation.step_batch import FOLLOW_MIN_TOKENS
+from app.generation.step_batch import CALL_COST_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -309,14 +309,14 @@ class Session:
 
 def cheap_first(joiners: list[GenItem], costs: list[int]) -> list[list[GenItem]]:
     """The joiners of one step boundary in the prefill calls to make, in order: those with
-    fewer than FOLLOW_MIN_TOKENS prompt tokens to compute (a prefix-cache hit: about a
+    fewer than CALL_COST_TOKENS prompt tokens to compute (a prefix-cache hit: about a
     decoding step's cost) first, then the others. Each call's joiners get their first token
     when it returns, so a hit does not wait for a cold prompt's prefill admitted beside it;
     the cold ones wait for one small call. Without costs (no budget, no cache), one call."""
     if not costs:
         return [joiners] if joiners else []
-    cheap = [j for j, c in zip(joiners, costs, strict=True) if c < FOLLOW_MIN_TOKENS]
-    rest = [j for j, c in zip(joiners, costs, strict=True) if c >= FOLLOW_MIN_TOKENS]
+    cheap = [j for j, c in zip(joiners, costs, strict=True) if c < CALL_COST_TOKENS]
+    rest = [j for j, c in zip(joiners, costs, strict=True) if c >= CALL_COST_TOKENS]
     return [g for g in (cheap, rest) if g]
 
 

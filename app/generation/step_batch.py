@@ -52,12 +52,12 @@ from app.lora.batched import BatchedLora, RowPlan
 
 log = logging.getLogger(__name__)
 
-# A joiner is prefilled in a second call after the others when it would reuse at least this
-# many of their prompt tokens: a model call's fixed cost on a CPU is about what prefilling a
-# few dozen tokens costs (bench/RESULTS.md, "Prefix cache"). The engine prefills joiners with
-# fewer tokens than this to compute (prefix-cache hits) before the others, for the same reason
-# (app/engine/session.cheap_first).
-FOLLOW_MIN_TOKENS = 64
+# A model call's fixed cost on a CPU, in prompt tokens: about what prefilling a few dozen
+# tokens costs (bench/RESULTS.md, "Prefix cache"). A joiner is prefilled in a second call after
+# the others when it would reuse at least this many of their prompt tokens (`_followers`), and
+# the engine prefills joiners with fewer than this to compute (prefix-cache hits) before the
+# others, in a call of their own (app/engine/session.cheap_first).
+CALL_COST_TOKENS = 64
 
 Finished = tuple[Hashable, Answer]  # a request's key and its answer
 
@@ -426,7 +426,7 @@ class StepBatch:
         groups: list[list[Request]] = []
         top = 0
         for n, r in todo:
-            if groups and top - n <= max(FOLLOW_MIN_TOKENS, top // 4):
+            if groups and top - n <= max(CALL_COST_TOKENS, top // 4):
                 groups[-1].append(r)
             else:
                 groups.append([r])
@@ -435,7 +435,7 @@ class StepBatch:
 
     def _followers(self, requests: Sequence[Request]) -> set[int]:
         """The requests worth prefilling after the others: those with at least
-        FOLLOW_MIN_TOKENS prompt tokens, not cached yet, that an earlier joiner's prompt
+        CALL_COST_TOKENS prompt tokens, not cached yet, that an earlier joiner's prompt
         starts with too. Below that, a second model call costs more than it saves."""
         cache = self.prefixes
         if cache is None or not self.host.family.reuses_prefixes or len(requests) < 2:
@@ -448,7 +448,7 @@ class StepBatch:
             for n, p, s in zip(names, ids, shared, strict=True)
         ]
         per = _per_request(requests, gain)
-        return {i for i, g in enumerate(per) if g >= FOLLOW_MIN_TOKENS}
+        return {i for i, g in enumerate(per) if g >= CALL_COST_TOKENS}
 
     # ---- stepping -------------------------------------------------------------------------
 
