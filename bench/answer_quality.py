@@ -12,7 +12,8 @@ Per adapter and mode it prints:
   normalized reference contained in the normalized answer (the accuracy the abstention target
   is measured by); an abstained answerable question scores 0 on all three;
 - cite: the answer cites "[n]" for the passage holding the answer, among answerable questions
-  whose passage was retrieved;
+  whose passage was retrieved; cite_right: the same among those answered right (`hit`), which
+  tells citing the wrong passage from giving the wrong answer;
 - EM, F1, hit and cite again per question shape (forward "What is X?" -> "a Y", reverse
   "What is the Y?" -> "X");
 - abstention precision and recall: `abstained` over all questions, unanswerable as positives;
@@ -92,7 +93,7 @@ def score(
     a_out: list[dict[str, Any]],
     u_out: list[dict[str, Any]],
 ) -> dict[str, float]:
-    recall, em, f1s, hit, cite, cite_n = 0, 0.0, 0.0, 0, 0, 0
+    recall, em, f1s, hit, cite, cite_n, cite_right, right_n = 0, 0.0, 0.0, 0, 0, 0, 0, 0
     for q, out in zip(answerable, a_out, strict=True):
         ids = [p["id"] for p in out["passages"]]
         if q["passage_id"] in ids:
@@ -102,10 +103,14 @@ def score(
         answer = out["answer"]
         em += normalize(answer) == normalize(q["answer"])
         f1s += f1(answer, q["answer"])
-        hit += normalize(q["answer"]) in normalize(answer)
+        right = normalize(q["answer"]) in normalize(answer)
+        hit += right
         if q["passage_id"] in ids:
+            cited = f"[{ids.index(q['passage_id']) + 1}]" in answer
             cite_n += 1
-            cite += f"[{ids.index(q['passage_id']) + 1}]" in answer
+            cite += cited
+            right_n += right
+            cite_right += cited and right
     n = len(answerable)
     abst_u = sum(bool(o.get("abstained")) for o in u_out)
     abst_a = sum(bool(o.get("abstained")) for o in a_out)
@@ -115,6 +120,7 @@ def score(
         "f1": f1s / n,
         "hit": hit / n,
         "cite": cite / cite_n if cite_n else 0.0,
+        "cite_right": cite_right / right_n if right_n else 0.0,
         "abstain_precision": abst_u / (abst_u + abst_a) if abst_u + abst_a else 0.0,
         "abstain_recall": abst_u / len(unanswerable) if unanswerable else 0.0,
         "abstained_answerable": abst_a / n,
@@ -217,7 +223,9 @@ def main() -> None:
                 part = score([answerable[i] for i in rows], [], [a_out[i] for i in rows], [])
                 print(
                     f"    {shape} questions (n={len(rows)}): "
-                    + " ".join(f"{k}={part[k]:.3f}" for k in ("em", "f1", "hit", "cite")),
+                    + " ".join(
+                        f"{k}={part[k]:.3f}" for k in ("em", "f1", "hit", "cite", "cite_right")
+                    ),
                     flush=True,
                 )
             cosines = retrieval in (None, "dense")  # the gate's scale (not BM25's or RRF's)
