@@ -100,8 +100,9 @@ def test_each_row_is_cut_at_its_own_limit(gen: Generator) -> None:
 
 def test_prompt_numbers_passages_with_titles(gen: Generator) -> None:
     text = gen.prompt("Where is Alpha?", [P1, P3], 8)
-    assert "[1] Alpha: Alpha is a small town" in text
-    assert "[2] An untitled passage" in text
+    # each passage opens and closes with its number, the mark a citation repeats
+    assert f"[1] Alpha: {P1.text} [1]" in text
+    assert f"[2] {P3.text} [2]" in text
     assert "Where is Alpha?" in text
     if gen.kind == "seq2seq":
         assert text.startswith("question: Where is Alpha? context: [1]")
@@ -118,6 +119,7 @@ def test_long_passages_are_cut_to_the_context_window(gen: Generator) -> None:
     budget = gen.max_input_tokens(40)
     assert gen.prompts.n_tokens(text) <= budget
     assert "[1] Alpha" in text and "[2] Delta: delta delta" in text
+    assert text.count("[2]") == 2  # the cut passage still closes with its number
     assert "[3]" not in text  # passages after the cut one are dropped
     # the answer still comes: the prompt's end (question, answer cue) survived
     assert "Where is Delta?" in text

@@ -234,7 +234,9 @@ def test_forward_on_encoded_pairs_gives_each_row_its_adapter(
     if gen.kind == "seq2seq":
         start = gen.model.config.decoder_start_token_id
         inputs["decoder_input_ids"] = torch.full((4, 1), start)
-    # [4, V] next-token logits; padding changes the float summation order, hence 1e-4
+    # [4, V] next-token logits; padding changes the float summation order, hence 5e-4 (the
+    # padded T5 rows land up to 1.9e-4 from their unpadded forward; the two adapters move the
+    # same row's logits by far more, checked last)
     together = gen.forward(adapters, **inputs).logits[:, -1]
     for i, adapter in enumerate(adapters):
         alone = {k: v[i : i + 1, -int(enc["attention_mask"][i].sum()) :] for k, v in enc.items()}
@@ -242,6 +244,6 @@ def test_forward_on_encoded_pairs_gives_each_row_its_adapter(
             alone = {k: v[i : i + 1, : int(enc["attention_mask"][i].sum())] for k, v in enc.items()}
             alone["decoder_input_ids"] = inputs["decoder_input_ids"][i : i + 1]
         torch.testing.assert_close(
-            gen.forward([adapter], **alone).logits[0, -1], together[i], atol=1e-4, rtol=1e-4
+            gen.forward([adapter], **alone).logits[0, -1], together[i], atol=5e-4, rtol=5e-4
         )
-    assert not torch.allclose(together[0], together[2], atol=1e-3)  # P1 under a1 vs a2
+    assert not torch.allclose(together[0], together[2], atol=1e-2)  # P1 under a1 vs a2

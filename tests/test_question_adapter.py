@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from torch import Tensor
 from transformers import BertModel
 
 from app.cli import training_config
 from app.contracts import Passage
 from app.errors import InvalidInputError
+from app.generation.generator import Generator
 from app.generation.loading import load_generator
 from app.lora.bundle import MANIFEST_NAME, QUESTION_DIR, prepare_task, read_manifest
 from app.lora.question_adapters import QuestionAdapters
@@ -68,16 +70,27 @@ def _data(path: Path) -> Path:
     return path
 
 
-def _preferred(model_dir: Path, tmp_path: Path) -> list[int]:
-    """Per question, the passage under which the (base) generator finds the answer likeliest:
-    where the marginal likelihood's gradient pushes p(z|x)."""
-    g = load_generator(str(model_dir), cache_dir=tmp_path)
+def _nll(g: Generator, objective: str, q: np.ndarray, d: np.ndarray) -> Tensor:
+    """[n] each question's marginal answer NLL over the 4 passages, its prior from q @ d.T."""
+    return torch.stack([
+        batch_nll(
+            g, [Sample(question, answer, tuple(PASSAGES), None)], objective,  # type: ignore[arg-type]
+            reserve=8, doc_scores=torch.from_numpy(q[b : b + 1] @ d.T).requires_grad_(True),
+        )[0]
+        for b, (question, answer) in enumerate(QUESTIONS)
+    ])  # fmt: skip
+
+
+def _preferred(g: Generator, objective: str, q: np.ndarray, d: np.ndarray) -> list[int]:
+    """Per question, the passage whose prior score the marginal likelihood's gradient raises
+    most at the base encoder's scores: where training pushes p(z|x), under its objective."""
     out = []
-    with torch.no_grad():
-        for q, a in QUESTIONS:
-            nll = [float(batch_nll(g, [Sample(q, a, (p,), None)], "sequence", reserve=8)[0])
-                   for p in PASSAGES]  # fmt: skip
-            out.append(int(np.argmin(nll)))
+    for b, (question, answer) in enumerate(QUESTIONS):
+        scores = torch.from_numpy(q[b : b + 1] @ d.T).requires_grad_(True)  # [1, 4]
+        sample = Sample(question, answer, tuple(PASSAGES), None)
+        nll, _ = batch_nll(g, [sample], objective, reserve=8, doc_scores=scores)  # type: ignore[arg-type]
+        (grad,) = torch.autograd.grad(nll, scores)
+        out.append(int(torch.argmin(grad[0])))
     return out
 
 
@@ -87,7 +100,9 @@ def _priors(encoder: SentenceTransformerEncoder, q: np.ndarray) -> np.ndarray:
     return torch.softmax(s, dim=-1).numpy()
 
 
-BUILDERS = {"llama": tiny_llama, "bart": tiny_bart}
+# no dropout: training runs the generator in train mode, and dropout's noise in a random tiny
+# model's likelihoods would make "the passage it prefers" a coin toss from step to step
+BUILDERS = {"llama": tiny_llama, "bart": lambda tmp: tiny_bart(tmp, dropout=0.0)}
 
 
 @pytest.mark.parametrize(("backend", "objective"), [("llama", "token"), ("bart", "sequence")])
@@ -95,12 +110,13 @@ def test_joint_training_moves_the_prior_toward_the_generators_choice(
     backend: str, objective: str, st_dir: Path, tmp_path: Path
 ) -> None:
     model_dir = BUILDERS[backend](tmp_path)
-    preferred = _preferred(model_dir, tmp_path)
     encoder = load_encoder(str(st_dir), "sentence-transformers")
     assert isinstance(encoder, SentenceTransformerEncoder)
     questions = [q for q, _ in QUESTIONS]
     base_q = encoder.encode_questions(questions)
     base_passages = encoder.encode_passages(PASSAGES)
+    g = load_generator(str(model_dir), cache_dir=tmp_path)  # the base generator, untrained
+    preferred = _preferred(g, objective, base_q, base_passages)
     settings = Settings(
         adapters_dir=tmp_path / "adapters", cache_dir=tmp_path / "cache", encoder=str(st_dir)
     )
@@ -143,7 +159,15 @@ def test_joint_training_moves_the_prior_toward_the_generators_choice(
     before = _priors(encoder, base_q)[rows, preferred]
     after = _priors(encoder, trained_q)[rows, preferred]
     assert after.mean() > before.mean() + 1e-3, (before, after)
-    assert (after > before).sum() >= len(QUESTIONS) - 1, (before, after)
+    # and what training minimizes fell: the answers' marginal NLL under the trained prior, the
+    # generator held at the base (its learning rate leaves it nearly so). A tiny encoder can
+    # not raise every question's choice at once (one shared shift serves most), so this, not a
+    # count of rows, is the property
+    with torch.no_grad():
+        nll_before = _nll(g, objective, base_q, base_passages)
+        nll_after = _nll(g, objective, trained_q, base_passages)
+    assert float(nll_after.sum()) < float(nll_before.sum()) - 0.1, (nll_before, nll_after)
+    assert (after > before).sum() >= len(QUESTIONS) // 2, (before, after)
     # the passage side is untouched: same vectors from the server's encoder as before training
     np.testing.assert_array_equal(encoder.encode_passages(PASSAGES), base_passages)
     np.testing.assert_array_equal(encoder.encode_questions(questions), base_q)

@@ -492,16 +492,25 @@ def test_rag_sequence_rows_leave_as_their_hypotheses_end(
 ) -> None:
     """A passage whose hypothesis ended leaves the batch before the request's others. Tiny
     random models never emit their end token, so the end token here is one the first
-    passage's hypothesis emits at its third step (for the reference alike)."""
+    passage's hypothesis emits at a later step (its third or after) that no hypothesis
+    emitted before it, and that some other hypothesis does not emit at the same step (for
+    the reference alike)."""
     gen = world.gen
     row = GenRow("Where is Alpha?", [P1, P2, P3], None, 12, "sequence", scores=[1.0, 1.0, 1.0])
     probe = StepBatch(gen)
     probe.join([row], ["p"])
     hyps = probe._requests[0]
     assert isinstance(hyps, RagSequence)
-    probe.step()
-    probe.step()
-    eos = hyps.ids[0][2]
+    for _ in range(6):
+        probe.step()
+    ends = [
+        token
+        for j, token in enumerate(hyps.ids[0][2:7], start=2)
+        if all(token not in ids[:j] for ids in hyps.ids)
+        and any(ids[j] != token for ids in hyps.ids[1:])
+    ]
+    assert ends, hyps.ids
+    eos = ends[0]
     monkeypatch.setattr(gen, "rag_eos", eos)  # for the reference alike
     batch = StepBatch(gen)
     widths = []

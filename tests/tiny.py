@@ -79,6 +79,7 @@ def bart_config(
     decoder_start: int = PAD,
     width: int = 64,
     positions: int = 1024,
+    dropout: float = 0.1,
 ) -> BartConfig:
     """A 2+2-layer BART (d_model `width`, 4 heads) that forces no token at either end."""
     return BartConfig(
@@ -97,6 +98,7 @@ def bart_config(
         decoder_start_token_id=decoder_start,
         forced_bos_token_id=None,
         forced_eos_token_id=None,
+        dropout=dropout,  # BART's default; training runs with it
         init_std=0.3,  # large enough that the input (the passage) changes the answer
     )
 
@@ -145,10 +147,12 @@ def tiny_t5(tmp_path: Path, *, seed: int = 0, name: str = "tiny-t5", width: int 
     return _save(T5ForConditionalGeneration(t5_config(width=width)), tmp_path / name)
 
 
-def tiny_bart(tmp_path: Path, *, seed: int = 0, name: str = "tiny-bart") -> Path:
+def tiny_bart(
+    tmp_path: Path, *, seed: int = 0, name: str = "tiny-bart", dropout: float = 0.1
+) -> Path:
     """A 2+2-layer BART (d_model 64) saved under tmp_path/name."""
     torch.manual_seed(seed)
-    return _save(BartForConditionalGeneration(bart_config()), tmp_path / name)
+    return _save(BartForConditionalGeneration(bart_config(dropout=dropout)), tmp_path / name)
 
 
 def tiny_llama(

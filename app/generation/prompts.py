@@ -1,7 +1,15 @@
 """Prompt text for the generator: the question with its numbered, titled passages.
 
-Seq2seq models get T5's QA format, "question: ... context: [1] title: text ...". Causal models
-get a system + user chat message when their tokenizer has a chat template, plain text otherwise.
+Seq2seq models get T5's QA format, "question: ... context: [1] title: text [1] ...". Causal
+models get a system + user chat message when their tokenizer has a chat template, plain text
+otherwise.
+
+Each passage opens and closes with its number, "[n] title: text [n]", so the mark a citation
+repeats also sits right after the text it cites (a passage is ~130 tokens, and the passages of
+one article share a title). The `cited` demo adapter, retrained on this layout, cites the
+passage holding the answer in 0.78 of held-out answers against 0.68 with the number in front
+only, for ~3 more prompt tokens a passage (bench/RESULTS.md, "Passages that close with their
+number").
 
 Passages arrive in retrieval order and are fitted to a token budget in that order: whole
 passages while they fit, then the first that does not fit is cut to the room left (if that room
@@ -43,7 +51,8 @@ MARGIN_TOKENS = 8  # re-tokenizing decoded text is not exactly additive; keep sl
 
 def passage_block(number: int, passage: Passage, text: str | None = None) -> str:
     body = passage.text if text is None else text
-    return f"[{number}] {passage.title}: {body}" if passage.title else f"[{number}] {body}"
+    head = f"[{number}] {passage.title}: " if passage.title else f"[{number}] "
+    return f"{head}{body} [{number}]"
 
 
 def stable_key(passage: Passage) -> tuple[str, int, str]:
