@@ -20,7 +20,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.contracts import Mode, SearchMode
 from app.engine.config import EngineConfig
 from app.generation.abstain import AbstainConfig
-from app.generation.config import ConcatOrder, DecodingConfig, DType, GeneratorSpec, PromptConfig
+from app.generation.config import (
+    ConcatOrder,
+    DecodingConfig,
+    DType,
+    GeneratorSpec,
+    PrefillDType,
+    PromptConfig,
+)
 
 if TYPE_CHECKING:
     from app.db.config import DatabaseConfig
@@ -210,6 +217,14 @@ class Settings(BaseSettings):
         "encoder-decoders an identical input's encoder output (a joining row whose input is "
         "cached skips the encoder). 0: off.",
     )
+    prefill_dtype: PrefillDType = Field(
+        "model",
+        description="What prefill calls (and encoders) compute their matmuls in: 'model', the "
+        "model's dtype; 'bfloat16', under autocast on a float32 model, while keys, values and "
+        "decoding steps stay float32. On a CPU with bfloat16 instructions (AVX512-BF16, AMX) a "
+        "prefill takes about half the time; it can change an answer's tokens against float32 "
+        "(bench/RESULTS.md, 'Prefill in bfloat16').",
+    )
 
     # security
     admin_token: SecretStr | None = Field(
@@ -377,6 +392,7 @@ class Settings(BaseSettings):
             num_beams=self.num_beams,
             min_prior=self.min_prior,
             prefix_cache_bytes=self.prefix_cache_bytes,
+            prefill_dtype=self.prefill_dtype,
         )
 
     @property

@@ -25,6 +25,10 @@ boundary prefill in one call, as before the engine prefilled prefix-cache hits f
 (app/engine/session.cheap_first): what that ordering does to time to first token.
 --workloads runs some of the two only.
 
+--prefill-dtypes model bfloat16 runs every arm in each (LORAG_PREFILL_DTYPE: prefill calls in
+bfloat16 under autocast, decoding in float32), rotating with the others; each dtype's ratios are
+against its own one-at-a-time arms, and last come bfloat16's against the model dtype's.
+
 --warm N serves N other draws of the same traffic first, untimed, on each cache-on arm's engine:
 the steady state of a server that has been answering it (a fresh cache per arm otherwise sees
 only the repeats inside --requests, 21% of prompt tokens at 32 requests against 56% counted
@@ -48,14 +52,21 @@ from app.engine import session
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.requests import EngineRequest, Observers
-from app.generation.config import CONCAT_ORDERS, ConcatOrder, DecodingConfig
+from app.generation.config import (
+    CONCAT_ORDERS,
+    PREFILL_DTYPES,
+    ConcatOrder,
+    DecodingConfig,
+    PrefillDType,
+)
 from app.generation.step_batch import StepBatch
 from app.settings import Settings
 from app.wiring import Components, load_components
 from bench.serve_throughput import pct
 
-# workload, concat order, cache on, clients, hits first (session.cheap_first; False: --one-call)
-Variant = tuple[str, ConcatOrder, bool, int, bool]
+# workload, concat order, cache on, clients, hits first (session.cheap_first; False: --one-call),
+# prefill dtype
+Variant = tuple[str, ConcatOrder, bool, int, bool, PrefillDType]
 WARM_CLIENTS = 16
 PATTERNS = ("What is {}?", "Where is {} found?", "Who is known for {}?", "When did {} begin?")
 
@@ -80,6 +91,7 @@ async def serve(
     cache_bytes: int,
     warm: list[tuple[EngineRequest, str | None]] | None = None,
     hits_first: bool = True,
+    prefill: PrefillDType = "model",
 ) -> tuple[float, list[float], int, int]:
     """(seconds for all requests, time to first token each, prompt tokens, reused tokens).
     `warm`: requests served first, untimed and uncounted, on the same engine and cache (a
@@ -89,7 +101,7 @@ async def serve(
     if not hits_first:
         session.cheap_first = lambda joiners, costs: [joiners] if joiners else []
     try:
-        return await _serve(parts, reqs, clients, cache_bytes, warm)
+        return await _serve(parts, reqs, clients, cache_bytes, warm, prefill)
     finally:
         session.cheap_first = ordering
 
@@ -100,9 +112,11 @@ async def _serve(
     clients: int,
     cache_bytes: int,
     warm: list[tuple[EngineRequest, str | None]] | None,
+    prefill: PrefillDType,
 ) -> tuple[float, list[float], int, int]:
     ttft: list[float] = []
-    stepper = StepBatch(parts.generator, DecodingConfig(prefix_cache_bytes=cache_bytes))
+    decoding = DecodingConfig(prefix_cache_bytes=cache_bytes, prefill_dtype=prefill)
+    stepper = StepBatch(parts.generator, decoding)
     config = EngineConfig(max_batch_size=16, batch_wait_ms=5, prefill_tokens_per_step=1024)
     engine = Engine(stepper, parts.registry, config, Observers(on_first_token=ttft.append))
     engine.start()
@@ -152,6 +166,9 @@ def main() -> None:
     )
     ap.add_argument("--one-call", action="store_true", help="add a Zipf arm without hits first")
     ap.add_argument(
+        "--prefill-dtypes", nargs="+", choices=PREFILL_DTYPES, help="default: the setting's"
+    )
+    ap.add_argument(
         "--warm",
         type=int,
         default=0,
@@ -160,6 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     settings = Settings()
     orders: list[ConcatOrder] = args.orders or [settings.concat_order]
+    dtypes: list[PrefillDType] = args.prefill_dtypes or [settings.prefill_dtype]
     parts = load_components(settings)
     names = [a or None for a in args.adapters.split(",")]
     for name in {n for n in names if n}:
@@ -190,14 +208,15 @@ def main() -> None:
     n, base = args.clients, orders[0]
     clients = [args.clients] if args.no_single else [args.clients, 1]
     variants: list[Variant] = [
-        (w, o, on, c, True)
+        (w, o, on, c, True, d)
+        for d in dtypes
         for w in workloads
         for o in orders
         for on in (True, False)
         if on or o == orders[0]
         for c in clients
     ]
-    one_call: Variant = ("zipf", base, True, n, False)
+    one_call: Variant = ("zipf", base, True, n, False, dtypes[0])
     if args.one_call and "zipf" in workloads:
         variants.append(one_call)
     results: dict[Variant, list[tuple[float, list[float], int, int]]] = {v: [] for v in variants}
@@ -205,15 +224,17 @@ def main() -> None:
     for r in range(args.rounds):
         rotated = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in rotated:
-            w, o, on, c, first_hits = v
+            w, o, on, c, first_hits, d = v
             # the one prompt builder's layout, per arm; each arm has a fresh cache (serve)
             parts.generator.prompts.order = o
             cache = args.cache_mib * 1024 * 1024 if on else 0
-            out = asyncio.run(serve(parts, reqs[w], c, cache, warm[w] if on else None, first_hits))
+            out = asyncio.run(
+                serve(parts, reqs[w], c, cache, warm[w] if on else None, first_hits, d)
+            )
             results[v].append(out)
             wall, firsts, prompt, reused = out
             print(
-                f"round {r + 1} {w:6s} {o:6s} {label(v)} clients {c:2d}: "
+                f"round {r + 1} {w:6s} {o:6s} {d:8s} {label(v)} clients {c:2d}: "
                 f"{args.requests / wall:.3f} req/s, ttft p50 {pct(firsts, 50):.2f} s "
                 f"p99 {pct(firsts, 99):.2f} s, reused {reused / max(prompt, 1):.0%}",
                 flush=True,
@@ -231,42 +252,54 @@ def main() -> None:
     print(
         f"requests={args.requests} clients={args.clients} top_k={args.top_k} "
         f"max_new_tokens={args.max_new_tokens} zipf={args.zipf} adapters={args.adapters!r} "
-        f"rounds={args.rounds} orders={','.join(orders)} warm={args.warm}"
+        f"rounds={args.rounds} orders={','.join(orders)} warm={args.warm} "
+        f"prefill={','.join(dtypes)}"
     )
     for v in (v for v in variants if v[3] == n):
-        w, o, on, _, _ = v
+        w, o, on, _, _, d = v
         single = (
             ""
             if args.no_single
-            else f" = {rps(v) / rps((w, base, False, 1, True)):.2f}x one at a time without the "
-            f"cache ({rps(v) / rps((w, o, on, 1, True)):.2f}x with it)"
+            else f" = {rps(v) / rps((w, base, False, 1, True, d)):.2f}x one at a time without "
+            f"the cache ({rps(v) / rps((w, o, on, 1, True, d)):.2f}x with it)"
         )
         print(
-            f"{w:6s} {o:6s} {label(v)}: {rps(v):.3f} req/s{single}; "
+            f"{w:6s} {o:6s} {d:8s} {label(v)}: {rps(v):.3f} req/s{single}; "
             f"ttft p50 {first(v, 50):.2f} s p99 {first(v, 99):.2f} s; reused {share(v):.0%}"
         )
     if one_call in results:
-        a, b = ("zipf", base, True, n, True), one_call
+        a, b = ("zipf", base, True, n, True, dtypes[0]), one_call
         print(
             f"zipf hits first / one call, cache on: throughput {rps(a) / rps(b):.2f}x, "
             f"ttft p50 {first(a, 50) / first(b, 50):.2f}x, p99 {first(a, 99) / first(b, 99):.2f}x"
         )
-    for w in workloads:
-        no = (w, base, False, n, True)
+    for w, d in ((w, d) for d in dtypes for w in workloads):
+        no = (w, base, False, n, True, d)
         for o in orders:
-            yes = (w, o, True, n, True)
+            yes = (w, o, True, n, True, d)
             print(
-                f"{w} {o} on/off: throughput {rps(yes) / rps(no):.2f}x, "
+                f"{w} {o} {d} on/off: throughput {rps(yes) / rps(no):.2f}x, "
                 f"ttft p50 {first(yes, 50) / first(no, 50):.2f}x, "
                 f"p99 {first(yes, 99) / first(no, 99):.2f}x"
             )
         for o in orders[1:]:
-            a, b = (w, base, True, n, True), (w, o, True, n, True)
+            a, b = (w, base, True, n, True, d), (w, o, True, n, True, d)
             print(
                 f"{w} {o}/{base}, cache on: throughput {rps(b) / rps(a):.2f}x, "
                 f"ttft p50 {first(b, 50) / first(a, 50):.2f}x, reused {share(b):.0%} against "
                 f"{share(a):.0%}"
             )
+
+    if len(dtypes) > 1:  # the second dtype against the first, arm by arm
+        for w in workloads:
+            for on, c in ((True, n), (False, n), (False, 1)):
+                if args.no_single and c == 1:
+                    continue
+                a, b = (w, base, on, c, True, dtypes[0]), (w, base, on, c, True, dtypes[1])
+                print(
+                    f"{w} {dtypes[1]}/{dtypes[0]}, {label(a)} clients {c:2d}: throughput "
+                    f"{rps(b) / rps(a):.2f}x, ttft p50 {first(b, 50) / first(a, 50):.2f}x"
+                )
 
 
 def label(v: Variant) -> str:

@@ -10,6 +10,7 @@ serves (reused tokens counted per answer).
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,49 @@ def test_prompt_tokens_counts_what_a_join_computes_after_the_cache(world) -> Non
     # under an adapter that never ran, the same prompt's blocks are not its own
     other = GenRow(rows[2].question, rows[2].passages, "never-served", rows[2].max_new_tokens)
     assert warm.prompt_tokens(other) == full[2] != after[2]
+
+
+# ---- prefill in bfloat16 (LORAG_PREFILL_DTYPE=bfloat16) on float32 models --------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5", "bart"])
+def test_bfloat16_prefill_keeps_the_cache_exact_and_decodes_in_float32(
+    kind: str, tmp_path: Path
+) -> None:
+    """Prefill calls run under bfloat16 autocast, decoding in float32: with the cache on, every
+    answer equals the cache off under the same setting (a hit's suffix prefill and a whole
+    prompt's run the same way), and what the cache and the running batch hold is float32."""
+    gen, _, a1 = setup(kind, tmp_path)
+    rows = seq2seq_workload(a1) if gen.kind == "seq2seq" else workload(a1)
+    join_at = [0, 2, 2, 3, 5, 6, 6, 4][: len(rows)]
+    bf16 = DecodingConfig(prefill_dtype="bfloat16")
+    want = run(StepBatch(gen, bf16), rows, join_at)
+    batch = StepBatch(gen, replace(ON, prefill_dtype="bfloat16"))
+    got = run(batch, rows, join_at)
+    again = run(batch, rows, [0] * len(rows))  # one join, served from the cache
+    for i in range(len(rows)):
+        same(got[i], want[i])
+        same(again[i], want[i])
+        assert again[i].reused_tokens > 0
+    # the running batch's keys and values are float32 while rows decode
+    batch.join([rows[0]], ["x"])
+    assert batch._state is not None
+    assert {x.keys.dtype for x in batch._state.self_layers()} == {torch.float32}
+    assert batch.prefixes is not None
+    if gen.kind == "seq2seq":
+        held = batch.prefixes.encoded(None, gen.concat_prompt(rows[0]))
+        assert held is not None and held.dtype == torch.float32
+    else:
+        found = batch.prefixes.lookup(None, gen.concat_prompt(rows[0]))
+        assert found and found[0][0].dtype == torch.float32
+    # and the setting does something: the first token's logits move off float32's, a little
+    row = rows[0]
+    logits = {}
+    for name, config in (("model", DecodingConfig()), ("bfloat16", bf16)):
+        probe = StepBatch(gen, config)
+        with torch.inference_mode():
+            requests = [probe.request(row, 0)]
+            _, logits[name] = probe._prefill(requests)
+    assert logits["bfloat16"].dtype == torch.float32
+    diff = (logits["bfloat16"] - logits["model"]).abs().max()
+    assert 0 < diff < 0.1 * logits["model"].abs().max()

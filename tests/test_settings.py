@@ -39,6 +39,7 @@ def test_environment_names_reach_the_component_configs(monkeypatch: pytest.Monke
         "LORAG_GENERATOR": "some/generator",
         "LORAG_DTYPE": "bfloat16",
         "LORAG_PREFIX_CACHE_BYTES": "4096",
+        "LORAG_PREFILL_DTYPE": "bfloat16",
         "LORAG_CACHE_DIR": "/tmp/lorag-cache",
         "LORAG_INDEX_TYPE": "hnsw",
         "LORAG_HNSW_M": "16",
@@ -58,7 +59,9 @@ def test_environment_names_reach_the_component_configs(monkeypatch: pytest.Monke
     s = Settings()
 
     assert s.engine == EngineConfig(3, 7.5, 11.0, False, 0)
-    assert s.decoding == DecodingConfig(num_beams=4, min_prior=0.05, prefix_cache_bytes=4096)
+    assert s.decoding == DecodingConfig(
+        num_beams=4, min_prior=0.05, prefix_cache_bytes=4096, prefill_dtype="bfloat16"
+    )
     assert s.encoder_spec == EncoderSpec("some/encoder", "dpr", "cuda:1", "some/ctx")
     assert s.generator_spec == GeneratorSpec(
         "some/generator", Path("/tmp/lorag-cache"), "cuda:1", "bfloat16"
@@ -113,6 +116,7 @@ def test_keyword_construction_keeps_the_flat_names(tmp_path: Path) -> None:
         (lambda: EngineConfig(prefill_tokens_per_step=-1), "prefill_tokens_per_step"),
         (lambda: DecodingConfig(num_beams=0), "num_beams"),
         (lambda: DecodingConfig(min_prior=1.0), "min_prior"),
+        (lambda: DecodingConfig(prefill_dtype="float16"), "prefill_dtype"),  # type: ignore[arg-type]
         (lambda: GeneratorSpec("default", Path("c"), dtype="int8"), "dtype"),  # type: ignore[arg-type]
         (lambda: EncoderSpec(""), "encoder spec"),
         (lambda: ServerConfig(port=0), "port"),

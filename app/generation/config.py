@@ -15,6 +15,10 @@ DTYPE_NAMES: tuple[DType, ...] = get_args(DType)
 # how a concat prompt lays out its passages: score, in retrieval order (best first); stable, by
 # document then ordinal, so prompts over overlapping passage sets share longer prefixes
 ConcatOrder = Literal["score", "stable"]
+# what prefill calls compute their matmuls in: the model's dtype, or bfloat16 under autocast
+# while the keys, values and decoding steps stay in the model's (app/generation/step_batch.py)
+PrefillDType = Literal["model", "bfloat16"]
+PREFILL_DTYPES: tuple[PrefillDType, ...] = get_args(PrefillDType)
 CONCAT_ORDERS: tuple[ConcatOrder, ...] = get_args(ConcatOrder)
 
 
@@ -44,8 +48,13 @@ class DecodingConfig:
     # prompt-prefix KV (decoder-only) or identical inputs' encoder outputs (encoder-decoder)
     # kept for reuse; 0: off
     prefix_cache_bytes: int = 0
+    prefill_dtype: PrefillDType = "model"
 
     def __post_init__(self) -> None:
+        if self.prefill_dtype not in PREFILL_DTYPES:
+            raise ValueError(
+                f"prefill_dtype {self.prefill_dtype!r} is not one of {list(PREFILL_DTYPES)}"
+            )
         if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int):
             raise ValueError(f"num_beams must be an integer, got {self.num_beams!r}")
         if self.num_beams < 1:

@@ -156,6 +156,17 @@ def grow_in_place(state: State) -> None:
             layers[i] = GrowingLayer(*_kv(layer))
 
 
+def cast(state: State, dtype: torch.dtype) -> None:
+    """Give a prefill's keys, values and encoder output the dtype decoding runs in (in place;
+    a no-op where they have it)."""
+    for layer in state.self_layers() + state.cross_layers():
+        keys, values = _kv(layer)
+        if keys.dtype != dtype or values.dtype != dtype:
+            _set(layer, keys.to(dtype), values.to(dtype))
+    if state.enc_hidden is not None and state.enc_hidden.dtype != dtype:
+        state.enc_hidden = state.enc_hidden.to(dtype)
+
+
 def check_filled(state: State) -> None:
     """Refuse a cache the prefill left without keys (before anything is merged into it)."""
     layers = state.self_layers() + state.cross_layers()

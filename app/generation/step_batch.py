@@ -113,6 +113,10 @@ class StepBatch:
         self.num_beams = decoding.num_beams  # the RAG modes' beam search (1: greedy)
         self.min_prior = decoding.min_prior  # the RAG modes' prior pruning
         self._in_place = in_place_cache  # False: transformers' concatenating layers (benchmarks)
+        dtype = next(host.model.parameters()).dtype
+        self._dtype = dtype  # what decoding runs in, and what a prefill's keys and values get
+        # bfloat16 prefill: matmuls under autocast, on a float32 model only (see _prefill_context)
+        self._autocast = decoding.prefill_dtype == "bfloat16" and dtype == torch.float32
         self._requests: list[Request] = []
         self._state: kv.State | None = None
         self._plan: tuple[tuple[str | None, ...], Any, RowPlan] | None = None
@@ -343,9 +347,10 @@ class StepBatch:
             [p[n:] for p, n in zip(ids, cached, strict=True)], h.pad_id, left=left, device=h.device
         )
         past = _past(found, cached, h.device) if any(cached) else None
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), ctx, self._prefill_context():
             state, logits = h.family.prefill(h.model, tokens, mask, extra, past)
         kv.check_filled(state)  # refuse caches we cannot step, before merging
+        logits = self._decoding_dtype(state, logits)
         self._keep_prefixes(names, ids, cached, state)
         if past is not None:
             with torch.inference_mode():
@@ -364,9 +369,10 @@ class StepBatch:
         states, reused = self._encoder_states(names, ids)
         tokens, mask = pad(ids, h.pad_id, left=h.family.padding_side == "left", device=h.device)
         ctx, extra = self._adapters(names, keep=False)
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), ctx, self._prefill_context():
             state, logits = h.family.prefill(h.model, tokens, mask, extra, states=states)
         kv.check_filled(state)
+        logits = self._decoding_dtype(state, logits)
         for r, n in zip(requests, _per_request(requests, reused), strict=True):
             r.reused = n
         return state, logits
@@ -396,8 +402,8 @@ class StepBatch:
             inputs = list(todo)
             tokens, mask = pad([list(x) for _, x in inputs], h.pad_id, left=False, device=h.device)
             ctx, extra = self._adapters([n for n, _ in inputs], keep=False)
-            with torch.inference_mode(), ctx:
-                new = h.family.encode(h.model, tokens, mask, extra)
+            with torch.inference_mode(), ctx, self._prefill_context():
+                new = h.family.encode(h.model, tokens, mask, extra).to(self._dtype)
             for (n, x), i in todo.items():
                 cache.keep_encoded(n, x, new[i, : len(x)])
         like = new[0] if new is not None else next(x for x in found if x is not None)
@@ -408,6 +414,25 @@ class StepBatch:
                 hit = new[todo[(n, tuple(p))], : len(p)]
             states[i, : len(p)] = hit
         return states, reused
+
+    def _prefill_context(self) -> AbstractContextManager[Any]:
+        """Where prefill_dtype is "bfloat16", autocast for a prefill (or encoder) call: its
+        matmuls in bfloat16, the residual stream and norms in float32. Prefill is compute-bound
+        on a CPU and bfloat16 matmuls run about twice as fast where the CPU has them (AVX512-BF16,
+        AMX), while decoding steps are memory-bound and ran slower in bfloat16, so they stay in
+        the model's dtype (bench/RESULTS.md, "Prefill in bfloat16"). Cache hits stay exact:
+        every prefill, whole prompt or suffix after a cached prefix, runs the same way."""
+        if not self._autocast:
+            return nullcontext()
+        return torch.autocast(self.host.device.type, dtype=torch.bfloat16)
+
+    def _decoding_dtype(self, state: kv.State, logits: torch.Tensor) -> torch.Tensor:
+        """A prefill's keys, values and encoder output, and its logits, in the decoding dtype."""
+        if self._autocast:
+            with torch.inference_mode():
+                kv.cast(state, self._dtype)
+                logits = logits.to(self._dtype)
+        return logits
 
     def _by_length(self, requests: Sequence[Request]) -> list[list[Request]]:
         """The requests in prefill calls of similar lengths to compute (prompt tokens after
