@@ -185,6 +185,123 @@ def test_the_cache_keeps_blocks_exactly_and_evicts_the_least_recent() -> None:
     assert len(cache) == 0 and cache.bytes == 0
 
 
+# ---- blocks shared across adapters below the layers they change ------------------------------
+
+
+def upper_world(kind: str, tmp: Path, dtype: str = "float32") -> tuple[Generator, list[str]]:
+    """A tiny 2-layer generator with two adapters that change layer 1 only."""
+    model_dir = BUILDERS[kind](tmp)
+    for seed, name in ((1, "u1"), (2, "u2")):
+        save_lora_adapter(model_dir, tmp / "adapters" / name, seed=seed, layers=[1])
+    gen = load_generator(str(model_dir), cache_dir=tmp, dtype=dtype)
+    reg = AdapterRegistry(gen, tmp / "adapters", on_change=lambda m: sync_batched_lora(gen, m))
+    names = []
+    for name in ("u1", "u2"):
+        reg.install(name, reg.prepare(name))
+        peft = reg.peft_name(name)
+        assert peft is not None
+        names.append(peft)
+    return gen, names
+
+
+def across_adapters(u1: str, u2: str) -> list[GenRow]:
+    """The same prompts under the base and both adapters, each first seen under another."""
+    return [
+        GenRow("Where is Alpha?", [P1, P2], None, 8),
+        GenRow("Where is Alpha?", [P1, P2], u1, 8),  # the base prefilled it
+        GenRow("Who founded Beta?", [P1, P2], u2, 6),  # the same passages, another question
+        GenRow("Who founded Beta?", [P1, P2], None, 6),
+        GenRow("gamma?", [P3, P1], u1, 6, "token", scores=[1.0, 0.5]),
+        GenRow("gamma?", [P3, P1], u2, 6, "token", scores=[0.2, 0.9]),
+        GenRow("Lek?", [P1, P2], u2, 5, "sequence", scores=[1.0, 1.0]),
+        GenRow("Lek?", [P1, P2], u1, 7),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-bfloat16", "llama-prefill16"])
+def test_adapters_share_the_layers_below_theirs_and_answers_stay_exact(
+    kind: str, tmp_path: Path
+) -> None:
+    """Reference: the cache off. Rows under one adapter take the lower layer's blocks that the
+    base's or another adapter's rows computed and run only the upper layer on their hidden
+    states; the answers stay those of the cache off, and each row counts half of such a
+    block's tokens as reused (one of two layers)."""
+    dtype = "bfloat16" if kind == "llama-bfloat16" else "float32"
+    prefill = "bfloat16" if kind == "llama-prefill16" else "model"
+    gen, (u1, u2) = upper_world("llama", tmp_path, dtype)
+    rows = across_adapters(u1, u2)
+    join_at = [0, 2, 3, 5, 5, 7, 8, 9]
+    want = run(StepBatch(gen, DecodingConfig(prefill_dtype=prefill)), rows, join_at)
+    batch = StepBatch(gen, replace(ON, prefill_dtype=prefill))
+    got = run(batch, rows, join_at)
+    cache = batch.prefixes
+    assert cache is not None and (cache.split, cache.layers) == (1, 2)
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    blocks = (got[0].prompt_tokens - 1) // BLOCK * BLOCK
+    assert got[0].reused_tokens == 0
+    assert got[1].reused_tokens == blocks // 2  # the lower layer of every block, from the base
+    assert got[3].reused_tokens > 0 and got[5].reused_tokens > 0 and got[7].reused_tokens > 0
+    assert cache.stats.climbed > 0
+    assert cache.stats.reused == sum(a.reused_tokens for a in got.values())
+    again = run(batch, rows, [0] * len(rows))  # every block whole under every adapter now
+    for i in range(len(rows)):
+        same(again[i], want[i])
+    assert again[1].reused_tokens == blocks
+
+
+def test_adapters_in_every_layer_or_a_model_that_cannot_climb_keep_blocks_whole(
+    tmp_path: Path,
+) -> None:
+    """GPT-2 adds its positions to what its forward is given, so a forward cannot start at
+    layer 1 from the hidden states entering it: the probe says so and nothing is split (the
+    answers stay exact and a row under another adapter reuses nothing). Adapters in every
+    layer leave nothing to share."""
+    gen, (u1, u2) = upper_world("gpt2", tmp_path / "gpt2")
+    batch = StepBatch(gen, ON)
+    rows = across_adapters(u1, u2)[:2]
+    want = run(StepBatch(gen), rows, [0, 1])
+    got = run(batch, rows, [0, 1])
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    assert batch.prefixes is not None and batch.prefixes.split == 0
+    assert got[1].reused_tokens == 0
+    every, _, a1 = setup("llama", tmp_path / "llama")
+    batch = StepBatch(every, ON)
+    run(batch, [GenRow("Where is Alpha?", [P1, P2], a1, 4)], [0])
+    assert batch.prefixes is not None and batch.prefixes.split == 0
+
+
+def test_a_split_cache_keeps_both_parts_and_climbs_from_the_shared_one() -> None:
+    h, d, width = 2, 4, 8
+    cache = PrefixCache(budget_bytes=1 << 20)
+    cache.clear(split=1, layers=2)
+    a = list(range(3 * BLOCK + 1))
+    layers = [(torch.randn(h, len(a), d), torch.randn(h, len(a), d)) for _ in range(2)]
+    hidden = torch.randn(len(a), width)
+    cache.store(None, a, layers, hidden)
+    assert len(cache) == 6  # three blocks, each a shared part and the base's own
+    whole = cache.lookup(None, a)
+    assert len(whole) == 2
+    for (k, _), x in zip(whole, layers, strict=True):
+        assert torch.equal(k, x[0][:, : 3 * BLOCK])
+    assert cache.lookup("other", a) == [] and cache.climb(None, a) is None
+    climb = cache.climb("other", a)
+    assert climb is not None and (climb.full, climb.shared) == (0, 3 * BLOCK)
+    assert torch.equal(climb.hidden, hidden[: 3 * BLOCK])
+    assert torch.equal(climb.lower[0][0], layers[0][0][:, : 3 * BLOCK]) and climb.upper == []
+    assert cache.covered("other", a) == 3 * BLOCK // 2  # half the layers of three blocks
+    cache.store_upper("other", a[: BLOCK + 1], [(layers[1][0][:, :BLOCK], layers[1][1][:, :BLOCK])])
+    climb = cache.climb("other", a)
+    assert climb is not None and (climb.full, climb.shared) == (BLOCK, 3 * BLOCK)
+    assert torch.equal(climb.hidden, hidden[BLOCK : 3 * BLOCK])
+    cache.store(None, a, layers, hidden[2 * BLOCK :], start=2 * BLOCK)  # nothing new
+    assert len(cache) == 7
+    b = [*a[: 2 * BLOCK], *(x + 1000 for x in a[2 * BLOCK :])]  # its third block is new
+    cache.store(None, b, layers, hidden[BLOCK:], start=BLOCK)
+    assert cache.climb("other", b) is not None and len(cache) == 9
+
+
 # ---- encoder-decoders: an identical input's encoder output -----------------------------------
 
 

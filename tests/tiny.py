@@ -264,11 +264,13 @@ def save_lora_adapter(
     seed: int,
     target_modules: list[str] | None = None,
     lora_alpha: float | None = None,
+    layers: list[int] | None = None,
 ) -> Path:
     """Save a real PEFT LoRA adapter for the model in model_dir, with random A and B.
 
     init_lora_weights=False makes B non-zero, so the adapter changes the output.
-    target_modules=None lets PEFT pick its defaults for the architecture.
+    target_modules=None lets PEFT pick its defaults for the architecture; layers=None puts
+    it in every layer (else PEFT's layers_to_transform).
     """
     model = load_tiny(model_dir)
     task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
@@ -279,6 +281,7 @@ def save_lora_adapter(
         target_modules=target_modules,
         init_lora_weights=False,
         task_type=task,
+        layers_to_transform=layers,
     )
     peft_model = get_peft_model(model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)

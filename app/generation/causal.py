@@ -9,10 +9,13 @@ learned absolute positions (GPT-2) alike.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
@@ -49,7 +52,7 @@ class Causal:
     def prefill(
         self,
         model: Any,
-        ids: torch.Tensor,
+        ids: torch.Tensor | None,
         mask: torch.Tensor,
         extra: dict[str, Any],
         past: Past | None = None,
@@ -83,6 +86,50 @@ class Causal:
         self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
     ) -> torch.Tensor:
         raise TypeError("a decoder-only model has no encoder")
+
+    def stack(self, model: Any) -> nn.ModuleList | None:
+        found = _stack(model, self._config)
+        return found[2] if found is not None else None
+
+    def climb(
+        self,
+        model: Any,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        extra: dict[str, Any],
+        past: Past | None,
+        start: int,
+    ) -> tuple[State, torch.Tensor]:
+        # The model's own forward over its layers from `start` on, given what enters that
+        # layer as inputs_embeds: its masks and positions are built as for any prefill, and each
+        # attention layer writes its own index of the cache. Whether a model's forward hands
+        # inputs_embeds to its first layer untouched (GPT-2 adds positions, Gemma scales) is
+        # what StepBatch._split checks before it splits anything.
+        found = _stack(model, self._config)
+        if found is None:
+            raise TypeError("this model's decoder layers were not found")
+        owner, name, layers = found
+        setattr(owner, name, nn.ModuleList(list(layers)[start:]))
+        try:
+            return self.prefill(model, None, mask, {**extra, "inputs_embeds": hidden}, past)
+        finally:
+            setattr(owner, name, layers)
+
+    @contextmanager
+    def capture(self, model: Any, layer: int) -> Iterator[list[torch.Tensor]]:
+        layers = self.stack(model)
+        if layers is None:
+            raise TypeError("this model's decoder layers were not found")
+        got: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            got.append(args[0] if args else kwargs["hidden_states"])
+
+        handle = layers[layer].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            yield got
+        finally:
+            handle.remove()
 
     def decode(self, model: Any, state: State, extra: dict[str, Any]) -> torch.Tensor:
         at = state.mask.sum(1, keepdim=True)  # [B, 1] the row's real tokens so far
@@ -148,6 +195,19 @@ class Causal:
 
     def generated(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
         return output[:, prompt_width:]
+
+
+def _stack(model: Any, config: Any) -> tuple[nn.Module, str, nn.ModuleList] | None:
+    """The module holding the decoder layers, its attribute's name, and the layers (the one
+    ModuleList as long as the config's layer count: llama's model.layers, GPT-2's
+    transformer.h)."""
+    count = getattr(config, "num_hidden_layers", None)
+    inner = core(model)
+    for name, module in inner.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and name:
+            owner, _, attr = name.rpartition(".")
+            return inner.get_submodule(owner), attr, module
+    return None
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ one line in `family_for`.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -55,6 +56,26 @@ class Family(Protocol):
         self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
     ) -> torch.Tensor:
         """The encoder's output [J, L, d] for ids [J, L] (reuses_inputs families only)."""
+
+    def stack(self, model: Any) -> torch.nn.ModuleList | None:
+        """The decoder layers a prefill can start partway through (`climb`), or None."""
+
+    def climb(
+        self,
+        model: Any,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        extra: dict[str, Any],
+        past: Past | None,
+        start: int,
+    ) -> tuple[State, torch.Tensor]:
+        """prefill from layer `start` on: hidden [J, L, d] is what enters that layer for the
+        rows' tokens (mask [J, L], after `past` as in prefill). Its state's layers below
+        `start` hold only the past (stack() families only)."""
+
+    def capture(self, model: Any, layer: int) -> AbstractContextManager[list[torch.Tensor]]:
+        """Inside it, every call of the model appends what enters decoder layer `layer`
+        ([J, L, d]) to the list it gives (stack() families only)."""
 
     def decode(self, model: Any, state: State, extra: dict[str, Any]) -> torch.Tensor:
         """Feed state.last (one token per row) and return the next logits [B, V]."""

@@ -14,7 +14,7 @@ Other position schemes decode exactly only when every row starts together (no jo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -87,6 +87,23 @@ class Seq2Seq:
             mask.long(),
         )
         return state, out.logits[:, -1]
+
+    def stack(self, model: Any) -> torch.nn.ModuleList | None:
+        return None  # an encoder's output is reused whole (reuses_inputs), never split
+
+    def climb(
+        self,
+        model: Any,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        extra: dict[str, Any],
+        past: Past | None,
+        start: int,
+    ) -> tuple[State, torch.Tensor]:
+        raise TypeError("an encoder-decoder prefill does not start partway")
+
+    def capture(self, model: Any, layer: int) -> AbstractContextManager[list[torch.Tensor]]:
+        raise TypeError("an encoder-decoder prefill does not start partway")
 
     def encode(
         self, model: Any, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]

@@ -47,8 +47,9 @@ from app.generation.modes.base import Answer, Found, Request
 from app.generation.modes.concat import Concat
 from app.generation.modes.sequence import RagSequence
 from app.generation.modes.token import RagToken
-from app.generation.prefix_cache import PrefixCache, shared_blocks
+from app.generation.prefix_cache import Climb, PrefixCache, shared_blocks
 from app.lora.batched import BatchedLora, RowPlan
+from app.lora.peft_host import untouched_layers
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class StepBatch:
             or (family.reuses_prefixes and family.cannot_join() is None)  # compact() after
         )
         self.prefixes = PrefixCache(decoding.prefix_cache_bytes) if reuse else None
-        self._epoch = host.weights_epoch
+        self._epoch: int | None = None  # the weights the cache holds blocks of (None: unset)
         if self.concat_whole is not None:
             log.warning("concat rows decode through generate(): %s", self.concat_whole)
 
@@ -339,6 +340,7 @@ class StepBatch:
         names = _row_names(requests)
         if self.prefixes is not None and h.family.reuses_inputs:
             return self._prefill_encoded(requests, names, ids)
+        climbed = self._climb(names, ids)
         ctx, extra = self._adapters(names, keep=False)
         found = self._cached(names, ids)
         cached = [layers[0][0].shape[1] if layers else 0 for layers in found]
@@ -347,17 +349,79 @@ class StepBatch:
             [p[n:] for p, n in zip(ids, cached, strict=True)], h.pad_id, left=left, device=h.device
         )
         past = _past(found, cached, h.device) if any(cached) else None
-        with torch.inference_mode(), ctx, self._prefill_context():
+        split = self.prefixes.split if self.prefixes is not None else 0
+        entering = h.family.capture(h.model, split) if split else nullcontext([])
+        with torch.inference_mode(), ctx, self._prefill_context(), entering as hidden:
             state, logits = h.family.prefill(h.model, tokens, mask, extra, past)
         kv.check_filled(state)  # refuse caches we cannot step, before merging
         logits = self._decoding_dtype(state, logits)
-        self._keep_prefixes(names, ids, cached, state)
+        self._keep_prefixes(names, ids, cached, state, hidden[0] if hidden else None)
         if past is not None:
             with torch.inference_mode():
                 state = kv.compact(state)
-        for r, n in zip(requests, _per_request(requests, cached), strict=True):
+        reused = self._take_climbed(cached, climbed)
+        for r, n in zip(requests, _per_request(requests, reused), strict=True):
             r.reused = n
         return state, logits
+
+    def _climb(self, names: Sequence[str | None], ids: Sequence[list[int]]) -> list[Climb | None]:
+        """Rows whose prompt blocks are cached further below the split (another adapter's rows
+        prefilled them) than in every layer under their own adapter: the upper layers run on
+        the kept hidden states of those blocks, in one call, and are kept under the row's
+        adapter, so the lookup that follows finds the blocks whole. Returns each row's climb."""
+        cache = self._live_cache()
+        if cache is None or not cache.split:
+            return [None] * len(ids)
+        climbs = [cache.climb(n, p) for n, p in zip(names, ids, strict=True)]
+        rows = [i for i, c in enumerate(climbs) if c is not None]
+        if not rows:
+            return climbs
+        h = self.host
+        todo = [c for c in climbs if c is not None]
+        width = max(c.shared - c.full for c in todo)
+        # [J, T, d] left padded, as the tokens of a prefill after a cached prefix are
+        hidden = todo[0].hidden.new_zeros(len(todo), width, todo[0].hidden.shape[-1])
+        mask = torch.zeros(len(todo), width, dtype=torch.long, device=h.device)
+        for j, c in enumerate(todo):
+            hidden[j, width - len(c.hidden) :] = c.hidden
+            mask[j, width - len(c.hidden) :] = 1
+        # every layer's keys and values of the tokens cached whole: the lower layers' for the
+        # masks (they read the first layer's length), the upper ones' for attention
+        found = [
+            [(k[:, : c.full], v[:, : c.full]) for k, v in c.lower] + c.upper if c.full else []
+            for c in todo
+        ]
+        full = [c.full for c in todo]
+        past = _past(found, full, h.device) if any(full) else None
+        ctx, extra = self._adapters([names[i] for i in rows], keep=False)
+        with torch.inference_mode(), ctx, self._prefill_context():
+            state, _ = h.family.climb(h.model, hidden, mask, extra, past, cache.split)
+            upper = state.self_layers()[cache.split :]
+            for j, i in enumerate(rows):
+                columns = state.mask[j].nonzero().squeeze(-1)  # tokens [0, shared), in order
+                kept = [
+                    (x.keys[j][:, columns].to(self._dtype), x.values[j][:, columns].to(self._dtype))
+                    for x in upper
+                ]
+                cache.store_upper(names[i], ids[i][: todo[j].shared + 1], kept)
+        return climbs
+
+    def _take_climbed(self, cached: Sequence[int], climbs: Sequence[Climb | None]) -> list[int]:
+        """What each row reused: its cached tokens, less the upper layers' share of those a
+        climb computed (the cache's stats likewise)."""
+        cache = self.prefixes
+        out = list(cached)
+        if cache is None or not cache.split:
+            return out
+        for i, c in enumerate(climbs):
+            if c is None:
+                continue
+            climbed = max(0, min(cached[i], c.shared) - c.full)
+            debit = climbed * (cache.layers - cache.split) // cache.layers
+            out[i] -= debit
+            cache.stats.reused -= debit
+            cache.stats.climbed += climbed
+        return out
 
     def _prefill_encoded(
         self, requests: Sequence[Request], names: Sequence[str | None], ids: Sequence[list[int]]
@@ -534,12 +598,44 @@ class StepBatch:
 
     def _live_cache(self) -> PrefixCache | None:
         """The cache, emptied first when the model's weights changed since it last served (an
-        adapter came, went, was swapped, merged...): nothing computed before serves after."""
+        adapter came, went, was swapped, merged...): nothing computed before serves after.
+        Then it splits blocks where the adapters now installed allow (`_split`)."""
         cache = self.prefixes
         if cache is not None and self.host.weights_epoch != self._epoch:
-            cache.clear()
+            cache.clear(*self._split())
             self._epoch = self.host.weights_epoch
         return cache
+
+    def _split(self) -> tuple[int, int]:
+        """(split, layers): how many of the model's decoder layers no installed adapter
+        changes, so that every adapter's rows compute the same keys and values there, and how
+        many layers it has; (0, 0) where nothing is gained or the model cannot start a forward
+        partway exactly (checked on a few tokens: the climb must give the whole forward's
+        logits)."""
+        h = self.host
+        layers = h.family.stack(h.model) if h.family.reuses_prefixes else None
+        if layers is None:
+            return 0, 0
+        split = untouched_layers(h.model, layers)
+        if not 0 < split < len(layers):
+            return 0, 0
+        ids = torch.arange(2, 8, device=h.device)[None]  # [1, 6]
+        mask = torch.ones_like(ids)
+        ctx, extra = self._adapters([None], keep=False)
+        with torch.inference_mode(), ctx, h.family.capture(h.model, split) as hidden:
+            _, want = h.family.prefill(h.model, ids, mask, extra)
+        ctx, extra = self._adapters([None], keep=False)
+        with torch.inference_mode(), ctx:
+            _, got = h.family.climb(h.model, hidden[0], mask, extra, None, split)
+        if not torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-4):
+            log.warning(
+                "prefix blocks are not shared across adapters: this model's forward does not "
+                "start at layer %d exactly from the hidden states entering it",
+                split,
+            )
+            return 0, 0
+        log.info("prefix blocks: layers 0-%d shared across adapters, of %d", split - 1, len(layers))
+        return split, len(layers)
 
     def _keep_prefixes(
         self,
@@ -547,18 +643,30 @@ class StepBatch:
         ids: Sequence[list[int]],
         cached: Sequence[int],
         state: kv.State,
+        hidden: torch.Tensor | None = None,
     ) -> None:
-        """Offer every prefilled row's prompt blocks to the cache (column t: prompt token t)."""
+        """Offer every prefilled row's prompt blocks to the cache (column t: prompt token t),
+        with what entered the split layer for the tokens it computed (hidden [J, T, d], T the
+        prefill's input columns), where blocks are split."""
         cache = self.prefixes
         if cache is None:
             return
         layers = state.self_layers()
+        computed = state.mask.shape[1] - (hidden.shape[1] if hidden is not None else 0)
         for i, (name, prompt) in enumerate(zip(names, ids, strict=True)):
             if not cache.missing(name, prompt):
                 continue
             columns = state.mask[i].nonzero().squeeze(-1)  # [L_i] its real tokens, in order
+            entering = None
+            if hidden is not None:  # [L_i - cached_i, d]: what it computed, tokens cached_i on
+                new = state.mask[i, computed:].nonzero().squeeze(-1)
+                entering = hidden[i, new].to(self._dtype)
             cache.store(
-                name, prompt, [(x.keys[i][:, columns], x.values[i][:, columns]) for x in layers]
+                name,
+                prompt,
+                [(x.keys[i][:, columns], x.values[i][:, columns]) for x in layers],
+                entering,
+                cached[i],
             )
 
     def _stopped(self, r: Request) -> bool:

@@ -19,7 +19,9 @@ import logging
 from typing import Any
 
 from peft import PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from app.contracts import AdapterHost
@@ -111,6 +113,29 @@ class PeftHost:
         log.info("unmerged adapter %s", self._merged)
         self._peft, self._merged = None, None
         return True
+
+
+def untouched_layers(model: nn.Module, stack: nn.ModuleList) -> int:
+    """How many leading layers of a model's decoder stack no installed adapter changes: the
+    index of the first layer holding a PEFT layer with an adapter in it (merged or not), 0 when
+    one sits outside the stack (embeddings, a module to save), the output head aside, which no
+    layer's keys or values read; len(stack) when there is none."""
+    where = {id(m): i for i, layer in enumerate(stack) for m in layer.modules()}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    first = len(stack)
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            return 0
+        if not isinstance(module, BaseTunerLayer) or module is head:
+            continue
+        if not any(len(getattr(module, n, ())) for n in module.adapter_layer_names):
+            continue  # every adapter deleted from it
+        at = where.get(id(module))
+        if at is None:
+            return 0
+        first = min(first, at)
+    return first
 
 
 def load_lora_weights(
