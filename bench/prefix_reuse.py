@@ -25,6 +25,10 @@ boundary prefill in one call, as before the engine prefilled prefix-cache hits f
 (app/engine/session.cheap_first): what that ordering does to time to first token.
 --workloads runs some of the two only.
 
+--whole adds a cache-on arm at --clients on the Zipf traffic whose blocks are kept whole per
+adapter, as before the cache shared the layers below the adapters' across them
+(app/generation/prefix_cache.py, "Across adapters"): what that sharing does.
+
 --prefill-dtypes model bfloat16 runs every arm in each (LORAG_PREFILL_DTYPE: prefill calls in
 bfloat16 under autocast, decoding in float32), rotating with the others; each dtype's ratios are
 against its own one-at-a-time arms, and last come bfloat16's against the model dtype's.
@@ -64,9 +68,9 @@ from app.settings import Settings
 from app.wiring import Components, load_components
 from bench.serve_throughput import pct
 
-# workload, concat order, cache on, clients, hits first (session.cheap_first; False: --one-call),
-# prefill dtype
-Variant = tuple[str, ConcatOrder, bool, int, bool, PrefillDType]
+# workload, concat order, cache on, clients, how ("": as served; "one call": joiners at a step
+# boundary in one call, no hits first; "whole": blocks kept whole per adapter), prefill dtype
+Variant = tuple[str, ConcatOrder, bool, int, str, PrefillDType]
 WARM_CLIENTS = 16
 PATTERNS = ("What is {}?", "Where is {} found?", "Who is known for {}?", "When did {} begin?")
 
@@ -90,20 +94,23 @@ async def serve(
     clients: int,
     cache_bytes: int,
     warm: list[tuple[EngineRequest, str | None]] | None = None,
-    hits_first: bool = True,
+    how: str = "",
     prefill: PrefillDType = "model",
 ) -> tuple[float, list[float], int, int]:
     """(seconds for all requests, time to first token each, prompt tokens, reused tokens).
     `warm`: requests served first, untimed and uncounted, on the same engine and cache (a
-    server that has been answering this traffic for a while). hits_first False: each step
-    boundary's joiners prefill in one call (the engine before session.cheap_first)."""
-    ordering = session.cheap_first
-    if not hits_first:
+    server that has been answering this traffic for a while). how "one call": each step
+    boundary's joiners prefill in one call (the engine before session.cheap_first); "whole":
+    the cache keeps blocks whole per adapter (before blocks were shared across adapters)."""
+    ordering, split = session.cheap_first, StepBatch._split
+    if how == "one call":
         session.cheap_first = lambda joiners, costs: [joiners] if joiners else []
+    if how == "whole":
+        StepBatch._split = lambda self: (0, 0)  # type: ignore[method-assign]
     try:
         return await _serve(parts, reqs, clients, cache_bytes, warm, prefill)
     finally:
-        session.cheap_first = ordering
+        session.cheap_first, StepBatch._split = ordering, split  # type: ignore[method-assign]
 
 
 async def _serve(
@@ -165,6 +172,7 @@ def main() -> None:
         "--workloads", nargs="+", choices=("zipf", "unique"), default=["zipf", "unique"]
     )
     ap.add_argument("--one-call", action="store_true", help="add a Zipf arm without hits first")
+    ap.add_argument("--whole", action="store_true", help="add a Zipf arm with whole blocks")
     ap.add_argument(
         "--prefill-dtypes", nargs="+", choices=PREFILL_DTYPES, help="default: the setting's"
     )
@@ -208,7 +216,7 @@ def main() -> None:
     n, base = args.clients, orders[0]
     clients = [args.clients] if args.no_single else [args.clients, 1]
     variants: list[Variant] = [
-        (w, o, on, c, True, d)
+        (w, o, on, c, "", d)
         for d in dtypes
         for w in workloads
         for o in orders
@@ -216,21 +224,22 @@ def main() -> None:
         if on or o == orders[0]
         for c in clients
     ]
-    one_call: Variant = ("zipf", base, True, n, False, dtypes[0])
+    one_call: Variant = ("zipf", base, True, n, "one call", dtypes[0])
+    whole: Variant = ("zipf", base, True, n, "whole", dtypes[0])
     if args.one_call and "zipf" in workloads:
         variants.append(one_call)
+    if args.whole and "zipf" in workloads:
+        variants.append(whole)
     results: dict[Variant, list[tuple[float, list[float], int, int]]] = {v: [] for v in variants}
     asyncio.run(serve(parts, next(iter(reqs.values()))[:2], 2, 0))  # warm-up
     for r in range(args.rounds):
         rotated = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in rotated:
-            w, o, on, c, first_hits, d = v
+            w, o, on, c, how, d = v
             # the one prompt builder's layout, per arm; each arm has a fresh cache (serve)
             parts.generator.prompts.order = o
             cache = args.cache_mib * 1024 * 1024 if on else 0
-            out = asyncio.run(
-                serve(parts, reqs[w], c, cache, warm[w] if on else None, first_hits, d)
-            )
+            out = asyncio.run(serve(parts, reqs[w], c, cache, warm[w] if on else None, how, d))
             results[v].append(out)
             wall, firsts, prompt, reused = out
             print(
@@ -260,30 +269,33 @@ def main() -> None:
         single = (
             ""
             if args.no_single
-            else f" = {rps(v) / rps((w, base, False, 1, True, d)):.2f}x one at a time without "
-            f"the cache ({rps(v) / rps((w, o, on, 1, True, d)):.2f}x with it)"
+            else f" = {rps(v) / rps((w, base, False, 1, '', d)):.2f}x one at a time without "
+            f"the cache ({rps(v) / rps((w, o, on, 1, '', d)):.2f}x with it)"
         )
         print(
             f"{w:6s} {o:6s} {d:8s} {label(v)}: {rps(v):.3f} req/s{single}; "
             f"ttft p50 {first(v, 50):.2f} s p99 {first(v, 99):.2f} s; reused {share(v):.0%}"
         )
-    if one_call in results:
-        a, b = ("zipf", base, True, n, True, dtypes[0]), one_call
-        print(
-            f"zipf hits first / one call, cache on: throughput {rps(a) / rps(b):.2f}x, "
-            f"ttft p50 {first(a, 50) / first(b, 50):.2f}x, p99 {first(a, 99) / first(b, 99):.2f}x"
-        )
+    for other, name in ((one_call, "hits first / one call"), (whole, "shared / whole blocks")):
+        if other in results:
+            a = ("zipf", base, True, n, "", dtypes[0])
+            print(
+                f"zipf {name}, cache on: throughput {rps(a) / rps(other):.2f}x, "
+                f"ttft p50 {first(a, 50) / first(other, 50):.2f}x, "
+                f"p99 {first(a, 99) / first(other, 99):.2f}x, reused {share(a):.0%} against "
+                f"{share(other):.0%}"
+            )
     for w, d in ((w, d) for d in dtypes for w in workloads):
-        no = (w, base, False, n, True, d)
+        no = (w, base, False, n, "", d)
         for o in orders:
-            yes = (w, o, True, n, True, d)
+            yes = (w, o, True, n, "", d)
             print(
                 f"{w} {o} {d} on/off: throughput {rps(yes) / rps(no):.2f}x, "
                 f"ttft p50 {first(yes, 50) / first(no, 50):.2f}x, "
                 f"p99 {first(yes, 99) / first(no, 99):.2f}x"
             )
         for o in orders[1:]:
-            a, b = (w, base, True, n, True, d), (w, o, True, n, True, d)
+            a, b = (w, base, True, n, "", d), (w, o, True, n, "", d)
             print(
                 f"{w} {o}/{base}, cache on: throughput {rps(b) / rps(a):.2f}x, "
                 f"ttft p50 {first(b, 50) / first(a, 50):.2f}x, reused {share(b):.0%} against "
@@ -295,7 +307,7 @@ def main() -> None:
             for on, c in ((True, n), (False, n), (False, 1)):
                 if args.no_single and c == 1:
                     continue
-                a, b = (w, base, on, c, True, dtypes[0]), (w, base, on, c, True, dtypes[1])
+                a, b = (w, base, on, c, "", dtypes[0]), (w, base, on, c, "", dtypes[1])
                 print(
                     f"{w} {dtypes[1]}/{dtypes[0]}, {label(a)} clients {c:2d}: throughput "
                     f"{rps(b) / rps(a):.2f}x, ttft p50 {first(b, 50) / first(a, 50):.2f}x"
@@ -303,9 +315,10 @@ def main() -> None:
 
 
 def label(v: Variant) -> str:
-    """'cache on', 'cache off', or 'one call' (cache on, joiners in one call)."""
-    if not v[4]:
-        return "one call "
+    """'cache on', 'cache off', 'one call' (cache on, joiners in one call) or 'whole' (cache
+    on, blocks whole per adapter)."""
+    if v[4]:
+        return f"{v[4]:9s}"
     return "cache on " if v[2] else "cache off"
 
 
