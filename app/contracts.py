@@ -117,6 +117,7 @@ class AdapterHost(Protocol):
     """
 
     model: nn.Module  # the module that serves: the base, a PeftModel, or the merged base
+    base_epoch: int  # bumped by the registry whenever it changes the base weights (a merge)
 
     @property
     def kind(self) -> GeneratorKind:  # picks PEFT's task type and model class

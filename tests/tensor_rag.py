@@ -54,6 +54,7 @@ class BareHost:
         self.rag_eos = eos
         self.pad_id = pad
         self.weights_epoch = 0
+        self.base_epoch = 0
 
     def adapter_kwargs(self, adapters: Sequence[str | None]) -> dict[str, Any]:
         if not isinstance(self.model, PeftModel):

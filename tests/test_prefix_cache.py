@@ -127,21 +127,49 @@ def test_joiners_that_share_a_prefix_compute_it_once(world, monkeypatch) -> None
     assert got[6].reused_tokens > 0  # the passages row 5 (same adapter) computes
 
 
-def test_a_hot_swap_drops_what_the_old_weights_computed(tmp_path: Path) -> None:
+def test_a_hot_swap_never_serves_the_old_weights_and_keeps_the_others(tmp_path: Path) -> None:
+    """Entries are keyed by the PEFT name a row runs under, which the registry never reuses:
+    the swapped adapter's new version reuses nothing of the old one's, while the base's
+    blocks, computed before the swap, still serve after it (the cache is not emptied)."""
     gen, reg, a1 = setup("llama", tmp_path)
     row = GenRow("Where is Alpha?", [P1, P2], a1, 8)
+    base = GenRow("Where is Alpha?", [P1, P2], None, 8)
     batch = StepBatch(gen, ON)
-    first = run(batch, [row], [0])[0]
+    first = run(batch, [row, base], [0, 0])[0]
     assert batch.prefixes is not None and len(batch.prefixes) > 0
     reg.install("a1", reg.prepare("a2"))  # same name, other weights
     swapped = reg.peft_name("a1")
-    assert swapped is not None
+    assert swapped is not None and swapped != a1
     new_row = GenRow(row.question, row.passages, swapped, 8)
-    got = run(batch, [new_row], [0])[0]
-    want = run(StepBatch(gen), [new_row], [0])[0]
-    same(got, want)
-    assert got.reused_tokens == 0 and batch.prefixes.stats.clears >= 1
-    assert got.ids != first.ids or got.text != first.text  # the weights really changed
+    got = run(batch, [new_row, base], [0, 0])
+    want = run(StepBatch(gen), [new_row, base], [0, 0])
+    same(got[0], want[0])
+    same(got[1], want[1])
+    assert got[0].reused_tokens == 0 and batch.prefixes.stats.clears == 0
+    assert got[1].reused_tokens > 0  # the base's blocks outlived the swap
+    assert got[0].ids != first.ids or got[0].text != first.text  # the weights really changed
+
+
+def test_a_merge_and_an_unmerge_empty_the_cache(tmp_path: Path) -> None:
+    """While an adapter is merged the base's name serves it, and an unmerge puts the base
+    weights back only within rounding: each empties the cache, and answers stay exact."""
+    gen, reg, a1 = setup("llama", tmp_path)
+    reg.policy = replace(reg.policy, merge_single=True)
+    base = GenRow("Where is Alpha?", [P1, P2], None, 8)
+    batch = StepBatch(gen, ON)
+    run(batch, [base], [0])
+    assert batch.prefixes is not None and len(batch.prefixes) > 0
+    reg.begin_batch(["a1"])  # the one adapter, alone: merged
+    assert reg.peft_name("a1") is None
+    merged = GenRow(base.question, base.passages, None, 8)  # the base's name, a1's weights
+    got = run(batch, [merged], [0])[0]
+    assert got.reused_tokens == 0 and batch.prefixes.stats.clears == 1
+    reg.begin_batch([None])  # a base row: unmerged
+    assert reg.peft_name("a1") == a1
+    again = run(batch, [base], [0])[0]
+    assert again.reused_tokens == 0 and batch.prefixes.stats.clears == 2
+    same(again, run(StepBatch(gen), [base], [0])[0])
+    assert got.ids != again.ids  # the merged weights really answered otherwise
 
 
 def test_eviction_mid_run_keeps_answers_exact(tmp_path: Path) -> None:
@@ -384,19 +412,22 @@ def test_seq2seq_beams_equal_the_cache_off(kind: str, tmp_path: Path) -> None:
 def test_seq2seq_hot_swap_between_identical_requests(tmp_path: Path) -> None:
     gen, reg, a1 = setup("t5", tmp_path)
     row = GenRow("Where is Alpha?", [P1, P2], a1, 8)
+    base = GenRow("Where is Alpha?", [P1, P2], None, 8)
     batch = StepBatch(gen, ON)
-    first = run(batch, [row], [0])[0]
-    assert batch.prefixes is not None and len(batch.prefixes) == 1
+    first = run(batch, [row, base], [0, 0])[0]
+    assert batch.prefixes is not None and len(batch.prefixes) == 2
     assert run(batch, [row], [0])[0].reused_tokens == first.prompt_tokens  # it does serve
     reg.install("a1", reg.prepare("a2"))  # same name, other weights
     swapped = reg.peft_name("a1")
     assert swapped is not None
     new_row = GenRow(row.question, row.passages, swapped, 8)
-    got = run(batch, [new_row], [0])[0]
-    want = run(StepBatch(gen), [new_row], [0])[0]
-    same(got, want)
-    assert got.reused_tokens == 0 and batch.prefixes.stats.clears >= 1
-    assert got.ids != first.ids  # the weights really changed
+    got = run(batch, [new_row, base], [0, 0])
+    want = run(StepBatch(gen), [new_row, base], [0, 0])
+    same(got[0], want[0])
+    same(got[1], want[1])
+    assert got[0].reused_tokens == 0 and batch.prefixes.stats.clears == 0
+    assert got[1].reused_tokens == got[1].prompt_tokens  # the base's output outlived the swap
+    assert got[0].ids != first.ids  # the weights really changed
 
 
 def test_seq2seq_eviction_mid_run_keeps_answers_exact(tmp_path: Path) -> None:

@@ -64,9 +64,12 @@ class Generator:
         # stacked per-row LoRA, kept in step with the model by sync_batched_lora (the adapter
         # registry's on_change hook); None = PEFT's own path
         self.batched: BatchedLora | None = None
-        # counts the registry's changes to the weights (installs, swaps, unloads, merges):
-        # keys and values computed before a change never serve after it (prefix_cache.py)
+        # counts the registry's changes to the weights (installs, swaps, unloads, merges)
         self.weights_epoch = 0
+        # counts the changes to the base weights themselves (merges, unmerges: an unmerge
+        # leaves them within rounding of what they were, not equal): keys and values computed
+        # before one never serve after it (prefix_cache.py)
+        self.base_epoch = 0
 
     @property
     def kind(self) -> GeneratorKind:

@@ -78,6 +78,7 @@ class Host(Protocol):
     rag_eos: int  # the one end token the RAG searches stop on
     pad_id: int
     weights_epoch: int  # changes whenever the model's weights do
+    base_epoch: int  # changes whenever the base weights do (a merge, an unmerge)
 
     @property
     def model(self) -> Any: ...  # read at every call: the registry may swap it between steps
@@ -128,7 +129,9 @@ class StepBatch:
             or (family.reuses_prefixes and family.cannot_join() is None)  # compact() after
         )
         self.prefixes = PrefixCache(decoding.prefix_cache_bytes) if reuse else None
-        self._epoch: int | None = None  # the weights the cache holds blocks of (None: unset)
+        # the weights (and base weights) the cache was last checked against (None: never)
+        self._epoch: int | None = None
+        self._base_epoch: int | None = None
         if self.concat_whole is not None:
             log.warning("concat rows decode through generate(): %s", self.concat_whole)
 
@@ -597,13 +600,21 @@ class StepBatch:
         return [cache.lookup(n, p) for n, p in zip(names, ids, strict=True)]
 
     def _live_cache(self) -> PrefixCache | None:
-        """The cache, emptied first when the model's weights changed since it last served (an
-        adapter came, went, was swapped, merged...): nothing computed before serves after.
-        Then it splits blocks where the adapters now installed allow (`_split`)."""
+        """The cache, checked first when the model's weights changed since it last served.
+        Entries are keyed by the PEFT name a row runs under, which the registry never reuses
+        for other weights, so an adapter installed, swapped or unloaded leaves every other
+        adapter's entries (and the base's) right: a swapped or unloaded one's are never asked
+        for again and age out. The cache is emptied when the base weights changed (a merge or
+        an unmerge: while merged the base's name serves the merged adapter, and an unmerge
+        puts the weights back only within rounding), or when the layers the installed
+        adapters leave alone did (`_split`)."""
         cache = self.prefixes
-        if cache is not None and self.host.weights_epoch != self._epoch:
-            cache.clear(*self._split())
-            self._epoch = self.host.weights_epoch
+        h = self.host
+        if cache is not None and h.weights_epoch != self._epoch:
+            split = self._split()
+            if h.base_epoch != self._base_epoch or split != (cache.split, cache.layers):
+                cache.clear(*split)
+            self._epoch, self._base_epoch = h.weights_epoch, h.base_epoch
         return cache
 
     def _split(self) -> tuple[int, int]:

@@ -100,6 +100,7 @@ class PeftHost:
         # the plain model: its LoRA layers run base_layer (merged weights) when given no
         # adapter_names, which is what the generator passes to a non-PEFT model
         self.host.model = model.get_base_model()
+        self.host.base_epoch += 1
         log.info("merged adapter %s into the base weights", internal)
 
     def unmerge(self) -> bool:
@@ -110,6 +111,7 @@ class PeftHost:
         assert self._peft is not None
         _tuner(self._peft).unmerge_adapter()
         self.host.model = self._peft.eval()
+        self.host.base_epoch += 1
         log.info("unmerged adapter %s", self._merged)
         self._peft, self._merged = None, None
         return True
