@@ -79,7 +79,13 @@ class Metrics:
         self.prefix_reused_tokens = Gauge(
             "lorag_prefix_cache_reused_tokens",
             "Of those, tokens whose keys and values (encoder-decoders: encoder output) came from "
-            "the cache (hit rate: the ratio)",
+            "the cache (hit rate: the ratio); a climbed token counts the share of layers it took",
+            registry=r,
+        )
+        self.prefix_climbed_tokens = Gauge(
+            "lorag_prefix_cache_climbed_tokens",
+            "Tokens whose layers below the adapters' came from another adapter's (or the "
+            "base's) blocks, the upper layers computed on the kept hidden states",
             registry=r,
         )
         self.prefix_bytes = Gauge(
@@ -139,6 +145,7 @@ class Metrics:
             return
         self.prefix_prompt_tokens.set(cache.stats.looked_up)
         self.prefix_reused_tokens.set(cache.stats.reused)
+        self.prefix_climbed_tokens.set(cache.stats.climbed)
         self.prefix_bytes.set(cache.bytes)
         self.prefix_evictions.set(cache.stats.evictions)
 

@@ -371,3 +371,29 @@ def test_prefix_cache_hits_prefill_before_cold_prompts_admitted_beside_them(
     steps = [i for i, c in enumerate(calls) if c == "step"]
     hits, colds = calls.index(joins[1]), calls.index(joins[2])
     assert steps[0] < hits < colds < steps[1]  # both at the boundary after the first step
+
+
+def test_a_prompt_the_base_prefilled_climbs_under_an_adapter_of_the_upper_layers(
+    client_factory, tiny_generators, adapters_root
+) -> None:
+    """Through the real app: an adapter that changes only the tiny llama's second layer takes
+    the first layer's blocks that the base's request computed; /ask's timings say it reused
+    half of those blocks' tokens (one layer of two) and /metrics counts them climbed. The answer
+    is the one the adapter gives with the cache off."""
+    save_lora_adapter(tiny_generators["llama"], adapters_root / "upper", seed=1, layers=[1])
+    question = body(1, tokens=4)
+    tuned = {**question, "adapter": "upper"}
+    off = client_factory("llama", prefix_cache_bytes=0)
+    off.put("/adapters/upper", json={"path": "upper"})
+    want = off.post("/ask", json=tuned).json()
+    client = client_factory("llama", batch_wait_ms=1)
+    client.put("/adapters/upper", json={"path": "upper"})
+    base = client.post("/ask", json=question).json()
+    got = client.post("/ask", json=tuned).json()
+    assert got["answer"] == want["answer"] and got["answer"] != base["answer"]
+    assert base["timings_ms"]["reused_prompt_tokens"] == 0
+    reused = got["timings_ms"]["reused_prompt_tokens"]
+    assert reused > 0 and reused % 8 == 0  # half of whole 16-token blocks
+    metrics = client.get("/metrics").text
+    climbed = next(x for x in metrics.splitlines() if x.startswith("lorag_prefix_cache_climbed"))
+    assert float(climbed.split()[-1]) == 2 * reused

@@ -8,7 +8,8 @@ passage, then the question. A row whose prompt starts with blocks another row al
 prefilled under the same weights takes their keys and values and prefills only the rest.
 
 Block-granular, like vLLM's automatic prefix caching, not a radix tree like SGLang's: blocks of
-`BLOCK` tokens keyed by the adapter the row runs under and every token up to the block's end
+`BLOCK` tokens keyed by the adapter version the row runs under (its PEFT name, which the registry
+never gives other weights) and every token up to the block's end
 (exact: a tuple of ids, no hash collisions), so a lookup walks a prompt's blocks from the start
 until the first miss. A block is a unit of eviction too: least recently used first, within a
 byte budget. Blocks are cheaper to reason about than a tree (no splits), and at 16 tokens the
@@ -16,9 +17,11 @@ few tokens a block boundary leaves uncached are a small share of a ~500-token RA
 
 Exact reuse only: a cached block holds the keys and values that a causal model computed for
 exactly those tokens at exactly those positions, which is what it would compute again (a
-token attends only to tokens before it). The batch drops every entry whenever the model's
-weights change (an adapter installed, swapped, unloaded, merged or unmerged: `clear`), so a
-block never serves under weights other than the ones it was computed with.
+token attends only to tokens before it). A block never serves under weights other than the
+ones it was computed with: a swapped or unloaded adapter's version is never asked for again (its
+blocks age out), and the batch drops every entry when the base weights change (a merge or an
+unmerge: `clear`, StepBatch._live_cache). An adapter installed beside others leaves their
+entries, and the base's, serving.
 
 Rows that arrive together and share a prefix that is not cached yet (a popular question asked
 by several clients at once, a passage that several joiners retrieved) would each compute it in
@@ -33,9 +36,9 @@ hidden state that enters layer `split` (keyed by the tokens alone: any adapter's
 base's, computed the same numbers), and the upper layers' keys and values (keyed by the adapter
 too). A row whose prompt another adapter's row prefilled before takes the shared part and runs
 only the upper layers on the kept hidden states (`climb`, the step batch's `_climb`), exactly:
-the same layers on the same inputs. On mixed-adapter traffic that makes 60 % of a prefill free
-for the SmolLM2 adapters wherever another adapter's row held the prompt (bench/RESULTS.md,
-"Prefix blocks shared across adapters"). `split` is 0 (one part, keyed by the adapter) when no
+the same layers on the same inputs. For the shipped SmolLM2 adapters that leaves 12 of 30 layers
+to compute wherever another adapter's rows held the prompt (bench/RESULTS.md, "Prefix blocks
+shared across adapters"). `split` is 0 (one part, keyed by the adapter) when no
 adapter is installed, when one changes the first layer or the embeddings, or when the model
 cannot start a forward partway (StepBatch._split).
 

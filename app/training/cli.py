@@ -35,7 +35,10 @@ def _add_arguments(s: argparse.ArgumentParser) -> None:
         help="attention | all-linear | comma-separated layer names (q_proj,v_proj)",
     )
     s.add_argument(
-        "--last-layers", type=int, help="adapt only the last N blocks (a cheaper backward pass)"
+        "--last-layers",
+        type=int,
+        help="adapt only the last N blocks: a cheaper backward pass, and served, the prefix "
+        "cache shares the blocks below them with the base and other such adapters",
     )
     s.add_argument("--epochs", type=int, default=1)
     s.add_argument("--lr", type=float, default=3e-4)
