@@ -307,6 +307,25 @@ def test_rows_leaving_keep_the_cache_buffer(world: World) -> None:
     assert layer._k.untyped_storage().data_ptr() == storage  # type: ignore[attr-defined]
 
 
+def test_rows_joining_go_into_the_buffers_spare_rows(world: World) -> None:
+    """A join writes the joiners into spare rows of the running rows' buffer (no copy of the
+    running rows); the answers are checked against alone by the join tests above."""
+    gen = world.gen
+    batch = StepBatch(gen)
+    first = [GenRow("Where is Alpha?", [P1, P2], None, 12)]
+    assert batch.join(first, ["a"]) == []
+    batch.step()
+    state = batch._state
+    assert state is not None
+    storage = state.self_layers()[0]._k.untyped_storage().data_ptr()  # type: ignore[attr-defined]
+    assert batch.join([GenRow("Where is Beta?", [P2], None, 12)], ["b"]) == []
+    state = batch._state
+    assert state is not None and len(batch) == 2
+    layer = state.self_layers()[0]
+    assert layer.keys is not None and layer.keys.shape[0] == 2
+    assert layer._k.untyped_storage().data_ptr() == storage  # type: ignore[attr-defined]
+
+
 def test_transformers_concatenating_caches_give_the_same_answers(world: World) -> None:
     """The benchmark's comparison variant (in_place_cache=False) decodes the same tokens."""
     gen = world.gen

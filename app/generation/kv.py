@@ -9,8 +9,10 @@ generate() pads a batch's prompts. Joins merge two states (`merge`), leaves keep
 Between joins and leaves a step appends its keys and values in place, into spare columns of
 the self-attention cache (`GrowingLayer`), instead of transformers' concatenation of the whole
 cache at every step (for 16 rows of SmolLM2 with ~700-token prompts that copy is ~0.5 GB a
-step). Layers of other kinds (sliding windows) are left as they are: they support whole batches
-(rows leave, beams reorder) but not joins, and their padding columns are never cut.
+step); a join writes its rows into spare rows of the same buffer, and a leave moves the rows
+after it up, so neither copies the running rows whole. Layers of other kinds (sliding
+windows) are left as they are: they support whole batches (rows leave, beams reorder) but not
+joins, and their padding columns are never cut.
 """
 
 from __future__ import annotations
@@ -56,16 +58,27 @@ class State:
 
 
 class GrowingLayer(DynamicLayer):
-    """A self-attention cache layer that appends each step's keys and values in place, into
-    spare columns; attention reads a view of the filled columns. Joins and leaves rebuild it
-    (adopt)."""
+    """A self-attention cache layer in a buffer with room around what it holds: spare columns
+    on the right, which each step's keys and values are appended into in place; spare rows
+    below, which joining rows are written into (`join`); and a few columns on the left, which
+    let a joiner wider than the running rows in (the running rows' padding grows there). So a
+    join copies the joiners' keys and values only, not the running rows' (for 16 rows of
+    SmolLM2 at ~750 columns, ~0.5 GB a join). Attention reads a view of the rows and columns
+    in use; a buffer that is outgrown is rebuilt (`stack`), with room again.
 
-    SPARE = 64  # columns of room made at each (re)build; doubled when outgrown
+    Memory: the spare rows and columns are allocated but not written until used, so the
+    operating system commits their pages only then."""
+
+    SPARE = 64  # columns of room on the right at each (re)build; doubled when outgrown
+    LEFT = 32  # columns of room on the left at each (re)build
+    SPARE_ROWS = 8  # rows of room below at each (re)build, at least; half the rows if more
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self._k = self._v = keys.new_empty(0)
-        self._n = 0
+        self._k = self._v = keys.new_empty(0)  # the buffers [R, H, C, D]
+        self._rows = 0  # rows in use, the leading ones
+        self._at = 0  # the first column in use
+        self._n = 0  # columns in use, from _at
         self.adopt(keys, values)
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, spare: int = SPARE) -> None:
@@ -76,37 +89,71 @@ class GrowingLayer(DynamicLayer):
         self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int = SPARE
     ) -> None:
         """Hold the parts' rows one after another, each left padded (zeros) to width columns,
-        with room for `spare` more: one copy of each part into a new buffer (a join's merge,
-        which padding, concatenating and adopting would copy three times)."""
+        in a new buffer with room around them: one copy of each part."""
         keys, values = parts[0]
         rows = sum(k.shape[0] for k, _ in parts)
         h, d, dv = keys.shape[1], keys.shape[-1], values.shape[-1]
-        self._k = keys.new_empty(rows, h, width + spare, d)
-        self._v = values.new_empty(rows, h, width + spare, dv)
-        at = 0
+        capacity = rows + max(self.SPARE_ROWS, rows // 2)
+        columns = self.LEFT + width + spare
+        self._k = keys.new_empty(capacity, h, columns, d)
+        self._v = values.new_empty(capacity, h, columns, dv)
+        self._rows, self._at, self._n = 0, self.LEFT, width
         for k, v in parts:
-            b, gap = k.shape[0], width - k.shape[-2]
-            self._k[at : at + b, :, :gap].zero_()  # padding the mask hides, kept finite
-            self._v[at : at + b, :, :gap].zero_()
-            self._k[at : at + b, :, gap:width] = k
-            self._v[at : at + b, :, gap:width] = v
-            at += b
-        self._n = width
-        self.keys, self.values = self._k[:, :, :width], self._v[:, :, :width]
+            self._write(k, v)
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
+
+    def join(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows keys, values [J, H, T, D] (left padded, like every row, to the wider
+        of T and the running rows' columns): into the spare rows where they fit, else into a
+        new buffer."""
+        rows, width = keys.shape[0], keys.shape[-2]
+        grow = max(0, width - self._n)  # the running rows' padding grows on the left
+        if self._rows + rows > self._k.shape[0] or grow > self._at:
+            self.stack([self._in_use(), (keys, values)], self._n + grow)
+            return
+        if grow:
+            self._at -= grow
+            self._n += grow
+            self._k[: self._rows, :, self._at : self._at + grow].zero_()
+            self._v[: self._rows, :, self._at : self._at + grow].zero_()
+        self._write(keys, values)
+
+    def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows keys, values [J, H, T, D] (T <= the columns in use) into the next free rows,
+        ending at the last column in use, zeros before (padding the mask hides, kept finite)."""
+        a, b = self._rows, self._rows + keys.shape[0]
+        start, end = self._at, self._at + self._n
+        gap = end - keys.shape[-2]
+        self._k[a:b, :, start:gap].zero_()
+        self._v[a:b, :, start:gap].zero_()
+        self._k[a:b, :, gap:end] = keys
+        self._v[a:b, :, gap:end] = values
+        self._rows = b
+        self._view()
+
+    def _in_use(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the rows and columns in use: [B, H, T, D] each."""
+        end = self._at + self._n
+        return self._k[: self._rows, :, self._at : end], self._v[: self._rows, :, self._at : end]
+
+    def _view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads: the rows and columns in use."""
+        self.keys, self.values = self._in_use()
+        return self._in_use()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = key_states.shape[-2]
-        if self._n + n > self._k.shape[-2]:
-            self.adopt(self._k[:, :, : self._n], self._v[:, :, : self._n], max(n, self._n))
-        self._k[:, :, self._n : self._n + n] = key_states
-        self._v[:, :, self._n : self._n + n] = value_states
+        end = self._at + self._n
+        if end + n > self._k.shape[-2]:
+            self.adopt(*self._in_use(), max(n, self._n))
+            end = self._at + self._n
+        self._k[: self._rows, :, end : end + n] = key_states
+        self._v[: self._rows, :, end : end + n] = value_states
         self._n += n
-        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
-        return self.keys, self.values
+        return self._view()
 
     def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Rows dst become copies of rows src, spare columns included."""
@@ -114,15 +161,13 @@ class GrowingLayer(DynamicLayer):
         self._v[dst] = self._v[src]
 
     def keep(self, rows: list[int], first: int) -> None:
-        """Rows `rows` of the layer, without its first `first` columns, in place: the rows
-        that move are copied into the leading rows, and the buffer is narrowed to a view (a
-        leave, which would otherwise copy every remaining row twice). The spare columns
-        stay. More rows than it holds (beams fanning out after a prefill) take a new buffer."""
-        if len(rows) > self._k.shape[0]:
+        """Rows `rows` of the layer, without its first `first` columns in use, in place: the
+        rows that move are copied into the leading rows; the buffer and its room stay (a leave,
+        which would otherwise copy every remaining row twice). More rows than it holds (beams
+        fanning out after a prefill) take a new buffer."""
+        if len(rows) > self._rows:
             idx = torch.tensor(rows, dtype=torch.long, device=self._k.device)
-            keys, values = (
-                t[:, :, first : self._n].index_select(0, idx) for t in (self._k, self._v)
-            )
+            keys, values = (t[:, :, first:].index_select(0, idx) for t in self._in_use())
             self.adopt(keys, values)
             return
         moved = [(i, j) for i, j in enumerate(rows) if i != j]
@@ -130,19 +175,21 @@ class GrowingLayer(DynamicLayer):
             # rows leaving: each kept row moves up, read before any write reaches it. Row by
             # row, not copy_rows' gathered copy: bench/kv_surgery timed the gather (index_put)
             # slower than the old two copies, the loop at 0.45x of them
+            # Only the columns in use: the room around them is written before it is read
+            end = self._at + self._n
             for i, j in moved:
-                self._k[i].copy_(self._k[j])
-                self._v[i].copy_(self._v[j])
+                self._k[i, :, self._at : end].copy_(self._k[j, :, self._at : end])
+                self._v[i, :, self._at : end].copy_(self._v[j, :, self._at : end])
         elif moved:  # beams reordered too: through a gathered copy
             device = self._k.device
             self.copy_rows(
                 torch.tensor([i for i, _ in moved], dtype=torch.long, device=device),
                 torch.tensor([j for _, j in moved], dtype=torch.long, device=device),
             )
-        self._k = self._k[: len(rows), :, first:]
-        self._v = self._v[: len(rows), :, first:]
+        self._rows = len(rows)
+        self._at += first
         self._n -= first
-        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+        self._view()
 
 
 def grow_in_place(state: State) -> None:
@@ -283,7 +330,7 @@ def _merge_layer(a: Any, b: Any, size: int, *, left: bool) -> None:
     """Layer a's keys and values followed by b's (new rows), both padded to size columns."""
     (ak, av), (bk, bv) = _kv(a), _kv(b)
     if isinstance(a, GrowingLayer) and left:
-        a.stack([(ak, av), (bk, bv)], size)
+        a.join(bk, bv)
     else:
         _set(a, _cat_padded(ak, bk, size, left=left), _cat_padded(av, bv, size, left=left))
 
