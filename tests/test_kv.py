@@ -65,3 +65,24 @@ def test_a_joiner_wider_than_the_room_on_the_left_rebuilds_the_buffer() -> None:
     assert torch.equal(layer.keys, torch.cat([padded(k, span), wide_k]))
     assert torch.equal(layer.values, torch.cat([padded(v, span), wide_v]))
     assert layer._k.untyped_storage().data_ptr() != buffer
+
+
+def test_a_buffer_rebuilt_in_inference_mode_takes_joins_and_leaves_outside_it() -> None:
+    """Decoding steps run in inference mode, and one that outgrows the room on the right
+    rebuilds the buffer there (an inference tensor); the next join or leave comes from the
+    step batch outside it."""
+    k, v = rows(2, 6, 0)
+    layer = GrowingLayer(k, v)
+    want_k = k
+    with torch.inference_mode():
+        for step in range(GrowingLayer.SPARE + 1):
+            sk, sv = rows(2, 1, 100 + step)
+            layer.update(sk, sv)
+            want_k = torch.cat([want_k, sk], 2)
+    assert layer._k.is_inference()
+    jk, jv = rows(1, 3, 1)
+    layer.join(jk, jv)
+    layer.keep([1, 2], first=0)
+    assert layer.keys is not None
+    span = want_k.shape[-2]
+    assert torch.equal(layer.keys, torch.cat([want_k[1:], padded(jk, span)]))

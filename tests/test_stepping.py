@@ -22,6 +22,7 @@ import torch
 from app.contracts import GenRow, Passage
 from app.generation.config import DecodingConfig
 from app.generation.generator import Generator, sync_batched_lora
+from app.generation.kv import GrowingLayer
 from app.generation.loading import load_generator
 from app.generation.modes.base import Answer
 from app.generation.modes.sequence import RagSequence
@@ -324,6 +325,24 @@ def test_rows_joining_go_into_the_buffers_spare_rows(world: World) -> None:
     layer = state.self_layers()[0]
     assert layer.keys is not None and layer.keys.shape[0] == 2
     assert layer._k.untyped_storage().data_ptr() == storage  # type: ignore[attr-defined]
+
+
+def test_rows_outlasting_the_buffers_room_then_joins_and_leaves_answer_as_alone(
+    world: World,
+) -> None:
+    """A row that decodes past the room the buffer had (a step rebuilds it, in inference
+    mode), with rows joining into its spare rows and leaving after that: answers as alone."""
+    a1, a2 = world.names
+    rows = [
+        GenRow("Where is Alpha?", [P1, P2], None, 90),
+        GenRow("Who founded Beta and when was it?", [P2], a1, 5),
+        GenRow("gamma?", [P3, P1, P2], a2, 9),
+        GenRow("Tell me about cheese and beer.", [P1, P2, P3], a1, 16),
+        GenRow("Lek?", [P1], a2, 7),
+    ]
+    done = run(StepBatch(world.gen), rows, join_at=[0, 10, 70, 72, 80])
+    assert [done[i] for i in range(len(rows))] == alone(world.gen, rows)
+    assert done[0].tokens > GrowingLayer.SPARE + 10  # it outlasted the room
 
 
 def test_transformers_concatenating_caches_give_the_same_answers(world: World) -> None:

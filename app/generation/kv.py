@@ -67,7 +67,11 @@ class GrowingLayer(DynamicLayer):
     in use; a buffer that is outgrown is rebuilt (`stack`), with room again.
 
     Memory: the spare rows and columns are allocated but not written until used, so the
-    operating system commits their pages only then."""
+    operating system commits their pages only then.
+
+    Every method that writes runs in inference mode: a buffer (re)built inside it, by a
+    decoding step outgrowing its room, is an inference tensor, which a join or a leave outside
+    it could not write otherwise."""
 
     SPARE = 64  # columns of room on the right at each (re)build; doubled when outgrown
     LEFT = 32  # columns of room on the left at each (re)build
@@ -85,6 +89,7 @@ class GrowingLayer(DynamicLayer):
         """Hold these keys and values [B, H, T, D], with room for `spare` more columns."""
         self.stack([(keys, values)], keys.shape[-2], spare)
 
+    @torch.inference_mode()
     def stack(
         self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int = SPARE
     ) -> None:
@@ -103,6 +108,7 @@ class GrowingLayer(DynamicLayer):
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
+    @torch.inference_mode()
     def join(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append rows keys, values [J, H, T, D] (left padded, like every row, to the wider
         of T and the running rows' columns): into the spare rows where they fit, else into a
@@ -142,6 +148,7 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._in_use()
         return self._in_use()
 
+    @torch.inference_mode()
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,11 +162,13 @@ class GrowingLayer(DynamicLayer):
         self._n += n
         return self._view()
 
+    @torch.inference_mode()
     def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Rows dst become copies of rows src, spare columns included."""
         self._k[dst] = self._k[src]
         self._v[dst] = self._v[src]
 
+    @torch.inference_mode()
     def keep(self, rows: list[int], first: int) -> None:
         """Rows `rows` of the layer, without its first `first` columns in use, in place: the
         rows that move are copied into the leading rows; the buffer and its room stay (a leave,
