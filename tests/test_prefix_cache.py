@@ -323,6 +323,10 @@ def test_a_split_cache_keeps_both_parts_and_climbs_from_the_shared_one() -> None
     climb = cache.climb("other", a)
     assert climb is not None and (climb.full, climb.shared) == (BLOCK, 3 * BLOCK)
     assert torch.equal(climb.hidden, hidden[BLOCK : 3 * BLOCK])
+    cache.least_climb = 2 * BLOCK + 1  # two blocks to climb are not worth a model call
+    assert cache.climb("other", a) is None and cache.covered("other", a) == BLOCK
+    cache.least_climb = 2 * BLOCK
+    assert cache.climb("other", a) is not None
     cache.store(None, a, layers, hidden[2 * BLOCK :], start=2 * BLOCK)  # nothing new
     assert len(cache) == 7
     b = [*a[: 2 * BLOCK], *(x + 1000 for x in a[2 * BLOCK :])]  # its third block is new

@@ -114,6 +114,9 @@ class PrefixCache:
         self.bytes = 0
         self.split = 0  # layers [0, split) kept once for every adapter; 0: blocks are whole
         self.layers = 0  # the model's decoder layers, where split > 0
+        # tokens a climb must reach past a row's whole blocks to be worth a model call of its
+        # own (the step batch sets it from what a call costs)
+        self.least_climb = 0
         self.stats = PrefixStats()
         # a block's key -> per layer (keys [H, BLOCK, D], values [H, BLOCK, D]) from split on,
         # its shared key -> Shared, an input's key -> its encoder output [S, d]; least recently
@@ -159,7 +162,7 @@ class PrefixCache:
             return None
         run = self._run(adapter, prompt)
         n = _full(run)
-        if n == len(run):
+        if BLOCK * (len(run) - n) < max(1, self.least_climb):
             return None
         self._touch(adapter, run)
         shared = [s for _, _, s in run if s is not None]
@@ -177,9 +180,10 @@ class PrefixCache:
         would reach."""
         run = self._run(adapter, prompt)
         full = BLOCK * _full(run)
-        if not self.split:
+        climb = BLOCK * len(run) - full
+        if not self.split or climb < max(1, self.least_climb):
             return full
-        return full + (BLOCK * len(run) - full) * self.split // self.layers
+        return full + climb * self.split // self.layers
 
     def missing(self, adapter: str | None, prompt: Sequence[int]) -> bool:
         """Whether some full block of prompt is not cached (store() would add it)."""

@@ -614,6 +614,8 @@ class StepBatch:
             split = self._split()
             if h.base_epoch != self._base_epoch or split != (cache.split, cache.layers):
                 cache.clear(*split)
+                # a climb is a model call of its own: worth it when it saves what a call costs
+                cache.least_climb = CALL_COST_TOKENS * split[1] // split[0] if split[0] else 0
             self._epoch, self._base_epoch = h.weights_epoch, h.base_epoch
         return cache
 
