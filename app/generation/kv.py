@@ -145,8 +145,9 @@ class GrowingLayer(DynamicLayer):
 
     def _view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What attention reads: the rows and columns in use."""
-        self.keys, self.values = self._in_use()
-        return self._in_use()
+        keys, values = self._in_use()
+        self.keys, self.values = keys, values
+        return keys, values
 
     @torch.inference_mode()
     def update(

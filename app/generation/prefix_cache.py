@@ -162,7 +162,7 @@ class PrefixCache:
             return None
         run = self._run(adapter, prompt)
         n = _full(run)
-        if BLOCK * (len(run) - n) < max(1, self.least_climb):
+        if not self._climbable(run):
             return None
         self._touch(adapter, run)
         shared = [s for _, _, s in run if s is not None]
@@ -180,10 +180,7 @@ class PrefixCache:
         would reach."""
         run = self._run(adapter, prompt)
         full = BLOCK * _full(run)
-        climb = BLOCK * len(run) - full
-        if not self.split or climb < max(1, self.least_climb):
-            return full
-        return full + climb * self.split // self.layers
+        return full + self._climbable(run) * self.split // max(1, self.layers)
 
     def missing(self, adapter: str | None, prompt: Sequence[int]) -> bool:
         """Whether some full block of prompt is not cached (store() would add it)."""
@@ -273,6 +270,12 @@ class PrefixCache:
                 break
             out.append((tokens, block, shared))
         return out
+
+    def _climbable(self, run: Sequence[Run]) -> int:
+        """Tokens of a run that a climb would compute the upper layers of: those cached below
+        the split past the row's whole blocks, where they are worth a model call (else 0)."""
+        climb = BLOCK * (len(run) - _full(run))
+        return climb if self.split and climb >= max(1, self.least_climb) else 0
 
     def _touch(self, adapter: str | None, run: Sequence[Run]) -> None:
         """Mark a run's parts used now (least recently used go first)."""
