@@ -40,6 +40,13 @@ class Metrics:
             ["adapter", "mode"],
             registry=r,
         )
+        self.citations_moved = Counter(
+            "lorag_citations_moved",
+            "Citation marks [n] the citation check moved to the passage holding what they cite, "
+            "by adapter and mode (app/generation/citations.py)",
+            ["adapter", "mode"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "lorag_batch_rows",
             "Rows per generation batch",

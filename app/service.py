@@ -31,6 +31,7 @@ from app.generation.abstain import (
     ungrounded,
     unsupported,
 )
+from app.generation.citations import CitationCheck
 from app.generation.config import PromptConfig
 from app.generation.prompts import prompt_order
 from app.lora.bundle import PreparedTask
@@ -134,6 +135,8 @@ class AskResult:
     token_ids: tuple[int, ...] = ()  # the generated tokens, the end token included
     # the passages do not support an answer: `answer` says so (app/generation/abstain.py)
     abstained: bool = False
+    # citation marks the check moved to the passage holding their claim (citations.py)
+    citations_moved: int = 0
 
 
 def prior_weights(scores: Sequence[float]) -> list[float]:
@@ -144,6 +147,12 @@ def prior_weights(scores: Sequence[float]) -> list[float]:
     exps = [math.exp(s - top) for s in scores]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def _checked(on_text: Callable[[str], None], check: CitationCheck) -> Callable[[str], None]:
+    """on_text, handed the answer so far with its marks checked (a mark still being written
+    waits for its end), so the streamed pieces join into the checked answer."""
+    return lambda text: on_text(check(text, final=False).text)
 
 
 def _plain(template: Template) -> Template:
@@ -166,12 +175,15 @@ class RagService:
         scorer: ScoresPrompts | None = None,
         abstain: AbstainConfig | None = None,
         prompts: PromptConfig | None = None,
+        check_citations: bool = False,
     ) -> None:
         self.retriever = retriever
         # the generator's prompt layout: a concat answer lists its passages as its prompt
         # numbers them (`_listed`)
         self.prompts = prompts or PromptConfig()
         self.abstain = abstain or AbstainConfig(enabled=False)
+        # a concat answer's "[n]" marks are checked against the passages (citations.py)
+        self.check_citations = check_citations
         self.scorer = scorer  # the generator, for prompt log-probabilities (model thread)
         self.engine = engine
         self.registry = registry
@@ -297,20 +309,34 @@ class RagService:
                 key = (top_k, params.index, asker, params.where, search)
                 hits = await self._retrievals.submit(key, params.question)
             t1 = time.perf_counter()
+            listed = self._listed(mode, hits)
             if params.on_hits is not None:
-                params.on_hits(self._listed(mode, hits))
+                params.on_hits(listed)
             grounded = params.retrieval and params.template == "rag"
             # the retrieval gate's threshold is a cosine: dense's scores, hybrid's dense half
             # (Hit.dense_best); sparse (BM25) has none, only the generator's refusal counts
             cosines = gate_cosines(search, hits) if grounded else None
             if cosines is not None and unsupported(self.abstain, cosines):
-                return self._abstained(params, lease, mode, self._listed(mode, hits), t0, t1)
+                return self._abstained(params, lease, mode, listed, t0, t1)
+            # only a concat prompt numbers its passages [1], [2], ... (prompts.py)
+            check = None
+            if grounded and mode == "concat" and self.check_citations:
+                check = CitationCheck(
+                    [(h.passage.title, h.passage.text) for h in listed], [h.score for h in listed]
+                )
+                if params.on_text is not None:  # streamed: checked as the answer grows
+                    params = dataclasses.replace(params, on_text=_checked(params.on_text, check))
             result = await self._generate(params, lease, mode, hits, expected, t0, t1)
             if grounded and (
                 refuses(self.abstain, result.answer)
                 or ungrounded(self.abstain, result.answer, [h.passage for h in hits])
             ):
                 return dataclasses.replace(result, answer=ABSTAIN_TEXT, abstained=True)
+            if check is not None:
+                checked = check(result.answer)
+                result = dataclasses.replace(
+                    result, answer=checked.text, citations_moved=checked.moved
+                )
             return result
 
     def _listed(self, mode: Mode, hits: list[Hit]) -> list[Hit]:

@@ -179,6 +179,12 @@ class Settings(BaseSettings):
         "content words (stemmed, function words out) occurs in the retrieved passages; 0 turns "
         "this check off (chosen in bench/RESULTS.md, 'Abstention: signals tried').",
     )
+    check_citations: bool = Field(
+        True,
+        description="Check each citation mark [n] of a concat answer against the passages: a "
+        "mark whose passage holds less than half of the words it cites moves to the passage "
+        "holding the most (app/generation/citations.py; bench/RESULTS.md, 'The citation check').",
+    )
 
     # engine
     max_batch_size: int = Field(

@@ -315,6 +315,7 @@ def build_service(
         scorer=components.generator,
         abstain=settings.abstention,
         prompts=settings.prompts,
+        check_citations=settings.check_citations,
     )
 
 

@@ -13,7 +13,8 @@ Per adapter and mode it prints:
   is measured by); an abstained answerable question scores 0 on all three;
 - cite: the answer cites "[n]" for the passage holding the answer, among answerable questions
   whose passage was retrieved; cite_right: the same among those answered right (`hit`), which
-  tells citing the wrong passage from giving the wrong answer;
+  tells citing the wrong passage from giving the wrong answer; moved: the marks the server's
+  citation check moved (--check-citations false turns it off);
 - EM, F1, hit and cite again per question shape (forward "What is X?" -> "a Y", reverse
   "What is the Y?" -> "X");
 - abstention precision and recall: `abstained` over all questions, unanswerable as positives;
@@ -124,6 +125,8 @@ def score(
         "abstain_precision": abst_u / (abst_u + abst_a) if abst_u + abst_a else 0.0,
         "abstain_recall": abst_u / len(unanswerable) if unanswerable else 0.0,
         "abstained_answerable": abst_a / n,
+        # marks the server's citation check moved (app/generation/citations.py)
+        "moved": float(sum(o.get("citations_moved", 0) for o in a_out + u_out)),
     }
 
 
@@ -164,7 +167,19 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--limit", type=int, default=0, help="questions per set (0: all)")
+    parser.add_argument(
+        "--split",
+        choices=["heldout", "train"],
+        default="heldout",
+        help="the question sets: held out (the figures) or the adapters' training questions",
+    )
     parser.add_argument("--abstain", choices=["true", "false"], default=None)
+    parser.add_argument(
+        "--check-citations",
+        choices=["true", "false"],
+        default=None,
+        help="LORAG_CHECK_CITATIONS for the server (default: the server's default, on)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every answer here")
     parser.add_argument("--gate", nargs="*", type=float, default=[0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
     args = parser.parse_args()
@@ -174,6 +189,8 @@ def main() -> None:
     os.environ.setdefault("LORAG_REQUEST_TIMEOUT_S", "3600")
     if args.abstain is not None:
         os.environ["LORAG_ABSTAIN"] = args.abstain
+    if args.check_citations is not None:
+        os.environ["LORAG_CHECK_CITATIONS"] = args.check_citations
 
     from fastapi.testclient import TestClient
 
@@ -185,7 +202,8 @@ def main() -> None:
 
         run(Settings())
         return
-    answerable, unanswerable = read("answerable_heldout.jsonl"), read("unanswerable_heldout.jsonl")
+    answerable = read(f"answerable_{args.split}.jsonl")
+    unanswerable = read(f"unanswerable_{args.split}.jsonl")
     if args.limit:
         answerable, unanswerable = answerable[: args.limit], unanswerable[: args.limit]
     dump: dict[str, Any] = {}

@@ -69,6 +69,7 @@ def observe(state: Any, result: AskResult) -> None:
     labels = (result.adapter or BASE_ADAPTER, result.mode)
     state.metrics.ask_latency.labels(*labels).observe(result.timings_ms["total"] / 1000)
     state.metrics.generated_tokens.labels(*labels).inc(result.generated_tokens)
+    state.metrics.citations_moved.labels(*labels).inc(result.citations_moved)
 
 
 def passages_out(hits: list[Hit], weights: list[float]) -> list[PassageOut]:
@@ -98,6 +99,7 @@ def _respond(body: AskRequest, request: Request, state: Any, result: AskResult) 
         generated_tokens=result.generated_tokens,
         finish_reason=result.finish_reason,
         abstained=result.abstained,
+        citations_moved=result.citations_moved,
         request_id=request.state.request_id,
     )
 

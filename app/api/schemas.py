@@ -126,6 +126,11 @@ class AskResponse(BaseModel):
         description="The passages do not support an answer (LORAG_ABSTAIN): `answer` says the "
         "documents do not contain it; the passages searched are still listed.",
     )
+    citations_moved: int = Field(
+        0,
+        description="Citation marks [n] the citation check moved to the passage that holds "
+        "what they cite (LORAG_CHECK_CITATIONS); a streamed answer's pieces already carry them.",
+    )
     request_id: str
 
 
