@@ -14,6 +14,8 @@ the two signals left unmeasured beside it, on the answers the server gives with 
   passages (`pmi`): a grounded answer is likelier with its passages than without them. Both
   passes are POST /v1/completions (echo, logprobs 0, max_tokens 0): one teacher-forced forward
   pass each, under the adapter that answered;
+- coverage: the share of the question's content words (interrogatives out) that the best
+  passage holds: retrieval only, a lexical check that the passages are about what is asked;
 - the retrieval gate's own signal (`cosine`, the best passage's score), for comparison.
 
 For each signal it prints the AUROC of telling the unanswerable questions from the answerable
@@ -42,7 +44,11 @@ from app.generation.abstain import AbstainConfig, answer_support, content_words
 from bench.answer_quality import README_QUESTIONS, ask_all, normalize, read
 
 SENTENCES = re.compile(r"(?<=[.!?])\s+")
-SIGNALS = ("cosine", "support", "anchor", "lp_with", "lp_without", "pmi")
+SIGNALS = ("cosine", "support", "anchor", "coverage", "lp_with", "lp_without", "pmi")
+# the words a question asks with, which no passage needs to hold (after content_words' stemming)
+INTERROGATIVES = frozenset(
+    ["what", "who", "whom", "how", "mani", "much", "doe", "do", "did", "which", "have", "has"]
+)
 GATE = AbstainConfig().min_score  # LORAG_ABSTAIN_MIN_SCORE's default
 
 
@@ -71,6 +77,16 @@ def anchor(question: str, answer: str, passages: list[dict[str, Any]]) -> float:
             if len(new & there) * 2 >= len(new):
                 best = max(best, len(asked & (there | title)) / len(asked))
     return best
+
+
+def coverage(question: str, passages: list[dict[str, Any]]) -> float:
+    """The best passage's share of the question's content words, interrogatives out (1 where
+    the question has none left)."""
+    asked = set(content_words(question)) - INTERROGATIVES
+    if not asked:
+        return 1.0
+    held = (set(content_words(f"{p['title']} {p['text']}")) for p in passages)
+    return max((len(asked & words) / len(asked) for words in held), default=0.0)
 
 
 def answer_logprob(
@@ -159,6 +175,7 @@ def derive(row: dict[str, Any]) -> dict[str, Any]:
         "hit": ref is not None and normalize(ref) in normalize(row["answer"]),
         "support": support(row["answer"], row["passages"]),
         "anchor": anchor(row["question"], row["answer"], row["passages"]),
+        "coverage": coverage(row["question"], row["passages"]),
         "pmi": row["lp_with"] - row["lp_without"],
     }
 
@@ -185,7 +202,7 @@ def report(adapter: str, rows: list[dict[str, Any]], train: list[dict[str, Any]]
         "  after the gate, abstain below t | unanswerable abstained (total) | "
         "answerable abstained | hits lost"
     )
-    for s in ("support", "anchor", "lp_with", "pmi"):
+    for s in ("support", "anchor", "coverage", "lp_with", "pmi"):
         for t in thresholds(s, train):
             ab_u = sum(r[s] < t for r in passed_u) + len(un) - len(passed_u)
             ab_a = [r for r in passed_a if r[s] < t]
@@ -205,6 +222,7 @@ def thresholds(signal: str, train: list[dict[str, Any]] | None) -> list[float]:
     grid = {
         "support": [0.25, 0.5, 0.75, 1.0],
         "anchor": [0.25, 0.5, 0.75, 1.0],
+        "coverage": [0.5, 0.6, 0.67, 0.75],
         "lp_with": [-3.0, -2.0, -1.5, -1.0],
         "pmi": [0.0, 0.5, 1.0, 1.5],
     }
