@@ -5,13 +5,13 @@ gets wrong is moved."""
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from app.generation.citations import CitationCheck
+from tests.test_streaming import events
 
 ALASKA = ("Alaska", "Juneau is the capital of Alaska, a state in the far north.")
 FRANCE = ("France", "Paris is the capital and largest city of France.")
@@ -132,16 +132,10 @@ def test_the_shipped_cited_adapter_gets_its_mark_moved_through_the_real_app(
         assert checked["answer"] == unchecked["answer"].replace("[2]", "[3]")
         assert checked["citations_moved"] == 1
         # streamed: the pieces join into the checked answer, the wrong mark never sent
-        pieces, done, kind = [], None, None
-        with client.stream("POST", "/ask", json={**question, "stream": True}) as r:
-            for line in r.iter_lines():
-                if line.startswith("event: "):
-                    kind = line[len("event: ") :]
-                elif line.startswith("data: ") and kind == "token":
-                    pieces.append(json.loads(line[len("data: ") :])["text"])
-                elif line.startswith("data: ") and kind == "done":
-                    done = json.loads(line[len("data: ") :])
-        assert done is not None and done["answer"] == checked["answer"]
+        streamed = events(client, {**question, "stream": True})
+        pieces = [data["text"] for kind, data in streamed if kind == "token"]
+        done = streamed[-1][1]
+        assert streamed[-1][0] == "done" and done["answer"] == checked["answer"]
         assert "".join(pieces).strip() == checked["answer"] and "[2]" not in "".join(pieces)
         metrics = client.get("/metrics").text
         assert 'lorag_citations_moved_total{adapter="cited",mode="concat"} 2.0' in metrics
