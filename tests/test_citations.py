@@ -84,6 +84,7 @@ def test_the_shipped_cited_adapter_gets_its_mark_moved_through_the_real_app(
     """SmolLM2-135M-Instruct with the shipped `cited` adapter, asked "What is Anarchism?" over
     the five passages the demo index returns for it, answers "A radical left-wing ideology
     [2]." (bench/RESULTS.md, "The citation check"); the words are passage 3's."""
+    import openai
     from fastapi.testclient import TestClient
 
     from app.generation.loading import prepare_default_generator
@@ -137,7 +138,18 @@ def test_the_shipped_cited_adapter_gets_its_mark_moved_through_the_real_app(
         done = streamed[-1][1]
         assert streamed[-1][0] == "done" and done["answer"] == checked["answer"]
         assert "".join(pieces).strip() == checked["answer"] and "[2]" not in "".join(pieces)
+        # OpenAI's API, through the official client: the same answer, the same count
+        sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=client)
+        chat = sdk.chat.completions.create(
+            model="cited",
+            messages=[{"role": "user", "content": question["question"]}],
+            temperature=0,
+            max_tokens=24,
+            extra_body={"top_k": 5, "mode": "concat"},
+        )
+        assert chat.choices[0].message.content == checked["answer"]
+        assert (chat.model_extra or {})["citations_moved"] == 1
         metrics = client.get("/metrics").text
-        assert 'lorag_citations_moved_total{adapter="cited",mode="concat"} 2.0' in metrics
+        assert 'lorag_citations_moved_total{adapter="cited",mode="concat"} 3.0' in metrics
     finally:
         client.__exit__(None, None, None)

@@ -76,6 +76,7 @@ def completion(
         system_fingerprint=first.adapter_version,
         citations=passages_out(first.hits, first.weights),
         abstained=first.abstained,
+        citations_moved=sum(r.citations_moved for r in results),
     )
 
 

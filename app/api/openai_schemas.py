@@ -206,6 +206,12 @@ class ChatCompletion(BaseModel):
         description=EXTENSION + "the passages do not support an answer (LORAG_ABSTAIN): the "
         "first choice says the documents do not contain it, as POST /ask's `abstained`.",
     )
+    citations_moved: int = Field(
+        0,
+        description=EXTENSION + "citation marks [n] the citation check moved to the passage "
+        "holding what they cite (LORAG_CHECK_CITATIONS), over all choices, as POST /ask's "
+        "`citations_moved`.",
+    )
 
 
 # text completions ------------------------------------------------------------------------
