@@ -14,7 +14,9 @@ short extractive answer needs, and it costs no model call.
 A mark depends only on the text before it, so the check runs on a streamed answer as it grows:
 text is handed on up to a mark still being written ("[1" waits for its "]"), and the streamed
 pieces join into the checked answer. Two marks side by side that come to name one passage
-become one. Figures: bench/RESULTS.md, "The citation check".
+become one. Figures: bench/RESULTS.md, "The citation check". Its cost on the 2-core CPU:
+0.18 ms to stem five 100-word passages, 0.2 ms to check a 200-word answer with 20 marks, so a
+streamed answer is checked at every step.
 """
 
 from __future__ import annotations
