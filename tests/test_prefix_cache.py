@@ -278,6 +278,28 @@ def test_adapters_share_the_layers_below_theirs_and_answers_stay_exact(
     assert again[1].reused_tokens == blocks
 
 
+def test_joiners_under_other_adapters_climb_from_what_an_earlier_joiner_computes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows arriving together whose prompts an earlier joiner under another adapter starts
+    with: they wait for a second prefill call, then climb from the lower layer that the first
+    call computed (half of each such block's tokens reused, one of two layers), with the
+    answers of the cache off."""
+    gen, (u1, u2) = upper_world("llama", tmp_path)
+    rows = across_adapters(u1, u2)[:3]  # the base, then the same prompts under u1 and u2
+    want = run(StepBatch(gen), rows, [0] * len(rows))
+    monkeypatch.setattr("app.generation.step_batch.CALL_COST_TOKENS", BLOCK)
+    batch = StepBatch(gen, ON)  # a cold cache: only this join's first call fills it
+    got = run(batch, rows, [0] * len(rows))
+    for i in range(len(rows)):
+        same(got[i], want[i])
+    blocks = (got[0].prompt_tokens - 1) // BLOCK * BLOCK
+    assert got[0].reused_tokens == 0
+    assert got[1].reused_tokens == blocks // 2  # the base's lower layer, climbed in call two
+    assert got[2].reused_tokens > 0  # the passages, under u2
+    assert batch.prefixes is not None and batch.prefixes.stats.climbed > 0
+
+
 def test_adapters_in_every_layer_or_a_model_that_cannot_climb_keep_blocks_whole(
     tmp_path: Path,
 ) -> None:

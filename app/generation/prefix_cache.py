@@ -178,9 +178,24 @@ class PrefixCache:
         """How many leading tokens of prompt a prefill would not compute now (no stats, no
         LRU): those cached in every layer, and split / layers of each token that a climb
         would reach."""
+        full, below = self.reach(adapter, prompt)
+        return self.covers(full, below)
+
+    def reach(self, adapter: str | None, prompt: Sequence[int]) -> tuple[int, int]:
+        """(whole, below): how many leading tokens of prompt are cached in every layer under
+        adapter, and below the split (whole, where blocks are not split). No stats, no LRU."""
         run = self._run(adapter, prompt)
-        full = BLOCK * _full(run)
-        return full + self._climbable(run) * self.split // max(1, self.layers)
+        return BLOCK * _full(run), BLOCK * len(run)
+
+    def covers(self, whole: int, below: int) -> int:
+        """The tokens a prefill would not compute where `whole` leading tokens are cached in
+        every layer and `below` below the split: the whole ones, and split / layers of those a
+        climb would reach."""
+        return whole + self.climb_worth(below - whole) * self.split // max(1, self.layers)
+
+    def climb_worth(self, tokens: int) -> int:
+        """tokens, where a climb over that many is worth its model call; else 0."""
+        return tokens if self.split and tokens >= max(1, self.least_climb) else 0
 
     def missing(self, adapter: str | None, prompt: Sequence[int]) -> bool:
         """Whether some full block of prompt is not cached (store() would add it)."""
@@ -274,8 +289,7 @@ class PrefixCache:
     def _climbable(self, run: Sequence[Run]) -> int:
         """Tokens of a run that a climb would compute the upper layers of: those cached below
         the split past the row's whole blocks, where they are worth a model call (else 0)."""
-        climb = BLOCK * (len(run) - _full(run))
-        return climb if self.split and climb >= max(1, self.least_climb) else 0
+        return self.climb_worth(BLOCK * (len(run) - _full(run)))
 
     def _touch(self, adapter: str | None, run: Sequence[Run]) -> None:
         """Mark a run's parts used now (least recently used go first)."""

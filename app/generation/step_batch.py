@@ -526,19 +526,29 @@ class StepBatch:
         return groups
 
     def _followers(self, requests: Sequence[Request]) -> set[int]:
-        """The requests worth prefilling after the others: those with at least
-        CALL_COST_TOKENS prompt tokens, not cached yet, that an earlier joiner's prompt
-        starts with too. Below that, a second model call costs more than it saves."""
-        cache = self.prefixes
-        if cache is None or not self.host.family.reuses_prefixes or len(requests) < 2:
+        """The requests worth prefilling after the others: those that the others' prefill
+        would spare at least CALL_COST_TOKENS prompt tokens of computing, over what the cache
+        spares them now. An earlier joiner's prompt that starts the same way under the same
+        adapter computes those blocks whole; under another adapter, where blocks are split,
+        their layers below the split, which a climb then takes (split / layers of each token,
+        where the climb is worth its call). Below CALL_COST_TOKENS, a second model call costs
+        more than it saves."""
+        if not self.host.family.reuses_prefixes or len(requests) < 2:
+            return set()
+        cache = self._live_cache()  # its split follows the adapters installed now
+        if cache is None:
             return set()
         ids = [p for r in requests for p in r.prompts]
         names = _row_names(requests)
-        shared = shared_blocks(names, ids)
-        gain = [
-            max(0, s - cache.covered(n, p)) if s else 0
-            for n, p, s in zip(names, ids, shared, strict=True)
-        ]
+        whole = shared_blocks(names, ids)
+        # below the split every adapter's rows compute the same keys and values
+        below = shared_blocks([None] * len(ids), ids) if cache.split else whole
+        gain = []
+        for n, p, w, b in zip(names, ids, whole, below, strict=True):
+            cached, cached_below = cache.reach(n, p)
+            after = max(cached, w)
+            now = cache.covers(cached, cached_below)
+            gain.append(max(0, cache.covers(after, max(cached_below, b, after)) - now))
         per = _per_request(requests, gain)
         return {i for i, g in enumerate(per) if g >= CALL_COST_TOKENS}
 
