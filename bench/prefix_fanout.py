@@ -29,9 +29,8 @@ from app.generation.config import DecodingConfig
 from app.generation.modes.base import Answer
 from app.generation.prefix_cache import shared_blocks
 from app.generation.step_batch import StepBatch
-from app.settings import Settings
-from app.wiring import load_components
 from bench.prefix_reuse import question_set
+from bench.prefix_split import with_adapters
 
 ADAPTERS = (None, "concise", "cited", "grounded")
 MIB = 1024 * 1024
@@ -77,12 +76,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=4)
     args = ap.parse_args()
-    parts = load_components(Settings())
+    parts, names = with_adapters(ADAPTERS)
     gen = parts.generator
-    for name in ADAPTERS:
-        if name and name not in parts.registry:
-            parts.registry.install(name, parts.registry.prepare(name))
-    names = [parts.registry.peft_name(a) if a else None for a in ADAPTERS]
     questions = question_set(300)[: args.questions]
     hits = parts.retriever.retrieve(questions, args.top_k)
     rows = [

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
 
 from app.contracts import GenRow
 from app.generation.config import DecodingConfig
 from app.generation.modes.base import Answer
 from app.generation.step_batch import StepBatch
 from app.settings import Settings
-from app.wiring import load_components
+from app.wiring import Components, load_components
 from bench.prefix_reuse import draws, question_set
 
 ADAPTERS = (None, "concise", "cited")
@@ -41,6 +42,16 @@ def answers(batch: StepBatch, rows: list[GenRow], together: bool) -> list[Answer
     return [done[i] for i in range(len(rows))]
 
 
+def with_adapters(adapters: Sequence[str | None]) -> tuple[Components, list[str | None]]:
+    """The default components with the shipped adapters installed, and each adapter's PEFT name
+    (None: the base), as a GenRow names it."""
+    parts = load_components(Settings())
+    for name in adapters:
+        if name and name not in parts.registry:
+            parts.registry.install(name, parts.registry.prepare(name))
+    return parts, [parts.registry.peft_name(a) if a else None for a in adapters]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=48)
@@ -49,14 +60,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--cache-mib", type=int, default=3072)
     args = ap.parse_args()
-    parts = load_components(Settings())
+    parts, names = with_adapters(ADAPTERS)
     gen = parts.generator
-    for name in ADAPTERS:
-        if name and name not in parts.registry:
-            parts.registry.install(name, parts.registry.prepare(name))
     questions = draws(question_set(300), args.requests, 1.1, seed=0)
     hits = parts.retriever.retrieve(questions, args.top_k)
-    names = [parts.registry.peft_name(a) if a else None for a in ADAPTERS]
     rows = [
         GenRow(q, [h.passage for h in hs], names[i % 3], args.max_new_tokens)
         for i, (q, hs) in enumerate(zip(questions, hits, strict=True))
