@@ -326,7 +326,7 @@ class RagService:
                 )
                 if params.on_text is not None:  # streamed: checked as the answer grows
                     params = dataclasses.replace(params, on_text=_checked(params.on_text, check))
-            result = await self._generate(params, lease, mode, hits, expected, t0, t1)
+            result = await self._generate(params, lease, mode, hits, listed, expected, t0, t1)
             if grounded and (
                 refuses(self.abstain, result.answer)
                 or ungrounded(self.abstain, result.answer, [h.passage for h in hits])
@@ -382,10 +382,13 @@ class RagService:
         lease: Lease | None,
         mode: Mode,
         hits: list[Hit],
+        listed: list[Hit],
         expected: Expected,
         t0: float,
         t1: float,
     ) -> AskResult:
+        """Generate from hits (retrieval order, as the engine reads them); the result lists
+        them as `listed` (`_listed`)."""
         request = EngineRequest(
             question=params.question,
             passages=[h.passage for h in hits],
@@ -403,7 +406,6 @@ class RagService:
         result = await self.engine.generate(request, timeout_s=self._timeout_s, expected=expected)
         t2 = time.perf_counter()
         text = result.answer.text
-        listed = self._listed(mode, hits)  # the engine read them in retrieval order
         return AskResult(
             # a completion continues the caller's text: its leading space is part of it
             answer=text if params.template == "raw" else text.strip(),

@@ -3,7 +3,8 @@
 The server's rule (app/generation/citations.py): a mark stands when its passage holds at least
 half of its claim's content words, or as many as any passage; otherwise it names the passage
 holding the most. The alternative read here, `plurality`, moves a mark whenever another
-passage holds more. Both run the module's own class on the same answers and passages, from
+passage holds more (`stands=1.0`). Both run the module's own class on the same answers and
+passages, from
 bench/answer_quality.py's --json, so the comparison costs no generation:
 
     .venv/bin/python -m bench.answer_quality --adapters cited --check-citations false \
@@ -23,27 +24,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.generation.abstain import content_words
 from app.generation.citations import CitationCheck
 from bench.answer_quality import normalize, read
 
-
-class Plurality(CitationCheck):
-    """Moves a mark whenever another passage holds more of its claim."""
-
-    def _cite(self, claim: str, n: int) -> int:
-        said = frozenset(content_words(claim))
-        held = [len(said & words) for words in self._words]
-        cited = held[n - 1] if 1 <= n <= len(held) else 0
-        if not said or not held or cited >= max(held):
-            return n
-        return max(range(len(held)), key=lambda i: (held[i], self._scores[i], -i)) + 1
-
-
-RULES: dict[str, type[CitationCheck] | None] = {
+# each rule's `stands` (CitationCheck): the share of a claim that keeps its mark; None: no check
+RULES: dict[str, float | None] = {
     "none": None,
-    "plurality": Plurality,
-    "half (the server's)": CitationCheck,
+    "plurality": 1.0,
+    "half (the server's)": 0.5,
 }
 
 
@@ -55,9 +43,10 @@ def compare(answerable: list[dict[str, Any]], outs: list[dict[str, Any]]) -> Non
                 continue
             answer = out["answer"]
             if rule is not None:
-                check = rule(
+                check = CitationCheck(
                     [(p["title"], p["text"]) for p in out["passages"]],
                     [p["score"] for p in out["passages"]],
+                    stands=rule,
                 )
                 checked = check(answer)
                 answer, moved = checked.text, moved + checked.moved

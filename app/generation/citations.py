@@ -41,10 +41,16 @@ class Checked:
 class CitationCheck:
     """Checks the marks of one answer against the passages its prompt numbered [1], [2], ..."""
 
-    def __init__(self, passages: Sequence[tuple[str, str]], scores: Sequence[float]) -> None:
-        """passages: (title, text) in the prompt's numbering; scores: their retrieval scores."""
+    def __init__(
+        self, passages: Sequence[tuple[str, str]], scores: Sequence[float], stands: float = 0.5
+    ) -> None:
+        """passages: (title, text) in the prompt's numbering; scores: their retrieval scores;
+        stands: the share of its claim's words a mark's passage must hold for the mark to stand
+        whatever other passages hold (1.0: a mark moves whenever another passage holds more;
+        bench/citation_rules.py compares the two)."""
         self._words = [frozenset(content_words(f"{title} {text}")) for title, text in passages]
         self._scores = list(scores)
+        self._stands = stands
 
     def __call__(self, answer: str, final: bool = True) -> Checked:
         """The answer with each mark checked; before the answer is final, the text stops short
@@ -82,7 +88,7 @@ class CitationCheck:
             return n
         held = [len(said & words) for words in self._words]
         cited = held[n - 1] if 1 <= n <= len(held) else 0
-        if 2 * cited >= len(said) or cited >= max(held):
+        if cited >= self._stands * len(said) or cited >= max(held):
             return n
         best = max(range(len(held)), key=lambda i: (held[i], self._scores[i], -i))
         return best + 1
